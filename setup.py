@@ -1,0 +1,31 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="sam3d-hf",
+    version="0.1.0.dev0",
+    description="3DSAM-adapter: SAM adapted to 3D point-promptable tumour segmentation in CT, packaged for Hugging Face",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    packages=find_packages(include=["sam3d_hf", "sam3d_hf.*"]),
+    python_requires=">=3.10",
+    # The versions these were verified with (see ECOSYSTEM_NOTES); torch is installed first, from the CPU wheel.
+    install_requires=[
+        "torch>=2.13,<2.15",
+        "numpy>=1.26",
+        "transformers~=5.23.0",
+        "huggingface_hub~=2.4.0",
+        "safetensors~=0.8.0",
+        "accelerate~=1.15.0",
+        "monai~=1.6.1",
+        "datasets~=5.2.0",
+        "nibabel~=5.4.2",
+        "peft~=0.21.2",
+        "scipy>=1.11",
+    ],
+    extras_require={
+        "io": ["pynrrd>=1.0", "pydicom>=2.4"],
+        "dev": ["pytest>=8", "ruff>=0.6", "pynrrd>=1.0", "pydicom>=2.4"],
+    },
+    entry_points={"console_scripts": ["sam3d=sam3d_hf.cli:main"]},
+)
