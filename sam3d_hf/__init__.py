@@ -1,5 +1,31 @@
 """sam3d-hf: 3DSAM-adapter (SAM adapted to 3D point-promptable segmentation) for the Hugging Face ecosystem."""
 
+from transformers import AutoConfig, AutoModel, AutoModelForMaskGeneration
+
 from .configuration_sam3d import Sam3DConfig, Sam3DMaskDecoderConfig, Sam3DPromptEncoderConfig, Sam3DVisionConfig
+from .modeling_sam3d import (
+    Sam3DForPromptableSegmentation,
+    Sam3DImageEmbeddings,
+    Sam3DPreTrainedModel,
+    Sam3DSegmentationOutput,
+)
 
 __version__ = "0.1.0.dev0"
+
+AutoConfig.register(Sam3DConfig.model_type, Sam3DConfig, exist_ok=True)
+AutoModel.register(Sam3DConfig, Sam3DForPromptableSegmentation, exist_ok=True)
+AutoModelForMaskGeneration.register(Sam3DConfig, Sam3DForPromptableSegmentation, exist_ok=True)
+# Saved folders carry the code and an `auto_map`, so they also load with `trust_remote_code=True` without this package.
+Sam3DConfig.register_for_auto_class()
+Sam3DForPromptableSegmentation.register_for_auto_class("AutoModel")
+
+__all__ = [
+    "Sam3DConfig",
+    "Sam3DForPromptableSegmentation",
+    "Sam3DImageEmbeddings",
+    "Sam3DMaskDecoderConfig",
+    "Sam3DPreTrainedModel",
+    "Sam3DPromptEncoderConfig",
+    "Sam3DSegmentationOutput",
+    "Sam3DVisionConfig",
+]

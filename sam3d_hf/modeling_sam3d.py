@@ -1,0 +1,696 @@
+"""3DSAM-adapter (Gong et al.): SAM's 2D ViT turned into a 3D point-promptable segmenter.
+
+The computation follows `ARCHITECTURE.md` exactly. Conventions used throughout:
+- volumes are `(batch, channel, depth, height, width)`; token grids are `(batch, D', H', W', channels)` with
+  `D' = D / 4` etc.;
+- points are continuous voxel coordinates `(z, y, x)` = `(d, h, w)` inside the input patch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.utils import ModelOutput
+
+from .configuration_sam3d import Sam3DConfig, Sam3DMaskDecoderConfig, Sam3DPromptEncoderConfig, Sam3DVisionConfig
+
+# Additive logit for tokens that must not be attended to (the official value; not -inf).
+MASKED_LOGIT = -100.0
+
+
+@dataclass
+class Sam3DImageEmbeddings(ModelOutput):
+    """What the image alone determines; compute once per patch and reuse for every set of clicks.
+
+    Args:
+        feature_maps (`tuple[torch.FloatTensor]` of 4 tensors `(batch, 256, D/4, H/4, W/4)`): the encoder levels
+            after blocks 3, 6, 9 and 12 (ViT-B); level 3 is the one the prompt encoder refines.
+        decoder_context (`torch.FloatTensor` of shape `(batch, 128, D/2, H/2, W/2)`): the prompt-independent part of
+            the decoder's fused convolution (levels 0-2 and the image channel), before normalisation.
+    """
+
+    feature_maps: tuple[torch.FloatTensor, ...] | None = None
+    decoder_context: torch.FloatTensor | None = None
+
+
+@dataclass
+class Sam3DSegmentationOutput(ModelOutput):
+    """Output of [`Sam3DForPromptableSegmentation`].
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`, *optional*): DiceCE loss, when `labels` are given.
+        logits (`torch.FloatTensor` of shape `(batch, 2, D, H, W)`): background/foreground logits on the input patch;
+            the foreground probability is `logits.softmax(1)[:, 1]`.
+        image_embeddings ([`Sam3DImageEmbeddings`]): pass back as `image_embeddings=` to decode new clicks without
+            running the encoder again.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    image_embeddings: Sam3DImageEmbeddings | None = None
+
+
+def interpolation_matrix(taps: int, stride: int) -> torch.Tensor:
+    """`(taps, taps // stride + 2)` weights that fold "x`stride` linear upsampling then a `taps`-tap filter".
+
+    Row `i` says how the upsampled sample `i` of a token's receptive field mixes the replicate-padded source samples
+    `stride * t .. stride * t + taps // stride + 1` (float64, exact).
+    """
+    matrix = torch.zeros(taps, taps // stride + 2, dtype=torch.float64)
+    for i in range(taps):
+        position = (i + 0.5) / stride + 0.5
+        low = math.floor(position)
+        matrix[i, low] = 1 - (position - low)
+        matrix[i, low + 1] = position - low
+    return matrix
+
+
+class Sam3DPatchEmbeddings(nn.Module):
+    """SAM's 16x16 patch kernel on x4-upsampled slices followed by a 16-tap depth filter, folded into one 6³ stride-4
+    convolution of the replicate-padded patch (never materialising the upsampled volume).
+
+    Stores the official parameters: `projection_weight (C, 1, 16, 16)` (SAM's RGB kernel summed over its inputs; axis 2
+    is H, axis 3 is W), `projection_bias (C,)`, `depth_weight (C, 16)`, `depth_bias (C,)`.
+    """
+
+    def __init__(self, config: Sam3DVisionConfig):
+        super().__init__()
+        size, channels = config.patch_size, config.hidden_size
+        self.stride = config.token_stride
+        self.projection_weight = nn.Parameter(torch.empty(channels, config.num_channels, size, size))
+        self.projection_bias = nn.Parameter(torch.empty(channels))
+        self.depth_weight = nn.Parameter(torch.empty(channels, size))
+        self.depth_bias = nn.Parameter(torch.empty(channels))
+        self.register_buffer("fold", interpolation_matrix(size, self.stride).float(), persistent=False)
+
+    def folded_kernel(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The equivalent `(C, in, 6, 6, 6)` stride-4 kernel and its bias, composed from the stored parameters."""
+        fold = self.fold.to(self.projection_weight.dtype)
+        plane = torch.einsum("ia,ocij,jb->ocab", fold, self.projection_weight, fold)  # (C, in, 6, 6)
+        depth = self.depth_weight @ fold  # (C, 6)
+        kernel = depth[:, None, :, None, None] * plane[:, :, None]  # (C, in, 6[d], 6[h], 6[w])
+        bias = self.projection_bias * self.depth_weight.sum(1) + self.depth_bias
+        return kernel, bias
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        kernel, bias = self.folded_kernel()
+        padded = F.pad(pixel_values, (1, 1, 1, 1, 1, 1), mode="replicate")  # reproduces the upsampler's clamping
+        embeddings = F.conv3d(padded, kernel.to(padded.dtype), bias.to(padded.dtype), stride=self.stride)
+        return embeddings.permute(0, 2, 3, 4, 1)  # (B, D', H', W', C)
+
+
+class Sam3DSpatialAdapter(nn.Module):
+    """Bottleneck adapter with a depthwise 3x3x3 convolution on the token grid, applied before each block."""
+
+    def __init__(self, config: Sam3DVisionConfig):
+        super().__init__()
+        self.linear1 = nn.Linear(config.hidden_size, config.adapter_dim)
+        self.conv = nn.Conv3d(config.adapter_dim, config.adapter_dim, 3, padding=1, groups=config.adapter_dim)
+        self.linear2 = nn.Linear(config.adapter_dim, config.hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        # hidden_states: (B, D', H', W', C)
+        x = F.relu(self.linear1(hidden_states))
+        x = F.relu(self.conv(x.permute(0, 4, 1, 2, 3))).permute(0, 2, 3, 4, 1)
+        return F.relu(self.linear2(x)) + hidden_states
+
+
+def relative_position_table(table: torch.Tensor, window: int) -> torch.Tensor:
+    """`(window, window, head_dim)` table `R[i, j] = table'[i - j + window - 1]`, `table'` linearly resized to
+    `2 * window - 1` rows (SAM's `get_rel_pos` for equal query and key sizes)."""
+    length = 2 * window - 1
+    if table.shape[0] != length:
+        table = F.interpolate(table.t()[None], size=length, mode="linear", align_corners=False)[0].t()
+    coords = torch.arange(window, device=table.device)
+    return table[coords[:, None] - coords[None, :] + window - 1]
+
+
+class Sam3DWindowAttention(nn.Module):
+    """Multi-head attention inside 3D windows with decomposed relative positions along depth, height and width."""
+
+    def __init__(self, config: Sam3DVisionConfig, layer_index: int):
+        super().__init__()
+        self.config = config
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.scale = self.head_dim**-0.5
+        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.qkv_bias)
+        self.proj = nn.Linear(config.hidden_size, config.hidden_size)
+        rows = config.rel_pos_size(layer_index)
+        self.rel_pos_d = nn.Parameter(torch.zeros(rows, self.head_dim))
+        self.rel_pos_h = nn.Parameter(torch.zeros(rows, self.head_dim))
+        self.rel_pos_w = nn.Parameter(torch.zeros(rows, self.head_dim))
+        # The official per-block scale `lr` of the relative-position terms: 1.0 and frozen when trained here, but an
+        # imported checkpoint's stored value is used as it is, so it is state, not a hyper-parameter.
+        self.register_buffer("rel_pos_scale", torch.ones(()))
+
+    def relative_position_bias(self, query: torch.Tensor) -> torch.Tensor:
+        """`rel_pos_scale * (q·Rd + q·Rh + q·Rw)` of shape `(windows, heads, N, N)` from the unscaled `query`
+        `(windows, heads, N, head_dim)`, `N = wd * wh * ww`."""
+        wd, wh, ww = self.config.window_size
+        r_d = relative_position_table(self.rel_pos_d, wd)
+        r_h = relative_position_table(self.rel_pos_h, wh)
+        r_w = relative_position_table(self.rel_pos_w, ww)
+        q = query.reshape(*query.shape[:2], wd, wh, ww, self.head_dim)
+        bias_d = torch.einsum("bndhwc,dkc->bndhwk", q, r_d.to(q.dtype))
+        bias_h = torch.einsum("bndhwc,hkc->bndhwk", q, r_h.to(q.dtype))
+        bias_w = torch.einsum("bndhwc,wkc->bndhwk", q, r_w.to(q.dtype))
+        bias = (
+            bias_d[..., :, None, None] + bias_h[..., None, :, None] + bias_w[..., None, None, :]
+        )  # (windows, heads, wd, wh, ww, wd', wh', ww')
+        return self.rel_pos_scale.to(q.dtype) * bias.reshape(*query.shape[:3], -1)
+
+    def forward(self, windows: torch.Tensor, window_mask: torch.Tensor | None) -> torch.Tensor:
+        """`windows (B*nW, N, C)`; `window_mask (nW, N, N)` additive (shift and padding), shared by every image."""
+        num_windows, tokens, channels = windows.shape
+        outputs = []
+        for start in range(0, num_windows, self.config.attention_chunk_size):
+            chunk = windows[start : start + self.config.attention_chunk_size]
+            qkv = self.qkv(chunk).reshape(chunk.shape[0], tokens, 3, self.num_heads, self.head_dim)
+            query, key, value = qkv.permute(2, 0, 3, 1, 4)  # each (chunk, heads, N, head_dim)
+            bias = self.relative_position_bias(query)
+            if window_mask is not None:
+                index = torch.arange(start, start + chunk.shape[0], device=chunk.device) % window_mask.shape[0]
+                bias = bias + window_mask[index][:, None].to(bias.dtype)
+            if self.config._attn_implementation == "eager":
+                attn = (query * self.scale) @ key.transpose(-2, -1) + bias
+                out = attn.softmax(dim=-1) @ value
+            else:
+                out = F.scaled_dot_product_attention(query, key, value, attn_mask=bias)
+            outputs.append(out.transpose(1, 2).reshape(chunk.shape[0], tokens, channels))
+        return self.proj(torch.cat(outputs))
+
+
+class Sam3DMLP(nn.Module):
+    def __init__(self, config: Sam3DVisionConfig):
+        super().__init__()
+        self.lin1 = nn.Linear(config.hidden_size, config.mlp_dim)
+        self.lin2 = nn.Linear(config.mlp_dim, config.hidden_size)
+        self.act = ACT2FN[config.hidden_act]
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.lin2(self.act(self.lin1(hidden_states)))
+
+
+def window_masks(
+    grid: tuple[int, int, int], window: tuple[int, int, int], shift: tuple[int, int, int] | None, device
+) -> torch.Tensor | None:
+    """Additive `(nW, N, N)` mask for a `grid` zero-padded to whole windows and rolled by `-shift` (or not rolled):
+    `-100` between tokens of different shift regions and for padded keys, 0 elsewhere; `None` if nothing is masked."""
+    padded = [math.ceil(g / w) * w for g, w in zip(grid, window)]
+    if shift is None and list(grid) == padded:
+        return None
+    valid = torch.zeros(padded, device=device)
+    valid[: grid[0], : grid[1], : grid[2]] = 1
+    regions = torch.zeros(padded, device=device)
+    if shift is not None:
+        valid = torch.roll(valid, [-s for s in shift], dims=(0, 1, 2))
+        for axis, (size, w, s) in enumerate(zip(padded, window, shift)):
+            label = torch.zeros(size, device=device)
+            label[size - w : size - s] = 1
+            label[size - s :] = 2
+            regions = regions * 3 + label.reshape([-1 if a == axis else 1 for a in range(3)])
+    region_windows = partition_windows(regions[None, ..., None], window).squeeze(-1)  # (nW, N)
+    valid_windows = partition_windows(valid[None, ..., None], window).squeeze(-1)
+    mask = torch.where(region_windows[:, :, None] != region_windows[:, None, :], MASKED_LOGIT, 0.0)
+    return mask + torch.where(valid_windows[:, None, :] > 0, 0.0, MASKED_LOGIT)
+
+
+def partition_windows(hidden_states: torch.Tensor, window: tuple[int, int, int]) -> torch.Tensor:
+    """`(B, D, H, W, C)` with sizes multiple of `window` -> `(B * nW, wd * wh * ww, C)`."""
+    batch, depth, height, width, channels = hidden_states.shape
+    wd, wh, ww = window
+    x = hidden_states.reshape(batch, depth // wd, wd, height // wh, wh, width // ww, ww, channels)
+    return x.permute(0, 1, 3, 5, 2, 4, 6, 7).reshape(-1, wd * wh * ww, channels)
+
+
+def merge_windows(windows: torch.Tensor, window: tuple[int, int, int], grid: list[int]) -> torch.Tensor:
+    """Inverse of [`partition_windows`]: `(B * nW, N, C)` -> `(B, D, H, W, C)` for the padded `grid`."""
+    wd, wh, ww = window
+    depth, height, width = grid
+    channels = windows.shape[-1]
+    x = windows.reshape(-1, depth // wd, height // wh, width // ww, wd, wh, ww, channels)
+    return x.permute(0, 1, 4, 2, 5, 3, 6, 7).reshape(-1, depth, height, width, channels)
+
+
+class Sam3DVisionLayer(GradientCheckpointingLayer):
+    """Adapter, then (shifted) 3D window attention and MLP, each with a residual."""
+
+    def __init__(self, config: Sam3DVisionConfig, layer_index: int):
+        super().__init__()
+        self.window = config.window_size
+        self.shift = config.shift_size if layer_index % 2 == 0 and any(config.shift_size) else None
+        self.adapter = Sam3DSpatialAdapter(config)
+        self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.attn = Sam3DWindowAttention(config, layer_index)
+        self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = Sam3DMLP(config)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        hidden_states = self.adapter(hidden_states)
+        batch, depth, height, width, channels = hidden_states.shape
+        shortcut = hidden_states
+        x = self.layer_norm1(hidden_states)
+        padded = [math.ceil(s / w) * w for s, w in zip((depth, height, width), self.window)]
+        x = F.pad(x, (0, 0, 0, padded[2] - width, 0, padded[1] - height, 0, padded[0] - depth))
+        if self.shift is not None:
+            x = torch.roll(x, [-s for s in self.shift], dims=(1, 2, 3))
+        mask = window_masks((depth, height, width), self.window, self.shift, x.device)
+        x = merge_windows(self.attn(partition_windows(x, self.window), mask), self.window, padded)
+        if self.shift is not None:
+            x = torch.roll(x, list(self.shift), dims=(1, 2, 3))
+        hidden_states = shortcut + x[:, :depth, :height, :width]
+        return hidden_states + self.mlp(self.layer_norm2(hidden_states))
+
+
+class Sam3DLayerNorm(nn.Module):
+    """LayerNorm over the channels of a `(B, C, D, H, W)` map (biased variance, per voxel)."""
+
+    def __init__(self, channels: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean = x.mean(1, keepdim=True)
+        var = (x - mean).pow(2).mean(1, keepdim=True)
+        x = (x - mean) / torch.sqrt(var + self.eps)
+        return self.weight[:, None, None, None] * x + self.bias[:, None, None, None]
+
+
+class Sam3DNeck(nn.Module):
+    """Tokens `(B, D', H', W', C)` -> level map `(B, 256, D', H', W')`."""
+
+    def __init__(self, config: Sam3DVisionConfig):
+        super().__init__()
+        self.conv1 = nn.Conv3d(config.hidden_size, config.output_channels, 1, bias=False)
+        self.layer_norm1 = Sam3DLayerNorm(config.output_channels, config.layer_norm_eps)
+        self.conv2 = nn.Conv3d(config.output_channels, config.output_channels, 3, padding=1, bias=False)
+        self.layer_norm2 = Sam3DLayerNorm(config.output_channels, config.layer_norm_eps)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        x = self.layer_norm1(self.conv1(hidden_states.permute(0, 4, 1, 2, 3)))
+        return self.layer_norm2(self.conv2(x))
+
+
+class Sam3DVisionEncoder(nn.Module):
+    """`pixel_values (B, 1, D, H, W)` -> four level maps `(B, 256, D/4, H/4, W/4)`."""
+
+    def __init__(self, config: Sam3DVisionConfig):
+        super().__init__()
+        self.config = config
+        self.patch_embed = Sam3DPatchEmbeddings(config)
+        self.pos_embed = nn.Parameter(torch.zeros(1, config.pos_embed_size, config.pos_embed_size, config.hidden_size))
+        self.depth_embed = nn.Parameter(torch.zeros(1, config.depth_embed_size, config.hidden_size))
+        self.layers = nn.ModuleList([Sam3DVisionLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.necks = nn.ModuleList([Sam3DNeck(config) for _ in config.feature_indexes])
+
+    def position_embeddings(self, grid: tuple[int, int, int]) -> torch.Tensor:
+        """`(1, D', H', W', C)`: SAM's in-plane table resized to `(H', W')` plus the depth table resized to `D'`."""
+        depth, height, width = grid
+        plane = self.pos_embed.permute(0, 3, 1, 2)  # (1, C, 64, 64)
+        if height <= plane.shape[2] and width <= plane.shape[3]:
+            # Area averaging: exactly the official 2x2 average pooling at a 32x32 grid.
+            plane = F.adaptive_avg_pool2d(plane, (height, width))
+        else:
+            plane = F.interpolate(plane, size=(height, width), mode="bicubic", align_corners=False)
+        column = self.depth_embed.permute(0, 2, 1)  # (1, C, 32)
+        if depth != column.shape[2]:
+            column = F.interpolate(column, size=depth, mode="linear", align_corners=False)
+        return plane.permute(0, 2, 3, 1)[:, None] + column.permute(0, 2, 1)[:, :, None, None]
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        hidden_states = self.patch_embed(pixel_values)  # (B, D', H', W', C)
+        hidden_states = hidden_states + self.position_embeddings(tuple(hidden_states.shape[1:4]))
+        levels = []
+        for index, layer in enumerate(self.layers):
+            hidden_states = layer(hidden_states)
+            if index in self.config.feature_indexes:
+                levels.append(self.necks[len(levels)](hidden_states))
+        return tuple(levels)
+
+
+class Sam3DAttention(nn.Module):
+    """Multi-head attention with q/k/v projected to `hidden_size / downsample_rate` channels (SAM's `Attention`)."""
+
+    def __init__(self, config: Sam3DPromptEncoderConfig, downsample_rate: int = 1):
+        super().__init__()
+        self.config = config
+        inner = config.hidden_size // downsample_rate
+        self.num_heads = config.num_attention_heads
+        self.q_proj = nn.Linear(config.hidden_size, inner)
+        self.k_proj = nn.Linear(config.hidden_size, inner)
+        self.v_proj = nn.Linear(config.hidden_size, inner)
+        self.out_proj = nn.Linear(inner, config.hidden_size)
+
+    def forward(self, query, key, value, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`query (B, Nq, C)`, `key`/`value (B, Nk, C)`; `key_padding_mask (B, Nk)` is True for keys to ignore."""
+        batch = query.shape[0]
+
+        def heads(x):  # (B, N, inner) -> (B, heads, N, inner / heads)
+            return x.reshape(batch, x.shape[1], self.num_heads, -1).transpose(1, 2)
+
+        q, k, v = heads(self.q_proj(query)), heads(self.k_proj(key)), heads(self.v_proj(value))
+        mask = None
+        if key_padding_mask is not None:
+            mask = torch.zeros(key_padding_mask.shape, dtype=q.dtype, device=q.device)
+            mask = mask.masked_fill(key_padding_mask, float("-inf"))[:, None, None, :]
+        if self.config._attn_implementation == "eager":
+            attn = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+            if mask is not None:
+                attn = attn + mask
+            out = attn.softmax(-1) @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.out_proj(out.transpose(1, 2).reshape(batch, query.shape[1], -1))
+
+
+class Sam3DPromptEncoderMLP(nn.Module):
+    def __init__(self, config: Sam3DPromptEncoderConfig):
+        super().__init__()
+        self.lin1 = nn.Linear(config.hidden_size, config.mlp_dim)
+        self.lin2 = nn.Linear(config.mlp_dim, config.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin2(F.relu(self.lin1(x)))
+
+
+class Sam3DPromptEncoderLayer(nn.Module):
+    """Global queries and point embeddings attend to each other; then image tokens attend to the queries."""
+
+    def __init__(self, config: Sam3DPromptEncoderConfig):
+        super().__init__()
+        self.global_query = nn.Parameter(torch.zeros(1, config.num_global_queries, config.hidden_size))
+        self.self_attn = Sam3DAttention(config)
+        self.cross_attn_image_to_token = Sam3DAttention(config, config.attention_downsample_rate)
+        self.mlp = Sam3DPromptEncoderMLP(config)
+        self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.layer_norm3 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.layer_norm4 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, image_tokens, point_embeddings, padding_mask):
+        """`image_tokens (B, L, C)`, `point_embeddings (B, N, C)`, `padding_mask (B, N)` True for padding points."""
+        batch, num_queries = image_tokens.shape[0], self.global_query.shape[1]
+        tokens = torch.cat([self.global_query.expand(batch, -1, -1), point_embeddings], dim=1)  # (B, 10 + N, C)
+        key_mask = F.pad(padding_mask, (num_queries, 0), value=False)
+        attended = self.self_attn(tokens, tokens, tokens, key_padding_mask=key_mask)
+        tokens = self.layer_norm2(tokens + self.layer_norm1(attended))
+        queries, point_embeddings = tokens[:, :num_queries], tokens[:, num_queries:]
+        queries = self.layer_norm3(queries + self.mlp(queries))
+        image_tokens = self.layer_norm4(image_tokens + self.cross_attn_image_to_token(image_tokens, queries, queries))
+        return image_tokens, point_embeddings
+
+
+class Sam3DPromptEncoder(nn.Module):
+    """Samples the last level at the clicks and refines it with learned global queries: `(B, 256, D', H', W')` in,
+    same shape out."""
+
+    def __init__(self, config: Sam3DPromptEncoderConfig):
+        super().__init__()
+        self.config = config
+        self.layers = nn.ModuleList([Sam3DPromptEncoderLayer(config) for _ in range(config.num_hidden_layers)])
+        # Extension (off by default, absent from the official model): positive/negative click embeddings.
+        self.label_embed = nn.Embedding(2, config.hidden_size) if config.use_point_labels else None
+
+    def forward(self, feature_map, input_points, input_labels, patch_size) -> torch.Tensor:
+        """`input_points (B, N, 3)` patch voxels `(z, y, x)`; `input_labels (B, N)` with -1 for padding points;
+        `patch_size` the input patch's `(D, H, W)`."""
+        batch, channels, depth, height, width = feature_map.shape
+        size = torch.tensor(patch_size, dtype=feature_map.dtype, device=feature_map.device)
+        # Voxel centres of the input patch -> grid_sample's [-1, 1] (align_corners=False); last axis to (x, y, z).
+        grid = ((input_points.to(feature_map.dtype) + 0.5) * 2 / size - 1).flip(-1)
+        sampled = F.grid_sample(feature_map, grid[:, None, None], mode="bilinear", align_corners=False)
+        point_embeddings = sampled[:, :, 0, 0].transpose(1, 2)  # (B, N, C)
+        padding_mask = input_labels < 0
+        if self.label_embed is not None:
+            point_embeddings = point_embeddings + self.label_embed(input_labels.clamp(min=0))
+        image_tokens = feature_map.flatten(2).transpose(1, 2)  # (B, D'H'W', C)
+        for layer in self.layers:
+            image_tokens, point_embeddings = layer(image_tokens, point_embeddings, padding_mask)
+        return image_tokens.transpose(1, 2).reshape(batch, channels, depth, height, width)
+
+
+def conv_block(in_channels: int, out_channels: int) -> list[nn.Module]:
+    """3x3x3 convolution, instance norm, ReLU (the official `Conv3d, InstanceNorm3d, ReLU` triple)."""
+    return [nn.Conv3d(in_channels, out_channels, 3, padding=1, bias=False), nn.InstanceNorm3d(out_channels), nn.ReLU()]
+
+
+class Sam3DMaskDecoder(nn.Module):
+    """Multi-level aggregation: four level heads at `D/2`, fused with the image channel, to 2-class logits at `D`.
+
+    The fused convolution is linear in its input channels, so it is split into a prompt-independent part (levels
+    0-2 and the image, [`Sam3DImageEmbeddings.decoder_context`]) and the part of the prompt-refined level 3.
+    """
+
+    def __init__(self, config: Sam3DMaskDecoderConfig, input_channels: int):
+        super().__init__()
+        hidden = config.hidden_size
+        self.heads = nn.ModuleList(
+            [nn.Sequential(*conv_block(input_channels, hidden), *conv_block(hidden, hidden)) for _ in range(4)]
+        )
+        self.fuse = nn.Sequential(
+            *conv_block(4 * hidden + 1, hidden), nn.Conv3d(hidden, config.num_labels, 3, padding=1, bias=False)
+        )
+
+    def level(self, index: int, feature_map: torch.Tensor) -> torch.Tensor:
+        """Level head `index`: `(B, 256, D', H', W')` -> `(B, 128, 2D', 2H', 2W')`."""
+        return F.interpolate(self.heads[index](feature_map), scale_factor=2, mode="trilinear", align_corners=True)
+
+    def context(self, feature_maps: tuple[torch.Tensor, ...], pixel_values: torch.Tensor) -> torch.Tensor:
+        """The prompt-independent share of the fused convolution: levels 0-2 and the image channel."""
+        hidden = self.heads[0][0].out_channels
+        static = [self.level(k, feature_maps[k]) for k in range(3)]
+        size = static[0].shape[2:]
+        image = F.interpolate(pixel_values, size=size, mode="trilinear", align_corners=False)
+        weight = self.fuse[0].weight
+        weight = torch.cat([weight[:, : 3 * hidden], weight[:, 4 * hidden :]], dim=1)
+        return F.conv3d(torch.cat(static + [image], dim=1), weight, padding=1)
+
+    def forward(self, context: torch.Tensor, prompted_level: torch.Tensor) -> torch.Tensor:
+        """`context (B, 128, D/2, H/2, W/2)`, `prompted_level (B, 256, D/4, H/4, W/4)` -> logits `(B, 2, D, H, W)`."""
+        hidden = self.heads[0][0].out_channels
+        weight = self.fuse[0].weight[:, 3 * hidden : 4 * hidden]
+        x = context + F.conv3d(self.level(3, prompted_level), weight, padding=1)
+        x = self.fuse[3](self.fuse[2](self.fuse[1](x)))
+        return F.interpolate(x, scale_factor=2, mode="trilinear", align_corners=True)
+
+
+class Sam3DPreTrainedModel(PreTrainedModel):
+    config_class = Sam3DConfig
+    config: Sam3DConfig
+    base_model_prefix = "sam3d"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    _no_split_modules = ["Sam3DVisionLayer"]
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        std = self.config.initializer_range
+        if isinstance(module, Sam3DPatchEmbeddings):
+            # The official depth filter is a default-initialised Conv3d (fan-in 16): U(-1/4, 1/4) for taps and bias.
+            bound = 1 / math.sqrt(module.depth_weight.shape[1])
+            init.normal_(module.projection_weight, std=std)
+            init.zeros_(module.projection_bias)
+            init.uniform_(module.depth_weight, -bound, bound)
+            init.uniform_(module.depth_bias, -bound, bound)
+        elif isinstance(module, Sam3DVisionEncoder):
+            init.trunc_normal_(module.pos_embed, std=std)
+            init.zeros_(module.depth_embed)  # the paper's choice (the official code used ones)
+        elif isinstance(module, Sam3DWindowAttention):
+            init.zeros_(module.rel_pos_d)
+            init.zeros_(module.rel_pos_h)
+            init.zeros_(module.rel_pos_w)
+            init.ones_(module.rel_pos_scale)
+        elif isinstance(module, Sam3DLayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, Sam3DPromptEncoderLayer):
+            init.normal_(module.global_query, std=std)
+
+
+class Sam3DForPromptableSegmentation(Sam3DPreTrainedModel):
+    """3DSAM-adapter: a CT patch and a few clicks in, 2-class logits on the patch out.
+
+    Example:
+    ```python
+    >>> import torch
+    >>> from sam3d_hf import Sam3DConfig, Sam3DForPromptableSegmentation
+    >>> config = Sam3DConfig(vision_config={"hidden_size": 48, "num_hidden_layers": 4, "num_attention_heads": 2,
+    ...     "mlp_dim": 96, "adapter_dim": 16, "output_channels": 32, "image_size": 32},
+    ...     prompt_encoder_config={"hidden_size": 32, "num_attention_heads": 2, "mlp_dim": 64},
+    ...     mask_decoder_config={"hidden_size": 16})
+    >>> model = Sam3DForPromptableSegmentation(config).eval()
+    >>> pixel_values = torch.randn(1, 1, 32, 32, 32)  # (batch, channel, depth, height, width)
+    >>> points = torch.tensor([[[16.0, 10.0, 20.0]]])  # (batch, clicks, (z, y, x)) in patch voxels
+    >>> model(pixel_values=pixel_values, input_points=points).logits.shape
+    torch.Size([1, 2, 32, 32, 32])
+    ```
+    """
+
+    def __init__(self, config: Sam3DConfig):
+        super().__init__(config)
+        self.vision_encoder = Sam3DVisionEncoder(config.vision_config)
+        self.prompt_encoder = Sam3DPromptEncoder(config.prompt_encoder_config)
+        self.mask_decoder = Sam3DMaskDecoder(config.mask_decoder_config, config.vision_config.output_channels)
+        self.post_init()
+
+    def _check_pixel_values(self, pixel_values) -> None:
+        if not isinstance(pixel_values, torch.Tensor):
+            raise TypeError(f"pixel_values must be a torch.Tensor (B, 1, D, H, W), got {type(pixel_values).__name__}")
+        channels = self.config.vision_config.num_channels
+        if pixel_values.ndim != 5 or pixel_values.shape[1] != channels:
+            raise ValueError(
+                f"pixel_values must have shape (batch, {channels}, depth, height, width), got {tuple(pixel_values.shape)};"
+                " add the channel axis with pixel_values[:, None] for (batch, D, H, W) volumes"
+            )
+        stride = self.config.vision_config.token_stride
+        bad = [name for name, s in zip("DHW", pixel_values.shape[2:]) if s % stride or s == 0]
+        if bad:
+            raise ValueError(
+                f"pixel_values spatial size {tuple(pixel_values.shape[2:])} must be positive multiples of {stride} "
+                f"(the token stride) along every axis; {', '.join(bad)} is not. Crop or pad the patch."
+            )
+
+    def get_image_embeddings(self, pixel_values: torch.Tensor) -> Sam3DImageEmbeddings:
+        """Run the encoder (and the prompt-independent part of the decoder) once for a patch.
+
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(batch, 1, D, H, W)`): normalised CT patches.
+
+        Returns:
+            [`Sam3DImageEmbeddings`]: pass it to `forward(image_embeddings=...)` with any clicks.
+        """
+        self._check_pixel_values(pixel_values)
+        feature_maps = self.vision_encoder(pixel_values)
+        context = self.mask_decoder.context(feature_maps, pixel_values)
+        return Sam3DImageEmbeddings(feature_maps=feature_maps, decoder_context=context)
+
+    def forward(
+        self,
+        pixel_values: torch.FloatTensor | None = None,
+        input_points: torch.FloatTensor | None = None,
+        input_labels: torch.LongTensor | None = None,
+        image_embeddings: Sam3DImageEmbeddings | None = None,
+        labels: torch.LongTensor | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> Sam3DSegmentationOutput | tuple:
+        r"""Segment the object(s) the clicks point at.
+
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(batch, 1, D, H, W)`, *optional*): normalised CT patches;
+                every size a multiple of 4. Give either this or `image_embeddings`.
+            input_points (`torch.FloatTensor` of shape `(batch, num_points, 3)`): clicks as patch voxel coordinates
+                `(z, y, x)` = `(depth, row, column)`, each in `[0, size - 1]`.
+            input_labels (`torch.LongTensor` of shape `(batch, num_points)`, *optional*): 1 positive, 0 negative,
+                -1 padding (ignored entirely, so prompt sets of different lengths can share a batch). Defaults to all
+                1. Without `use_point_labels` in the config, positive and negative clicks are treated alike.
+            image_embeddings ([`Sam3DImageEmbeddings`], *optional*): from [`get_image_embeddings`]; skips the
+                encoder. A batch of 1 is broadcast over the prompt batch (one patch, several prompt sets).
+            labels (`torch.LongTensor` of shape `(batch, D, H, W)` or `(batch, 1, D, H, W)`, *optional*): 0/1 ground
+                truth; gives the DiceCE loss (MONAI `DiceCELoss`, softmax, background excluded, 0.5/0.5).
+            return_dict (`bool`, *optional*): return a [`Sam3DSegmentationOutput`] (default) or a tuple.
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if (pixel_values is None) == (image_embeddings is None):
+            raise ValueError(
+                "Give exactly one of pixel_values (B, 1, D, H, W) or image_embeddings (from get_image_embeddings), "
+                f"got {'both' if pixel_values is not None else 'neither'}"
+            )
+        if pixel_values is not None:
+            image_embeddings = self.get_image_embeddings(pixel_values)
+        elif not isinstance(image_embeddings, Sam3DImageEmbeddings):
+            raise TypeError(
+                "image_embeddings must be the Sam3DImageEmbeddings returned by get_image_embeddings, got "
+                f"{type(image_embeddings).__name__}"
+            )
+        feature_maps, context = image_embeddings.feature_maps, image_embeddings.decoder_context
+        patch_size = tuple(2 * s for s in context.shape[2:])
+        input_points, input_labels = self._check_prompts(input_points, input_labels, patch_size, context.shape[0])
+        batch = input_points.shape[0]
+        level3 = feature_maps[3]
+        if level3.shape[0] != batch:  # one patch, several prompt sets
+            level3, context = level3.expand(batch, -1, -1, -1, -1), context.expand(batch, -1, -1, -1, -1)
+        prompted = self.prompt_encoder(level3, input_points, input_labels, patch_size)
+        logits = self.mask_decoder(context, prompted)
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits, labels)
+        if not return_dict:
+            return tuple(v for v in (loss, logits, image_embeddings) if v is not None)
+        return Sam3DSegmentationOutput(loss=loss, logits=logits, image_embeddings=image_embeddings)
+
+    def _check_prompts(self, input_points, input_labels, patch_size, image_batch):
+        if input_points is None:
+            raise ValueError("input_points is required: a (batch, num_points, 3) tensor of (z, y, x) patch voxels")
+        if not isinstance(input_points, torch.Tensor):
+            raise TypeError(f"input_points must be a torch.Tensor (batch, num_points, 3), got {type(input_points).__name__}")
+        if input_points.ndim != 3 or input_points.shape[-1] != 3 or input_points.shape[1] == 0:
+            raise ValueError(
+                f"input_points must have shape (batch, num_points >= 1, 3) with (z, y, x), got {tuple(input_points.shape)}"
+            )
+        if input_points.shape[0] != image_batch and image_batch != 1:
+            raise ValueError(
+                f"input_points has batch {input_points.shape[0]} but the image batch is {image_batch}; give one "
+                "prompt set per image, or a single image to share across prompt sets"
+            )
+        if input_labels is None:
+            input_labels = torch.ones(input_points.shape[:2], dtype=torch.long, device=input_points.device)
+        if not isinstance(input_labels, torch.Tensor):
+            raise TypeError(f"input_labels must be a torch.Tensor (batch, num_points), got {type(input_labels).__name__}")
+        if input_labels.shape != input_points.shape[:2]:
+            raise ValueError(
+                f"input_labels shape {tuple(input_labels.shape)} must match input_points' (batch, num_points) "
+                f"{tuple(input_points.shape[:2])}"
+            )
+        if not torch.isin(input_labels, torch.tensor([-1, 0, 1], device=input_labels.device)).all():
+            raise ValueError(f"input_labels must be 1 (positive), 0 (negative) or -1 (padding), got {input_labels.unique().tolist()}")
+        if (input_labels < 0).all(dim=1).any():
+            raise ValueError("every prompt set needs at least one real point; a row of input_labels is all -1 (padding)")
+        real = input_labels >= 0
+        upper = torch.tensor(patch_size, device=input_points.device, dtype=input_points.dtype) - 1
+        outside = real[..., None] & ((input_points < 0) | (input_points > upper))
+        if outside.any():
+            batch_index, point_index = outside.any(-1).nonzero()[0].tolist()
+            raise ValueError(
+                f"input_points[{batch_index}, {point_index}] = {input_points[batch_index, point_index].tolist()} lies "
+                f"outside the patch: (z, y, x) must be within [0, {[int(s) - 1 for s in patch_size]}] (patch voxels)"
+            )
+        return input_points, input_labels.long()
+
+    def loss_function(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """MONAI `DiceCELoss(include_background=False, softmax=True, to_onehot_y=True, lambda_dice=0.5, lambda_ce=0.5)`."""
+        from monai.losses import DiceCELoss
+
+        if labels.ndim == 4:
+            labels = labels[:, None]
+        expected = (logits.shape[0], 1, *logits.shape[2:])
+        if tuple(labels.shape) != expected:
+            raise ValueError(
+                f"labels must have shape (batch, D, H, W) = {(expected[0], *expected[2:])} or {expected}, got "
+                f"{tuple(labels.shape)}"
+            )
+        criterion = DiceCELoss(include_background=False, softmax=True, to_onehot_y=True, lambda_dice=0.5, lambda_ce=0.5)
+        return criterion(logits.float(), labels.long())
+
+
+__all__ = [
+    "Sam3DForPromptableSegmentation",
+    "Sam3DImageEmbeddings",
+    "Sam3DPreTrainedModel",
+    "Sam3DSegmentationOutput",
+]
