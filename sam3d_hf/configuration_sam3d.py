@@ -48,6 +48,8 @@ class Sam3DVisionConfig(PretrainedConfig):
             differ by their relative-position table length `2 * sam_image_size / patch_size - 1`.
         feature_indexes (`list[int]`, defaults to `[2, 5, 8, 11]`): blocks after which a neck taps a level.
         adapter_dim (`int`, defaults to 384): bottleneck width of the spatial adapters.
+        adapter_layers (`list[int]`, *optional*): blocks that have a spatial adapter; `None` (default) means every
+            block, `[]` none (e.g. for LoRA or full fine-tuning baselines).
         output_channels (`int`, defaults to 256): channels of each neck output.
         layer_norm_eps (`float`, defaults to 1e-6): epsilon of the block and neck LayerNorms.
         hidden_act (`str`, defaults to `"gelu"`): MLP activation (exact erf GELU).
@@ -78,6 +80,7 @@ class Sam3DVisionConfig(PretrainedConfig):
         global_attn_indexes: Sequence[int] = (2, 5, 8, 11),
         feature_indexes: Sequence[int] | None = None,
         adapter_dim: int = 384,
+        adapter_layers: Sequence[int] | None = None,
         output_channels: int = 256,
         layer_norm_eps: float = 1e-6,
         hidden_act: str = "gelu",
@@ -106,6 +109,7 @@ class Sam3DVisionConfig(PretrainedConfig):
             feature_indexes = [quarter * (k + 1) - 1 for k in range(4)]
         self.feature_indexes = [int(i) for i in feature_indexes]
         self.adapter_dim = adapter_dim
+        self.adapter_layers = None if adapter_layers is None else sorted(int(i) for i in adapter_layers)
         self.output_channels = output_channels
         self.layer_norm_eps = layer_norm_eps
         self.hidden_act = hidden_act
@@ -128,6 +132,9 @@ class Sam3DVisionConfig(PretrainedConfig):
     def token_grid(self) -> tuple[int, int, int]:
         """Token grid `(D', H', W')` of a patch of `image_size`."""
         return tuple(s // self.token_stride for s in self.image_size)
+
+    def has_adapter(self, layer_index: int) -> bool:
+        return self.adapter_layers is None or layer_index in self.adapter_layers
 
     def rel_pos_size(self, layer_index: int) -> int:
         """Length `2R - 1` of block `layer_index`'s relative-position tables, as stored in SAM."""
@@ -168,8 +175,8 @@ class Sam3DVisionConfig(PretrainedConfig):
             raise ValueError(f"image_size {self.image_size} must be divisible by token_stride {self.token_stride}")
         if any(not 0 <= s < w for s, w in zip(self.shift_size, self.window_size)):
             raise ValueError(f"shift_size {self.shift_size} must lie in [0, window_size) for window {self.window_size}")
-        for name in ("global_attn_indexes", "feature_indexes"):
-            bad = [i for i in getattr(self, name) if not 0 <= i < self.num_hidden_layers]
+        for name in ("global_attn_indexes", "feature_indexes", "adapter_layers"):
+            bad = [i for i in getattr(self, name) or [] if not 0 <= i < self.num_hidden_layers]
             if bad:
                 raise ValueError(
                     f"{name} {getattr(self, name)} has block indices {bad} outside [0, {self.num_hidden_layers})"

@@ -248,14 +248,15 @@ class Sam3DVisionLayer(GradientCheckpointingLayer):
         super().__init__()
         self.window = config.window_size
         self.shift = config.shift_size if layer_index % 2 == 0 and any(config.shift_size) else None
-        self.adapter = Sam3DSpatialAdapter(config)
+        self.adapter = Sam3DSpatialAdapter(config) if config.has_adapter(layer_index) else None
         self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.attn = Sam3DWindowAttention(config, layer_index)
         self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = Sam3DMLP(config)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        hidden_states = self.adapter(hidden_states)
+        if self.adapter is not None:
+            hidden_states = self.adapter(hidden_states)
         batch, depth, height, width, channels = hidden_states.shape
         shortcut = hidden_states
         x = self.layer_norm1(hidden_states)
@@ -546,6 +547,17 @@ class Sam3DForPromptableSegmentation(Sam3DPreTrainedModel):
         self.prompt_encoder = Sam3DPromptEncoder(config.prompt_encoder_config)
         self.mask_decoder = Sam3DMaskDecoder(config.mask_decoder_config, config.vision_config.output_channels)
         self.post_init()
+
+    @classmethod
+    def from_sam_pretrained(
+        cls, path_or_repo_id: str, config: Sam3DConfig | None = None, **kwargs
+    ) -> Sam3DForPromptableSegmentation:
+        """Initialise from SAM 2D weights (a `segment_anything` `.pth` or a transformers `SamModel` folder / Hub id)
+        the way the paper does; see `sam3d_hf.convert_sam3d.load_sam_checkpoint` for `kwargs` and the report."""
+        from .convert_sam3d import load_sam_checkpoint
+
+        model, _ = load_sam_checkpoint(path_or_repo_id, config=config, **kwargs)
+        return model
 
     def _check_pixel_values(self, pixel_values) -> None:
         if not isinstance(pixel_values, torch.Tensor):
