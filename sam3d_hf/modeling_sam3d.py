@@ -152,21 +152,20 @@ class Sam3DWindowAttention(nn.Module):
         # imported checkpoint's stored value is used as it is, so it is state, not a hyper-parameter.
         self.register_buffer("rel_pos_scale", torch.ones(()))
 
-    def relative_position_bias(self, query: torch.Tensor) -> torch.Tensor:
-        """`rel_pos_scale * (q·Rd + q·Rh + q·Rw)` of shape `(windows, heads, N, N)` from the unscaled `query`
-        `(windows, heads, N, head_dim)`, `N = wd * wh * ww`."""
+    def relative_position_bias(self, query: torch.Tensor, window_mask: torch.Tensor | None) -> torch.Tensor:
+        """`rel_pos_scale * (q·Rd + q·Rh + q·Rw) + window_mask` of shape `(windows, heads, N, N)` from the unscaled
+        `query (windows, heads, N, head_dim)`, `N = wd * wh * ww`; `window_mask (windows, N, N)` or `None`."""
         wd, wh, ww = self.config.window_size
-        r_d = relative_position_table(self.rel_pos_d, wd)
-        r_h = relative_position_table(self.rel_pos_h, wh)
-        r_w = relative_position_table(self.rel_pos_w, ww)
-        q = query.reshape(*query.shape[:2], wd, wh, ww, self.head_dim)
-        bias_d = torch.einsum("bndhwc,dkc->bndhwk", q, r_d.to(q.dtype))
-        bias_h = torch.einsum("bndhwc,hkc->bndhwk", q, r_h.to(q.dtype))
-        bias_w = torch.einsum("bndhwc,wkc->bndhwk", q, r_w.to(q.dtype))
-        bias = (
-            bias_d[..., :, None, None] + bias_h[..., None, :, None] + bias_w[..., None, None, :]
-        )  # (windows, heads, wd, wh, ww, wd', wh', ww')
-        return self.rel_pos_scale.to(q.dtype) * bias.reshape(*query.shape[:3], -1)
+        # Scaling q instead of the (N x N) sum saves a full pass over the largest tensor of the block.
+        q = (query * self.rel_pos_scale.to(query.dtype)).reshape(*query.shape[:2], wd, wh, ww, self.head_dim)
+        bias_d = torch.einsum("bndhwc,dkc->bndhwk", q, relative_position_table(self.rel_pos_d, wd).to(q.dtype))
+        bias_h = torch.einsum("bndhwc,hkc->bndhwk", q, relative_position_table(self.rel_pos_h, wh).to(q.dtype))
+        bias_w = torch.einsum("bndhwc,wkc->bndhwk", q, relative_position_table(self.rel_pos_w, ww).to(q.dtype))
+        bias = bias_d[..., :, None, None] + bias_h[..., None, :, None]  # (windows, heads, wd, wh, ww, wd', wh', 1)
+        bias = (bias + bias_w[..., None, None, :]).reshape(*query.shape[:3], -1)  # (windows, heads, N, N)
+        if window_mask is not None:
+            bias += window_mask[:, None].to(bias.dtype)  # in place: the sum's backward does not need its output
+        return bias
 
     def forward(self, windows: torch.Tensor, window_mask: torch.Tensor | None) -> torch.Tensor:
         """`windows (B*nW, N, C)`; `window_mask (nW, N, N)` additive (shift and padding), shared by every image."""
@@ -176,10 +175,10 @@ class Sam3DWindowAttention(nn.Module):
             chunk = windows[start : start + self.config.attention_chunk_size]
             qkv = self.qkv(chunk).reshape(chunk.shape[0], tokens, 3, self.num_heads, self.head_dim)
             query, key, value = qkv.permute(2, 0, 3, 1, 4)  # each (chunk, heads, N, head_dim)
-            bias = self.relative_position_bias(query)
+            mask = None
             if window_mask is not None:
-                index = torch.arange(start, start + chunk.shape[0], device=chunk.device) % window_mask.shape[0]
-                bias = bias + window_mask[index][:, None].to(bias.dtype)
+                mask = window_mask[torch.arange(start, start + chunk.shape[0], device=chunk.device) % len(window_mask)]
+            bias = self.relative_position_bias(query, mask)
             if self.config._attn_implementation == "eager":
                 attn = (query * self.scale) @ key.transpose(-2, -1) + bias
                 out = attn.softmax(dim=-1) @ value
