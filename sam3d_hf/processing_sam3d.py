@@ -1,0 +1,447 @@
+"""Processor for Sam3D: point prompts, patch cropping around clicks, and mapping predictions back to the scan.
+
+See `image_processing_sam3d` for the coordinate conventions (stored voxel indices, RAS world mm, canonical `(D, H, W)`
+axes, resampled grid).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import nibabel as nib
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers.feature_extraction_utils import BatchFeature
+from transformers.image_processing_utils import BaseImageProcessor
+from transformers.models.auto.processing_auto import AutoProcessor
+from transformers.processing_utils import ProcessorMixin
+
+from .configuration_sam3d import Sam3DConfig
+from .image_processing_sam3d import (
+    Sam3DImageProcessor,
+    Sam3DVolume,
+    _get_preset,
+    canonical_to_original_matrix,
+    from_canonical,
+    load_volume,
+    resampled_to_canonical_matrix,
+)
+
+__all__ = ["MODEL_INPUT_KEYS", "Sam3DProcessor", "cluster_points", "save_mask_nifti"]
+
+# Keys of the processor's output that the model's forward takes; the others describe the geometry for inversion.
+MODEL_INPUT_KEYS = ("pixel_values", "input_points", "input_labels")
+
+
+def cluster_points(points: np.ndarray, max_extent: Sequence[float]) -> list[list[int]]:
+    """Group points so that each group's bounding box fits in `max_extent` on every axis.
+
+    Agglomerative single-pass: start with one cluster per point and repeatedly merge the two clusters whose bounding
+    box centres are closest among the pairs whose merged box still fits. Deterministic; clusters are ordered by their
+    first point's index and list point indices in input order.
+
+    Args:
+        points: `(N, 3)` coordinates (any consistent unit; the processor uses resampled voxels).
+        max_extent: `(3,)` largest allowed `max - min` per axis.
+    """
+    points = np.asarray(points, np.float64)
+    max_extent = np.asarray(max_extent, np.float64)
+    clusters = [[i] for i in range(len(points))]
+    while True:
+        best = None
+        for a in range(len(clusters)):
+            for b in range(a + 1, len(clusters)):
+                merged = points[clusters[a] + clusters[b]]
+                if np.any(merged.max(0) - merged.min(0) > max_extent):
+                    continue
+                centre_a = (points[clusters[a]].max(0) + points[clusters[a]].min(0)) / 2
+                centre_b = (points[clusters[b]].max(0) + points[clusters[b]].min(0)) / 2
+                dist = float(np.linalg.norm(centre_a - centre_b))
+                if best is None or dist < best[0]:
+                    best = (dist, a, b)
+        if best is None:
+            break
+        _, a, b = best
+        clusters[a] = sorted(clusters[a] + clusters[b])
+        del clusters[b]
+    return sorted(clusters, key=lambda c: c[0])
+
+
+class Sam3DProcessor(ProcessorMixin):
+    r"""Prepares a CT volume and point prompts for [`Sam3DForPromptableSegmentation`] and maps predictions back.
+
+    Wraps a [`Sam3DImageProcessor`] (geometry and intensity) and adds clicks: the volume is reoriented, resampled and
+    normalised, the clicks are grouped into clusters that fit in one patch, and one `patch_size` patch is cropped per
+    cluster (batch row). [`~Sam3DProcessor.post_process_masks`] pastes the predicted patches back and returns a mask
+    aligned voxel for voxel with the original data; [`save_mask_nifti`] writes it next to the scan.
+
+    Args:
+        image_processor ([`Sam3DImageProcessor`], *optional*): defaults to `Sam3DImageProcessor()` (KiTS21 preset).
+        patch_size (`tuple[int, int, int]`, defaults to `(128, 128, 128)`): `(D, H, W)` patch in resampled voxels,
+            each a multiple of 4 (the model's token stride).
+        cluster_margin (`int`, defaults to 16): clicks are kept in one patch only if their bounding box leaves at least
+            this many voxels of context to every patch face (box extent <= `patch_size - 2 * cluster_margin`).
+    """
+
+    attributes: ClassVar[list[str]] = ["image_processor"]
+
+    def __init__(
+        self,
+        image_processor: Sam3DImageProcessor | None = None,
+        patch_size: Sequence[int] = (128, 128, 128),
+        cluster_margin: int = 16,
+        **kwargs,
+    ):
+        if image_processor is None:
+            image_processor = Sam3DImageProcessor()
+        patch_size = tuple(int(p) for p in patch_size)
+        if len(patch_size) != 3 or any(p <= 0 or p % 4 for p in patch_size):
+            raise ValueError(
+                f"`patch_size` must be 3 positive multiples of 4 (D, H, W) (the model's token stride), got {patch_size}."
+            )
+        if not 0 <= int(cluster_margin) < min(patch_size) / 2:
+            raise ValueError(f"`cluster_margin` must be in [0, {min(patch_size) / 2}) voxels, got {cluster_margin}.")
+        self.patch_size = patch_size
+        self.cluster_margin = int(cluster_margin)
+        super().__init__(image_processor, **kwargs)
+
+    def check_argument_for_proper_class(self, argument_name, argument):
+        # The base check resolves `transformers.ImageProcessingMixin`, a Pillow-requiring dummy when Pillow is absent.
+        if argument_name == "image_processor" and not isinstance(argument, BaseImageProcessor):
+            raise TypeError(f"`image_processor` must be a Sam3DImageProcessor, got {type(argument).__name__}.")
+        return type(argument)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> Sam3DProcessor:
+        """Processor for one of [`SAM3D_PRESETS`]; `patch_size`/`cluster_margin` overrides go to the processor, the
+        rest to [`Sam3DImageProcessor.from_preset`]."""
+        preset = _get_preset(name)
+        patch_size = overrides.pop("patch_size", preset.patch_size)
+        cluster_margin = overrides.pop("cluster_margin", 16)
+        image_processor = Sam3DImageProcessor.from_preset(name, **overrides)
+        return cls(image_processor, patch_size=patch_size, cluster_margin=cluster_margin)
+
+    def __call__(
+        self,
+        images: Any = None,
+        input_points: Any = None,
+        input_labels: Any = None,
+        segmentation_maps: Any = None,
+        spacing: Sequence[float] | None = None,
+        affine: np.ndarray | None = None,
+        points_in: str = "voxel",
+        return_tensors: str | None = "pt",
+        **kwargs,
+    ) -> BatchFeature:
+        """Preprocess one volume and its clicks into model-ready patches.
+
+        Coordinates of `input_points`:
+            * `points_in="voxel"` (default): voxel indices of the **original data in its stored axis order** -- for a
+              NIfTI/NRRD file or a nibabel image the `(i, j, k)` indices ITK-SNAP/3D Slicer show as IJK (i.e.
+              `img.get_fdata()[i, j, k]`); for a DICOM folder `(column, row, slice)`; for a numpy/torch array the
+              array's axes in order (`array[p0, p1, p2]`). Fractional values are allowed.
+            * `points_in="world"`: world coordinates in mm, RAS+ (nibabel/NIfTI convention, `affine @ [i, j, k, 1]`).
+              3D Slicer shows RAS; ITK-SNAP and DICOM show LPS, so negate their first two values.
+
+            Example: a click on voxel `(120, 85, 40)` of `ct.nii.gz`, negative click at `(100, 85, 40)`:
+
+            ```python
+            inputs = processor(images="ct.nii.gz", input_points=[[120, 85, 40], [100, 85, 40]], input_labels=[1, 0])
+            out = model(**{k: inputs[k] for k in ("pixel_values", "input_points", "input_labels")})
+            mask = processor.post_process_masks(out.logits, inputs)  # same shape as nib.load("ct.nii.gz").shape
+            ```
+
+        Every point must lie within the volume's voxel extent `[-0.5, size - 0.5]` on each stored axis.
+
+        Clicks are grouped (see [`cluster_points`]) so that each group fits in one patch with `cluster_margin` voxels of
+        context; each group gets one patch (one batch row) centred on the group's bounding box, shifted to stay inside
+        the volume when the volume is at least as large as the patch, and padded with the normalised window lower
+        bound (air, `image_processor.pad_value`) where it is not. Each row carries every click that falls inside its
+        patch, padded with label -1.
+
+        Args:
+            images: one volume (path, nibabel image, numpy/torch array), see [`load_volume`].
+            input_points: `(N, 3)` clicks (list of triples, array or tensor; `(1, N, 3)` is accepted).
+            input_labels: `(N,)` 1 (positive) / 0 (negative); defaults to all positive.
+            segmentation_maps: optional label map voxel-aligned with the image (same stored shape); returned as
+                `labels`, cropped and resampled (nearest) like the image, binarised to `target_label` when set.
+            spacing, affine: geometry for array inputs (spacing per array axis, affine 4x4 voxel-to-RAS mm).
+            points_in: `"voxel"` or `"world"`.
+            return_tensors: `"pt"` (default), `"np"` or `None`.
+
+        Returns:
+            [`BatchFeature`] with, for `B` click clusters and `N` points per row:
+            - `pixel_values` `(B, 1, D, H, W)` float32, `input_points` `(B, N, 3)` float32 patch voxel `(d, h, w)`,
+              `input_labels` `(B, N)` int64 (-1 = padding), `labels` `(B, D, H, W)` int64 (with `segmentation_maps`);
+            - geometry: `patch_origins` `(B, 3)` int64 (resampled voxel of patch voxel `(0, 0, 0)`; may be negative),
+              `patch_affines` `(B, 4, 4)` (patch voxel `(d, h, w)` -> RAS mm), `point_cluster` `(N,)` (row of each
+              input click), and the image processor's `original_size`, `original_affine`, `canonical_axes`,
+              `canonical_flips`, `canonical_size`, `resampled_size`, `resampled_spacing`, `resampled_affine`.
+            Pass only `pixel_values`, `input_points`, `input_labels` to the model.
+        """
+        if kwargs:
+            raise TypeError(f"Unexpected arguments {sorted(kwargs)}; see Sam3DProcessor.__call__'s docstring.")
+        if images is None:
+            raise ValueError("`images` is required (a path, a nibabel image or a numpy/torch array).")
+        if points_in not in ("voxel", "world"):
+            raise ValueError(f"`points_in` must be 'voxel' or 'world', got {points_in!r}.")
+        ip = self.image_processor
+        volume, label_data = ip._load_pair(images, segmentation_maps, spacing, affine)
+        points, labels_in = self._validate_points(input_points, input_labels, volume, points_in)
+
+        data, geometry = ip._geometry_and_resample(volume)
+        resampled_size = geometry["resampled_size"]
+        # stored voxel -> resampled voxel
+        to_original = canonical_to_original_matrix(
+            geometry["original_size"], geometry["canonical_axes"], geometry["canonical_flips"]
+        )
+        to_canonical = resampled_to_canonical_matrix(geometry["canonical_size"], resampled_size)
+        resampled_to_original = to_original @ to_canonical
+        homogeneous = np.concatenate([points, np.ones((len(points), 1))], axis=1)
+        points_r = (np.linalg.inv(resampled_to_original) @ homogeneous.T).T[:, :3]
+        points_r = np.clip(points_r, 0, resampled_size - 1)  # points at the outer half voxel
+
+        patch = np.asarray(self.patch_size)
+        clusters = cluster_points(points_r, patch - 1 - 2 * self.cluster_margin)
+        origins = []
+        for members in clusters:
+            box = points_r[members]
+            centre = (box.max(0) + box.min(0)) / 2
+            origin = np.rint(centre - (patch - 1) / 2).astype(np.int64)
+            fits = resampled_size >= patch
+            origin = np.where(fits, np.clip(origin, 0, np.maximum(resampled_size - patch, 0)), origin)
+            origins.append(origin)
+        origins = np.stack(origins)
+
+        label_map = ip._resample_labels(label_data, geometry) if label_data is not None else None
+        rows_points, rows_labels, pixel_values, label_patches, patch_affines = [], [], [], [], []
+        point_cluster = np.zeros(len(points), np.int64)
+        for b, (members, origin) in enumerate(zip(clusters, origins)):
+            point_cluster[members] = b
+            local = points_r - origin
+            inside = np.all((local >= 0) & (local <= patch - 1), axis=1)
+            inside[members] = True
+            rows_points.append(local[inside])
+            rows_labels.append(labels_in[inside])
+            pixel_values.append(_crop(data, origin, patch, ip.pad_value))
+            if label_map is not None:
+                label_patches.append(_crop(label_map, origin, patch, 0))
+            shift = np.eye(4)
+            shift[:3, 3] = origin
+            patch_affines.append(geometry["resampled_affine"] @ shift)
+
+        num_points = max(len(p) for p in rows_points)
+        input_points = np.zeros((len(clusters), num_points, 3), np.float32)
+        input_labels_arr = np.full((len(clusters), num_points), -1, np.int64)
+        for b, (pts, lbl) in enumerate(zip(rows_points, rows_labels)):
+            input_points[b, : len(pts)] = pts
+            input_labels_arr[b, : len(lbl)] = lbl
+
+        out = {
+            "pixel_values": np.stack(pixel_values)[:, None].astype(np.float32),
+            "input_points": input_points,
+            "input_labels": input_labels_arr,
+        }
+        if label_map is not None:
+            out["labels"] = np.stack(label_patches).astype(np.int64)
+        out.update(
+            patch_origins=origins,
+            patch_affines=np.stack(patch_affines),
+            point_cluster=point_cluster,
+            **geometry,
+        )
+        return BatchFeature(out, tensor_type=return_tensors)
+
+    def _validate_points(self, input_points, input_labels, volume: Sam3DVolume, points_in: str):
+        """Return `(N, 3)` float64 stored-voxel points and `(N,)` int64 labels, or raise a clear error."""
+        if input_points is None:
+            raise ValueError("`input_points` is required: at least one click [[p0, p1, p2], ...].")
+        if isinstance(input_points, torch.Tensor):
+            input_points = input_points.detach().cpu().numpy()
+        try:
+            points = np.asarray(input_points, dtype=np.float64)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"`input_points` must be a list of [p0, p1, p2] triples ({err}).") from err
+        if points.size == 0:
+            raise ValueError("`input_points` is empty: give at least one click [[p0, p1, p2], ...].")
+        if points.ndim == 3 and points.shape[0] == 1:
+            points = points[0]
+        if points.ndim == 1 and points.shape == (3,):
+            points = points[None]
+        if points.ndim != 2 or points.shape[1] != 3:
+            raise ValueError(f"`input_points` must have shape (N, 3), got {points.shape}.")
+        if not np.all(np.isfinite(points)):
+            raise ValueError(f"`input_points` has non-finite values: {points.tolist()}.")
+        if input_labels is None:
+            labels = np.ones(len(points), np.int64)
+        else:
+            if isinstance(input_labels, torch.Tensor):
+                input_labels = input_labels.detach().cpu().numpy()
+            labels = np.asarray(input_labels).reshape(-1)
+            if labels.shape != (len(points),):
+                raise ValueError(f"`input_labels` must have {len(points)} values (one per point), got {labels.shape}.")
+            if not np.all(np.isin(labels, (0, 1))):
+                raise ValueError(f"`input_labels` must be 1 (positive) or 0 (negative), got {labels.tolist()}.")
+            labels = labels.astype(np.int64)
+
+        if points_in == "world":
+            homogeneous = np.concatenate([points, np.ones((len(points), 1))], axis=1)
+            voxels = (np.linalg.inv(volume.affine) @ homogeneous.T).T[:, :3]
+        else:
+            voxels = points
+        size = np.asarray(volume.data.shape)
+        outside = np.any((voxels < -0.5) | (voxels > size - 0.5), axis=1)
+        if outside.any():
+            lines = []
+            for idx in np.nonzero(outside)[0]:
+                where = f"point {idx}: {points[idx].round(3).tolist()}"
+                if points_in == "world":
+                    where += f" (world RAS mm) = voxel {voxels[idx].round(3).tolist()}"
+                lines.append(where)
+            raise ValueError(
+                f"{int(outside.sum())} of {len(points)} points lie outside the volume ({points_in} coordinates; "
+                f"stored-voxel range [-0.5, size - 0.5] with size {size.tolist()}, in the data's stored axis order "
+                f"(NIfTI i, j, k / array axes)): " + "; ".join(lines)
+            )
+        return voxels, labels
+
+    def post_process_masks(
+        self,
+        logits: torch.Tensor | np.ndarray,
+        inputs: BatchFeature | dict,
+        threshold: float = 0.5,
+        return_probabilities: bool = False,
+    ) -> torch.Tensor:
+        """Turn per-patch logits into a mask aligned voxel for voxel with the original data.
+
+        Steps: foreground probability per patch (`softmax(logits, 1)[:, 1]`, or `sigmoid` for one channel) -> paste
+        the patches into the resampled canonical grid (max where patches overlap, 0 outside every patch) -> trilinear
+        resampling back to the original grid (voxel-centre aligned) -> threshold -> undo the reorientation.
+
+        Args:
+            logits: `(B, 2, D, H, W)` (or `(B, 1, D, H, W)`) model output for the rows of `inputs`.
+            inputs: the [`BatchFeature`] returned by this processor's `__call__` for the same volume.
+            threshold: foreground probability threshold (`prob >= threshold`).
+            return_probabilities: return float32 probabilities instead of the thresholded mask.
+
+        Returns:
+            `torch.Tensor` of exactly `inputs["original_size"]`, in the data's stored axis order (same as
+            `nib.load(path).shape` / the input array), dtype `uint8` (0/1), or float32 probabilities.
+        """
+        logits = torch.as_tensor(logits).detach().float().cpu()
+        origins = _as_numpy(inputs["patch_origins"]).astype(np.int64)
+        patch = np.asarray(self.patch_size)
+        if logits.ndim != 5 or logits.shape[0] != len(origins) or tuple(logits.shape[2:]) != tuple(patch):
+            raise ValueError(
+                f"`logits` must have shape ({len(origins)}, 2, {', '.join(map(str, patch))}) for these inputs "
+                f"(one row per patch), got {tuple(logits.shape)}."
+            )
+        if logits.shape[1] == 2:
+            probs = torch.softmax(logits, dim=1)[:, 1]
+        elif logits.shape[1] == 1:
+            probs = torch.sigmoid(logits[:, 0])
+        else:
+            raise ValueError(f"`logits` must have 1 or 2 channels, got {logits.shape[1]}.")
+
+        resampled_size = _as_numpy(inputs["resampled_size"]).astype(np.int64)
+        canvas = torch.zeros(tuple(resampled_size.tolist()))
+        for prob, origin in zip(probs, origins):
+            lo = np.maximum(origin, 0)
+            hi = np.minimum(origin + patch, resampled_size)
+            if np.any(hi <= lo):
+                continue
+            src = tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, origin))
+            dst = tuple(slice(a, b) for a, b in zip(lo, hi))
+            canvas[dst] = torch.maximum(canvas[dst], prob[src])
+
+        canonical_size = tuple(_as_numpy(inputs["canonical_size"]).astype(np.int64).tolist())
+        back = F.interpolate(canvas[None, None], size=canonical_size, mode="trilinear", align_corners=False)[0, 0]
+        axes = _as_numpy(inputs["canonical_axes"]).astype(np.int64).tolist()
+        flips = _as_numpy(inputs["canonical_flips"]).astype(bool).tolist()
+        out = np.ascontiguousarray(from_canonical(back.numpy(), axes, flips))
+        expected = tuple(_as_numpy(inputs["original_size"]).astype(np.int64).tolist())
+        assert out.shape == expected, (out.shape, expected)  # internal invariant, not user input
+        if return_probabilities:
+            return torch.from_numpy(out.astype(np.float32))
+        return torch.from_numpy((out >= threshold).astype(np.uint8))
+
+
+def _as_numpy(value) -> np.ndarray:
+    return value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+
+
+def _crop(array: np.ndarray, origin: np.ndarray, size: np.ndarray, pad_value: float) -> np.ndarray:
+    """Crop `array[origin : origin + size]`, filling with `pad_value` where the window leaves the array."""
+    out = np.full(tuple(size), pad_value, dtype=array.dtype)
+    lo = np.maximum(origin, 0)
+    hi = np.minimum(origin + size, array.shape)
+    if np.all(hi > lo):
+        src = tuple(slice(a, b) for a, b in zip(lo, hi))
+        dst = tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, origin))
+        out[dst] = array[src]
+    return out
+
+
+def save_mask_nifti(
+    mask: torch.Tensor | np.ndarray,
+    reference: Any,
+    path: str | os.PathLike,
+) -> str:
+    """Write a mask as NIfTI in the reference scan's geometry, atomically (temporary file, then `os.replace`).
+
+    Args:
+        mask: array of the reference's stored shape (e.g. from [`Sam3DProcessor.post_process_masks`]); saved as uint8.
+        reference: the original scan, as a NIfTI path or nibabel image (its affine and header -- qform/sform codes,
+            units, description -- are reused), or the processor's output (`original_affine` is used; for NRRD/DICOM
+            or array inputs).
+        path: destination ending in `.nii` or `.nii.gz`.
+
+    Returns:
+        The written path.
+    """
+    path = os.fspath(path)
+    if not path.lower().endswith((".nii", ".nii.gz")):
+        raise ValueError(f"`path` must end with .nii or .nii.gz, got {path!r}.")
+    mask = _as_numpy(mask)
+    if isinstance(reference, (BatchFeature, dict)):
+        affine = _as_numpy(reference["original_affine"]).astype(np.float64)
+        expected = tuple(_as_numpy(reference["original_size"]).astype(np.int64).tolist())
+        header = None
+    else:
+        ref = load_volume(reference) if not isinstance(reference, nib.spatialimages.SpatialImage) else None
+        ref_img = reference if ref is None else ref.nifti
+        if ref_img is None:
+            raise ValueError(
+                f"`reference` {reference!r} is not NIfTI; pass the processor's output (it holds `original_affine`)."
+            )
+        affine = np.asarray(ref_img.affine, np.float64)
+        expected = tuple(ref_img.shape[:3])
+        header = ref_img.header.copy() if isinstance(ref_img.header, nib.Nifti1Header) else None
+    if mask.shape != expected:
+        raise ValueError(f"`mask` has shape {mask.shape} but the reference scan has shape {expected}.")
+
+    image = nib.Nifti1Image(mask.astype(np.uint8), affine, header=header)
+    image.header.set_data_dtype(np.uint8)
+    image.header.set_slope_inter(1.0, 0.0)
+    if header is not None:  # keep the scan's qform/sform codes (the constructor may reset them)
+        image.set_qform(affine, int(header["qform_code"]))
+        image.set_sform(affine, int(header["sform_code"]))
+    directory = os.path.dirname(os.path.abspath(path))
+    suffix = ".nii.gz" if path.lower().endswith(".nii.gz") else ".nii"
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=directory)
+    os.close(fd)
+    try:
+        nib.save(image, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
+
+
+AutoProcessor.register(Sam3DConfig, Sam3DProcessor, exist_ok=True)
