@@ -480,7 +480,9 @@ class Sam3DImageProcessor(BaseImageProcessor):
         anisotropy_threshold (`float`, defaults to 3): above this max/min spacing ratio the scan is resampled in-plane
             (cubic) and through-plane (nearest) separately, as nnU-Net does.
         axis_order (`str`, defaults to `"SAR"`): world direction each of `(D, H, W)` grows towards.
-        target_label (`int`, *optional*): when set, returned `labels` are binary `(label_map == target_label)`.
+        target_label (`int`, *optional*): when set, returned `labels` are binary `(label_map == target_label)`; when
+            `None` (the default, even though the intensity defaults are KiTS21's) label values are returned as given.
+            [`~Sam3DImageProcessor.from_preset`] sets the dataset's tumour label.
         preset (`str`, *optional*): name of the preset these values come from (informational; see
             [`Sam3DImageProcessor.from_preset`]).
     """

@@ -145,7 +145,7 @@ class Sam3DProcessor(ProcessorMixin):
               `img.get_fdata()[i, j, k]`); for a DICOM folder `(column, row, slice)`; for a numpy/torch array the
               array's axes in order (`array[p0, p1, p2]`). Fractional values are allowed.
             * `points_in="world"`: world coordinates in mm, RAS+ (nibabel/NIfTI convention, `affine @ [i, j, k, 1]`).
-              3D Slicer shows RAS; ITK-SNAP and DICOM show LPS, so negate their first two values.
+              3D Slicer shows RAS; tools that report LPS (DICOM, ITK) need their first two values negated.
 
             Example: a click on voxel `(120, 85, 40)` of `ct.nii.gz`, negative click at `(100, 85, 40)`:
 

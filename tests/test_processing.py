@@ -193,6 +193,22 @@ def test_two_far_clicks_give_two_patches_merged_back():
     assert one_cluster["pixel_values"].shape[0] == 1
 
 
+def test_overlapping_patches_merge_with_max():
+    proc = Sam3DProcessor(Sam3DImageProcessor(), patch_size=(16, 16, 16), cluster_margin=2)
+    inputs = proc(images=np.zeros((10, 10, 40)), spacing=(1, 1, 1), input_points=[[5, 5, 8], [5, 5, 20]])
+    assert inputs["patch_origins"][:, 0].tolist() == [0, 12]  # canonical D = array axis 2; overlap on D in [12, 16)
+    logits = torch.full((2, 2, 16, 16, 16), -5.0)
+    logits[0, 1] = 5.0  # patch 0 says foreground everywhere
+    logits[1, 0] = 5.0  # patch 1 says background everywhere
+    probs = proc.post_process_masks(logits, inputs, return_probabilities=True)
+    assert probs.shape == (10, 10, 40)
+    expected = torch.sigmoid(torch.tensor(10.0))  # softmax of (-5, 5)
+    torch.testing.assert_close(probs[:, :, 13], torch.full((10, 10), float(expected)))  # the max wins in the overlap
+    assert probs[:, :, 20].max() < 0.01 and probs[:, :, 30:].max() == 0  # beyond every patch: 0
+    mask = proc.post_process_masks(logits, inputs)
+    assert mask[:, :, :16].all() and not mask[:, :, 16:].any()
+
+
 def test_cluster_points_respects_extent():
     points = np.array([[0, 0, 0], [10, 0, 0], [30, 0, 0], [33, 0, 0], [100, 0, 0]], float)
     assert cluster_points(points, (20, 20, 20)) == [[0, 1], [2, 3], [4]]
@@ -389,6 +405,7 @@ def test_save_and_auto_load_keep_every_setting(tmp_path):
     auto_ip = AutoImageProcessor.from_pretrained(tmp_path, intensity_std=10.0)
     assert isinstance(auto_ip, Sam3DImageProcessor) and auto_ip.intensity_std == 10.0
     ip.save_pretrained(tmp_path / "ip")
+    assert json.loads((tmp_path / "ip" / "preprocessor_config.json").read_text())["window"] == [-54.0, 247.0]
     assert Sam3DImageProcessor.from_pretrained(tmp_path / "ip").to_dict() == ip.to_dict()
 
 
