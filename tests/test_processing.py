@@ -501,3 +501,10 @@ def test_error_bad_settings_and_logits(processor):
     inputs = processor(images=img, input_points=[[1, 2, 3]])
     with pytest.raises(ValueError, match=r"logits.*\(1, 2, 72, 32, 32\)"):
         processor.post_process_masks(torch.zeros(1, 2, 32, 32, 32), inputs)
+
+
+def test_error_label_affine_mismatch(processor):
+    img, label = make_scan()
+    moved = nib.Nifti1Image(np.asanyarray(label.dataobj), label.affine @ np.diag([1.0, 1.0, 2.0, 1.0]))
+    with pytest.raises(ValueError, match="affine differs"):
+        processor(images=img, input_points=[[1, 2, 3]], segmentation_maps=moved)
