@@ -173,7 +173,7 @@ class Sam3DVisionConfig(PretrainedConfig):
             )
         if any(s % self.token_stride for s in self.image_size):
             raise ValueError(f"image_size {self.image_size} must be divisible by token_stride {self.token_stride}")
-        if any(not 0 <= s < w for s, w in zip(self.shift_size, self.window_size)):
+        if any(not 0 <= s < w for s, w in zip(self.shift_size, self.window_size, strict=True)):
             raise ValueError(f"shift_size {self.shift_size} must lie in [0, window_size) for window {self.window_size}")
         for name in ("global_attn_indexes", "feature_indexes", "adapter_layers"):
             bad = [i for i in getattr(self, name) or [] if not 0 <= i < self.num_hidden_layers]
@@ -264,9 +264,24 @@ class Sam3DMaskDecoderConfig(PretrainedConfig):
 
 # SAM's sizes (segment_anything/build_sam.py): width, depth, heads, global-attention blocks.
 SAM_PRESETS = {
-    "vit_b": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "global_attn_indexes": [2, 5, 8, 11]},
-    "vit_l": {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16, "global_attn_indexes": [5, 11, 17, 23]},
-    "vit_h": {"hidden_size": 1280, "num_hidden_layers": 32, "num_attention_heads": 16, "global_attn_indexes": [7, 15, 23, 31]},
+    "vit_b": {
+        "hidden_size": 768,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 12,
+        "global_attn_indexes": [2, 5, 8, 11],
+    },
+    "vit_l": {
+        "hidden_size": 1024,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 16,
+        "global_attn_indexes": [5, 11, 17, 23],
+    },
+    "vit_h": {
+        "hidden_size": 1280,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 16,
+        "global_attn_indexes": [7, 15, 23, 31],
+    },
 }
 
 
@@ -338,4 +353,4 @@ class Sam3DConfig(PretrainedConfig):
         return cls(vision_config=vision, **kwargs)
 
 
-__all__ = ["Sam3DConfig", "Sam3DMaskDecoderConfig", "Sam3DPromptEncoderConfig", "Sam3DVisionConfig", "SAM_PRESETS"]
+__all__ = ["SAM_PRESETS", "Sam3DConfig", "Sam3DMaskDecoderConfig", "Sam3DPromptEncoderConfig", "Sam3DVisionConfig"]

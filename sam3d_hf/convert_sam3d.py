@@ -158,7 +158,11 @@ def config_from_official(encoder_dict: dict, prompt_dict: dict, decoder_dict: di
         // prompt_dict["transformer.layers.0.cross_attn_image_to_token.q_proj.weight"].shape[0],
     }
     decoder = {"hidden_size": decoder_dict["mlahead.head2.0.weight"].shape[0]}
-    for name, values in (("vision_config", vision), ("prompt_encoder_config", prompt), ("mask_decoder_config", decoder)):
+    for name, values in (
+        ("vision_config", vision),
+        ("prompt_encoder_config", prompt),
+        ("mask_decoder_config", decoder),
+    ):
         values.update(overrides.pop(name, {}))
     return Sam3DConfig(vision_config=vision, prompt_encoder_config=prompt, mask_decoder_config=decoder, **overrides)
 
@@ -179,14 +183,18 @@ def convert_official_state_dicts(
     missing = sorted(set(expected) - set(state_dict))
     if missing:
         raise ValueError(f"the official snapshot lacks {len(missing)} tensors of the model, e.g. {missing[:5]}")
-    wrong = [(k, tuple(v.shape), tuple(expected[k].shape)) for k, v in state_dict.items() if v.shape != expected[k].shape]
+    wrong = [
+        (k, tuple(v.shape), tuple(expected[k].shape)) for k, v in state_dict.items() if v.shape != expected[k].shape
+    ]
     if wrong:
         raise ValueError(f"shape mismatch (key, official, expected): {wrong[:5]}")
     model.load_state_dict(state_dict, strict=True)
     return model.eval(), report
 
 
-def load_official_checkpoint(path: str | os.PathLike, **config_overrides) -> tuple[Sam3DForPromptableSegmentation, ConversionReport]:
+def load_official_checkpoint(
+    path: str | os.PathLike, **config_overrides
+) -> tuple[Sam3DForPromptableSegmentation, ConversionReport]:
     """Read an official `*.pth.tar` training snapshot (safely: `weights_only=True`) and convert it."""
     try:
         snapshot = torch.load(path, map_location="cpu", weights_only=True)
@@ -201,8 +209,12 @@ def load_official_checkpoint(path: str | os.PathLike, **config_overrides) -> tup
         raise ValueError(f"feature_dict must be a list of 4 prompt-module state dicts, got {type(features).__name__}")
     config = None
     if config_overrides:
-        config = config_from_official(snapshot["encoder_dict"], features[3], snapshot["decoder_dict"], **config_overrides)
-    model, report = convert_official_state_dicts(snapshot["encoder_dict"], features[3], snapshot["decoder_dict"], config)
+        config = config_from_official(
+            snapshot["encoder_dict"], features[3], snapshot["decoder_dict"], **config_overrides
+        )
+    model, report = convert_official_state_dicts(
+        snapshot["encoder_dict"], features[3], snapshot["decoder_dict"], config
+    )
     for index in range(3):
         report.ignored[f"feature_dict[{index}]"] = "prompt modules 0-2 are never used by the official forward"
     for key in sorted(set(snapshot) - set(needed)):

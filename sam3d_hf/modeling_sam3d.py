@@ -204,7 +204,7 @@ def window_masks(
 ) -> torch.Tensor | None:
     """Additive `(nW, N, N)` mask for a `grid` zero-padded to whole windows and rolled by `-shift` (or not rolled):
     `-100` between tokens of different shift regions and for padded keys, 0 elsewhere; `None` if nothing is masked."""
-    padded = [math.ceil(g / w) * w for g, w in zip(grid, window)]
+    padded = [math.ceil(g / w) * w for g, w in zip(grid, window, strict=True)]
     if shift is None and list(grid) == padded:
         return None
     valid = torch.zeros(padded, device=device)
@@ -212,7 +212,7 @@ def window_masks(
     regions = torch.zeros(padded, device=device)
     if shift is not None:
         valid = torch.roll(valid, [-s for s in shift], dims=(0, 1, 2))
-        for axis, (size, w, s) in enumerate(zip(padded, window, shift)):
+        for axis, (size, w, s) in enumerate(zip(padded, window, shift, strict=True)):
             label = torch.zeros(size, device=device)
             label[size - w : size - s] = 1
             label[size - s :] = 2
@@ -256,10 +256,10 @@ class Sam3DVisionLayer(GradientCheckpointingLayer):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if self.adapter is not None:
             hidden_states = self.adapter(hidden_states)
-        batch, depth, height, width, channels = hidden_states.shape
+        depth, height, width = hidden_states.shape[1:4]
         shortcut = hidden_states
         x = self.layer_norm1(hidden_states)
-        padded = [math.ceil(s / w) * w for s, w in zip((depth, height, width), self.window)]
+        padded = [math.ceil(s / w) * w for s, w in zip((depth, height, width), self.window, strict=True)]
         x = F.pad(x, (0, 0, 0, padded[2] - width, 0, padded[1] - height, 0, padded[0] - depth))
         if self.shift is not None:
             x = torch.roll(x, [-s for s in self.shift], dims=(1, 2, 3))
@@ -474,7 +474,7 @@ class Sam3DMaskDecoder(nn.Module):
         image = F.interpolate(pixel_values, size=size, mode="trilinear", align_corners=False)
         weight = self.fuse[0].weight
         weight = torch.cat([weight[:, : 3 * hidden], weight[:, 4 * hidden :]], dim=1)
-        return F.conv3d(torch.cat(static + [image], dim=1), weight, padding=1)
+        return F.conv3d(torch.cat([*static, image], dim=1), weight, padding=1)
 
     def forward(self, context: torch.Tensor, prompted_level: torch.Tensor) -> torch.Tensor:
         """`context (B, 128, D/2, H/2, W/2)`, `prompted_level (B, 256, D/4, H/4, W/4)` -> logits `(B, 2, D, H, W)`."""
@@ -564,11 +564,11 @@ class Sam3DForPromptableSegmentation(Sam3DPreTrainedModel):
         channels = self.config.vision_config.num_channels
         if pixel_values.ndim != 5 or pixel_values.shape[1] != channels:
             raise ValueError(
-                f"pixel_values must have shape (batch, {channels}, depth, height, width), got {tuple(pixel_values.shape)};"
-                " add the channel axis with pixel_values[:, None] for (batch, D, H, W) volumes"
+                f"pixel_values must have shape (batch, {channels}, depth, height, width), got "
+                f"{tuple(pixel_values.shape)}; add the channel axis with pixel_values[:, None] for (B, D, H, W) volumes"
             )
         stride = self.config.vision_config.token_stride
-        bad = [name for name, s in zip("DHW", pixel_values.shape[2:]) if s % stride or s == 0]
+        bad = [name for name, s in zip("DHW", pixel_values.shape[2:], strict=True) if s % stride or s == 0]
         if bad:
             raise ValueError(
                 f"pixel_values spatial size {tuple(pixel_values.shape[2:])} must be positive multiples of {stride} "
@@ -649,10 +649,13 @@ class Sam3DForPromptableSegmentation(Sam3DPreTrainedModel):
         if input_points is None:
             raise ValueError("input_points is required: a (batch, num_points, 3) tensor of (z, y, x) patch voxels")
         if not isinstance(input_points, torch.Tensor):
-            raise TypeError(f"input_points must be a torch.Tensor (batch, num_points, 3), got {type(input_points).__name__}")
+            raise TypeError(
+                f"input_points must be a torch.Tensor (batch, num_points, 3), got {type(input_points).__name__}"
+            )
         if input_points.ndim != 3 or input_points.shape[-1] != 3 or input_points.shape[1] == 0:
             raise ValueError(
-                f"input_points must have shape (batch, num_points >= 1, 3) with (z, y, x), got {tuple(input_points.shape)}"
+                "input_points must have shape (batch, num_points >= 1, 3) with (z, y, x), got "
+                f"{tuple(input_points.shape)}"
             )
         if input_points.shape[0] != image_batch and image_batch != 1:
             raise ValueError(
@@ -662,16 +665,22 @@ class Sam3DForPromptableSegmentation(Sam3DPreTrainedModel):
         if input_labels is None:
             input_labels = torch.ones(input_points.shape[:2], dtype=torch.long, device=input_points.device)
         if not isinstance(input_labels, torch.Tensor):
-            raise TypeError(f"input_labels must be a torch.Tensor (batch, num_points), got {type(input_labels).__name__}")
+            raise TypeError(
+                f"input_labels must be a torch.Tensor (batch, num_points), got {type(input_labels).__name__}"
+            )
         if input_labels.shape != input_points.shape[:2]:
             raise ValueError(
                 f"input_labels shape {tuple(input_labels.shape)} must match input_points' (batch, num_points) "
                 f"{tuple(input_points.shape[:2])}"
             )
         if not torch.isin(input_labels, torch.tensor([-1, 0, 1], device=input_labels.device)).all():
-            raise ValueError(f"input_labels must be 1 (positive), 0 (negative) or -1 (padding), got {input_labels.unique().tolist()}")
+            raise ValueError(
+                f"input_labels must be 1 (positive), 0 (negative) or -1 (padding), got {input_labels.unique().tolist()}"
+            )
         if (input_labels < 0).all(dim=1).any():
-            raise ValueError("every prompt set needs at least one real point; a row of input_labels is all -1 (padding)")
+            raise ValueError(
+                "every prompt set needs at least one real point; a row of input_labels is all -1 (padding)"
+            )
         real = input_labels >= 0
         upper = torch.tensor(patch_size, device=input_points.device, dtype=input_points.dtype) - 1
         outside = real[..., None] & ((input_points < 0) | (input_points > upper))
@@ -684,7 +693,8 @@ class Sam3DForPromptableSegmentation(Sam3DPreTrainedModel):
         return input_points, input_labels.long()
 
     def loss_function(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """MONAI `DiceCELoss(include_background=False, softmax=True, to_onehot_y=True, lambda_dice=0.5, lambda_ce=0.5)`."""
+        """MONAI `DiceCELoss(include_background=False, softmax=True, to_onehot_y=True, lambda_dice=0.5,
+        lambda_ce=0.5)` on `logits (B, 2, D, H, W)` and 0/1 `labels (B, D, H, W)` or `(B, 1, D, H, W)`."""
         from monai.losses import DiceCELoss
 
         if labels.ndim == 4:
