@@ -3,12 +3,21 @@
 from transformers import AutoConfig, AutoModel, AutoModelForMaskGeneration
 
 from .configuration_sam3d import Sam3DConfig, Sam3DMaskDecoderConfig, Sam3DPromptEncoderConfig, Sam3DVisionConfig
+from .image_processing_sam3d import (
+    SAM3D_PRESETS,
+    Sam3DDatasetPreset,
+    Sam3DImageProcessor,
+    Sam3DVolume,
+    compute_intensity_statistics,
+    load_volume,
+)
 from .modeling_sam3d import (
     Sam3DForPromptableSegmentation,
     Sam3DImageEmbeddings,
     Sam3DPreTrainedModel,
     Sam3DSegmentationOutput,
 )
+from .processing_sam3d import MODEL_INPUT_KEYS, Sam3DProcessor, cluster_points, save_mask_nifti
 
 __version__ = "0.1.0.dev0"
 
@@ -20,12 +29,22 @@ Sam3DConfig.register_for_auto_class()
 Sam3DForPromptableSegmentation.register_for_auto_class("AutoModel")
 
 __all__ = [
+    "MODEL_INPUT_KEYS",
+    "SAM3D_PRESETS",
     "Sam3DConfig",
+    "Sam3DDatasetPreset",
     "Sam3DForPromptableSegmentation",
     "Sam3DImageEmbeddings",
+    "Sam3DImageProcessor",
     "Sam3DMaskDecoderConfig",
     "Sam3DPreTrainedModel",
+    "Sam3DProcessor",
     "Sam3DPromptEncoderConfig",
     "Sam3DSegmentationOutput",
     "Sam3DVisionConfig",
+    "Sam3DVolume",
+    "cluster_points",
+    "compute_intensity_statistics",
+    "load_volume",
+    "save_mask_nifti",
 ]
