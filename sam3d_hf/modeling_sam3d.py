@@ -8,6 +8,7 @@ The computation follows `ARCHITECTURE.md` exactly. Conventions used throughout:
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -58,13 +59,14 @@ class Sam3DSegmentationOutput(ModelOutput):
     image_embeddings: Sam3DImageEmbeddings | None = None
 
 
+@functools.lru_cache(maxsize=8)
 def interpolation_matrix(taps: int, stride: int) -> torch.Tensor:
     """`(taps, taps // stride + 2)` weights that fold "x`stride` linear upsampling then a `taps`-tap filter".
 
     Row `i` says how the upsampled sample `i` of a token's receptive field mixes the replicate-padded source samples
     `stride * t .. stride * t + taps // stride + 1` (float64, exact).
     """
-    matrix = torch.zeros(taps, taps // stride + 2, dtype=torch.float64)
+    matrix = torch.zeros(taps, taps // stride + 2, dtype=torch.float64, device="cpu")  # cached: never on meta
     for i in range(taps):
         position = (i + 0.5) / stride + 0.5
         low = math.floor(position)
@@ -89,11 +91,14 @@ class Sam3DPatchEmbeddings(nn.Module):
         self.projection_bias = nn.Parameter(torch.empty(channels))
         self.depth_weight = nn.Parameter(torch.empty(channels, size))
         self.depth_bias = nn.Parameter(torch.empty(channels))
-        self.register_buffer("fold", interpolation_matrix(size, self.stride).float(), persistent=False)
+        self.taps = size
 
     def folded_kernel(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The equivalent `(C, in, 6, 6, 6)` stride-4 kernel and its bias, composed from the stored parameters."""
-        fold = self.fold.to(self.projection_weight.dtype)
+        # Not a buffer: from_pretrained builds models on the meta device, where a computed buffer would be lost.
+        fold = interpolation_matrix(self.taps, self.stride).to(
+            self.projection_weight.device, self.projection_weight.dtype
+        )
         plane = torch.einsum("ia,ocij,jb->ocab", fold, self.projection_weight, fold)  # (C, in, 6, 6)
         depth = self.depth_weight @ fold  # (C, 6)
         kernel = depth[:, None, :, None, None] * plane[:, :, None]  # (C, in, 6[d], 6[h], 6[w])
