@@ -3,7 +3,7 @@ from setuptools import find_packages, setup
 setup(
     name="sam3d-hf",
     version="0.1.0.dev0",
-    description="3DSAM-adapter: SAM adapted to 3D point-promptable tumour segmentation in CT, packaged for Hugging Face",
+    description="3DSAM-adapter: SAM adapted to 3D point-promptable tumour segmentation in CT, for Hugging Face",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     license="Apache-2.0",

@@ -101,7 +101,7 @@ class Sam3DProcessor(ProcessorMixin):
         patch_size = tuple(int(p) for p in patch_size)
         if len(patch_size) != 3 or any(p <= 0 or p % 4 for p in patch_size):
             raise ValueError(
-                f"`patch_size` must be 3 positive multiples of 4 (D, H, W) (the model's token stride), got {patch_size}."
+                f"`patch_size` must be 3 positive multiples of 4 (D, H, W), the model's token stride; got {patch_size}."
             )
         if not 0 <= int(cluster_margin) < min(patch_size) / 2:
             raise ValueError(f"`cluster_margin` must be in [0, {min(patch_size) / 2}) voxels, got {cluster_margin}.")

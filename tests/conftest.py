@@ -1,0 +1,59 @@
+import pytest
+import torch
+
+from sam3d_hf import Sam3DConfig, Sam3DForPromptableSegmentation
+
+# Small enough for CPU tests, yet every path runs: the (40, 24, 44) patch gives a (10, 6, 11) token grid, padded to
+# (16, 8, 16) for 8³ windows; blocks 0 and 2 are shifted; blocks 1 and 3 use the long (SAM "global") tables; all four
+# levels are tapped; the depth table (8 rows) is resized to 10 and the 16x16 position table pooled to 6x11.
+TINY = {
+    "vision_config": {
+        "hidden_size": 48,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 2,
+        "mlp_dim": 96,
+        "adapter_dim": 16,
+        "output_channels": 32,
+        "image_size": (40, 24, 44),
+        "sam_image_size": 256,
+        "sam_window_size": 4,
+        "global_attn_indexes": [1, 3],
+        "depth_embed_size": 8,
+        "attention_chunk_size": 3,
+    },
+    "prompt_encoder_config": {"hidden_size": 32, "num_attention_heads": 2, "mlp_dim": 64},
+    "mask_decoder_config": {"hidden_size": 16},
+}
+PATCH = (40, 24, 44)
+
+
+def randomize(model: torch.nn.Module, seed: int = 0, std: float = 0.2) -> torch.nn.Module:
+    """Give every tensor random values so that no path is trivially zero (fresh tables start at zero)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if name.endswith("rel_pos_scale"):
+                tensor.copy_(1 + 0.1 * torch.randn((), generator=generator))
+            elif tensor.is_floating_point():
+                tensor.copy_(torch.randn(tensor.shape, generator=generator) * std + (1 if "layer_norm" in name else 0))
+    return model
+
+
+@pytest.fixture
+def tiny_config() -> Sam3DConfig:
+    return Sam3DConfig(**TINY)
+
+
+@pytest.fixture
+def tiny_model(tiny_config) -> Sam3DForPromptableSegmentation:
+    return randomize(Sam3DForPromptableSegmentation(tiny_config)).eval()
+
+
+@pytest.fixture
+def tiny_inputs() -> dict:
+    generator = torch.Generator().manual_seed(1)
+    return {
+        "pixel_values": torch.randn(2, 1, *PATCH, generator=generator),
+        "input_points": torch.tensor([[[3.0, 4.0, 5.0], [30.0, 20.0, 40.5]], [[39.0, 0.0, 43.0], [0.0, 0.0, 0.0]]]),
+        "input_labels": torch.tensor([[1, 1], [1, -1]]),
+    }
