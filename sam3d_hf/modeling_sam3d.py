@@ -619,6 +619,8 @@ class Sam3DForPromptableSegmentation(Sam3DPreTrainedModel):
             labels (`torch.LongTensor` of shape `(batch, D, H, W)` or `(batch, 1, D, H, W)`, *optional*): 0/1 ground
                 truth; gives the DiceCE loss (MONAI `DiceCELoss`, softmax, background excluded, 0.5/0.5).
             return_dict (`bool`, *optional*): return a [`Sam3DSegmentationOutput`] (default) or a tuple.
+            kwargs: the geometry entries of a [`Sam3DProcessor`] output (`patch_origins`, `original_affine`, ...), so
+                that `model(**inputs)` works; they are not used here.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         if (pixel_values is None) == (image_embeddings is None):
