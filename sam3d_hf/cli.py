@@ -23,18 +23,79 @@ def _summary(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert(args: argparse.Namespace) -> int:
+    """`sam3d convert sam|official`: convert a checkpoint into a `from_pretrained` folder and print the report."""
+    from .convert_sam3d import convert_official_checkpoint, convert_sam_checkpoint
+
+    vision = {"image_size": tuple(args.image_size)} if args.image_size else {}
+    if args.source == "sam":
+        config = None
+        if args.config:
+            from .configuration_sam3d import Sam3DConfig
+
+            if vision:
+                raise ValueError("give either --config or --image-size, not both (set image_size in the config)")
+            config = Sam3DConfig.from_pretrained(args.config)
+        kwargs = {"vision_config": vision} if vision else {}
+        report = convert_sam_checkpoint(
+            args.checkpoint, args.output, config, overwrite=args.overwrite, revision=args.revision, **kwargs
+        )
+    else:
+        if args.config or args.revision:
+            raise ValueError(
+                "--config and --revision are for `sam3d convert sam`; official sizes are read from the file"
+            )
+        kwargs = {"vision_config": vision} if vision else {}
+        report = convert_official_checkpoint(args.checkpoint, args.output, overwrite=args.overwrite, **kwargs)
+    print(report.summary())
+    print(f"wrote {args.output} (config.json, model.safetensors, conversion_report.json)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sam3d", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     summary = commands.add_parser("summary", help="print the model's parameter counts for a SAM size")
     summary.add_argument("--preset", choices=["vit_b", "vit_l", "vit_h"], default="vit_b")
     summary.set_defaults(func=_summary)
+
+    convert = commands.add_parser(
+        "convert",
+        help="convert SAM 2D weights or an official 3DSAM-adapter snapshot into a from_pretrained folder",
+        description="Writes config.json, model.safetensors and conversion_report.json (what was copied, inflated, "
+        "newly initialised and ignored) into --output, atomically.",
+    )
+    convert.add_argument(
+        "source",
+        choices=["sam", "official"],
+        help="sam: Meta's SAM (segment_anything .pth, transformers SamModel folder/.safetensors or Hub id), "
+        "inflated to 3D as in the paper; official: a 3DSAM-adapter training snapshot (*.pth.tar)",
+    )
+    convert.add_argument("--checkpoint", required=True, help="checkpoint file, model folder or (sam only) Hub repo id")
+    convert.add_argument("--output", required=True, help="folder to write (must not exist or be empty)")
+    convert.add_argument("--overwrite", action="store_true", help="replace a non-empty --output folder")
+    convert.add_argument(
+        "--image-size",
+        type=int,
+        nargs=3,
+        metavar=("D", "H", "W"),
+        help="the patch size the model is trained at (default 128 128 128)",
+    )
+    convert.add_argument(
+        "--config", help="(sam) a Sam3DConfig folder or config.json, required for SAM sizes other than B/L/H"
+    )
+    convert.add_argument("--revision", help="(sam) Hub revision")
+    convert.set_defaults(func=_convert)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ValueError, TypeError) as error:  # the library's messages say what was expected and how to fix it
+        print(f"sam3d {args.command}: error: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -1,19 +1,33 @@
-"""Weight conversion: official 3DSAM-adapter training snapshots into this package's layout.
+"""Weight conversion into this package's layout, from two sources:
 
-Every conversion returns a [`ConversionReport`] that accounts for each source tensor: copied as is, transformed
-(axis permutation, channel sum, reshape), newly initialised in the target, or ignored (with the reason).
+- Meta's SAM 2D checkpoints (the paper's initialisation): the original `segment_anything` `.pth` (`image_encoder.*`
+  keys) or a transformers `SamModel` folder / Hub id / `.safetensors` file (`vision_encoder.*` keys), inflated to 3D as
+  ARCHITECTURE.md "Initialisation from SAM" says: [`load_sam_checkpoint`], [`convert_sam_state_dict`];
+- official 3DSAM-adapter training snapshots (`*.pth.tar`): [`load_official_checkpoint`],
+  [`convert_official_state_dicts`].
+
+Every conversion returns a [`ConversionReport`] that accounts for each tensor: every target tensor is copied,
+transformed (axis permutation, channel sum, reshape, inflation) or newly initialised, and every source tensor is
+either used by a copied/transformed target or ignored with the reason. Nothing is dropped silently. Pickles are only
+ever read with `torch.load(..., weights_only=True)`; [`save_converted`] writes safetensors + JSON, atomically.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
+import shutil
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import numpy as np
+import safetensors.torch
 import torch
 
-from .configuration_sam3d import Sam3DConfig
+from .configuration_sam3d import SAM_PRESETS, Sam3DConfig
 from .modeling_sam3d import Sam3DForPromptableSegmentation
 
 logger = logging.getLogger(__name__)
@@ -21,29 +35,64 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class ConversionReport:
-    """What a conversion did with every tensor. Keys are `source -> target` for copied/transformed ones."""
+    """What a conversion did with every tensor.
+
+    `copied` and `transformed` hold `"source -> target"` lines (a derived target names all its sources, e.g.
+    `"0.5 * (a + b) -> rel_pos_d"`), `initialized` holds target keys that got the model's fresh initialisation, and
+    `ignored` maps each unused source tensor (or source section) to the reason. `sources` maps every copied or
+    transformed target key to the source keys it was computed from, so that the accounting can be checked: every
+    target key is in exactly one of `copied` / `transformed` / `initialized`, and every source key is either used (in
+    `sources`) or `ignored`, never both. `details` records what was detected (format, size).
+    """
 
     copied: list[str] = field(default_factory=list)
     transformed: list[str] = field(default_factory=list)
     initialized: list[str] = field(default_factory=list)
     ignored: dict[str, str] = field(default_factory=dict)
+    sources: dict[str, list[str]] = field(default_factory=dict)
+    details: dict[str, object] = field(default_factory=dict)
+    _how: dict[str, int] = field(default_factory=dict, repr=False)  # transformation template -> count, for summary
+
+    def add(self, sources: list[str], target: str, how: str | None = None, kind: str | None = None) -> None:
+        """Record `target` as computed from `sources`: copied as is if `how` is None, else transformed by `how` (a
+        template formatted with the sources); `kind` names the transformation in the summary (default: `how`)."""
+        assert target not in self.sources, f"{target} converted twice"
+        self.sources[target] = list(sources)
+        if how is None:
+            self.copied.append(f"{sources[0]} -> {target}")
+        else:
+            self.transformed.append(f"{how.format(*sources)} -> {target}")
+            kind = kind or how.replace(" of {0}", "")
+            self._how[kind] = self._how.get(kind, 0) + 1
+
+    def used_sources(self) -> set[str]:
+        return {source for sources in self.sources.values() for source in sources}
 
     def summary(self) -> str:
-        lines = [
+        lines = [f"{key}: {value}" for key, value in self.details.items()]
+        lines += [
             f"copied: {len(self.copied)} tensors",
             f"transformed (permuted / summed / reshaped / inflated): {len(self.transformed)} tensors",
             f"newly initialised: {len(self.initialized)} tensors",
             f"ignored from the source: {len(self.ignored)} tensors",
         ]
-        lines += [f"  ignored {key}: {why}" for key, why in sorted(self.ignored.items())]
+        lines += [f"  {count} x {kind}" for kind, count in self._how.items()]
+        reasons: dict[str, list[str]] = {}
+        for key, why in sorted(self.ignored.items()):
+            reasons.setdefault(why, []).append(key)
+        for why, keys in reasons.items():
+            example = keys[0] if len(keys) == 1 else f"{len(keys)} tensors, e.g. {keys[0]}"
+            lines.append(f"  ignored {example}: {why}")
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
         return {
+            "details": self.details,
             "copied": self.copied,
             "transformed": self.transformed,
             "initialized": self.initialized,
             "ignored": self.ignored,
+            "sources": self.sources,
         }
 
 
@@ -96,6 +145,12 @@ _OFFICIAL_UNUSED = [
     (r".*cross_attn_token_to_image\..*", "the official prompt module builds this block but its forward never uses it"),
     (r".*positional_encoding_gaussian_matrix", "Fourier positional matrix the official forward never uses"),
 ]
+_DESCRIPTIONS = {
+    None: None,
+    "kernel": "permute (H, W, D) -> (D, H, W) of {0}",
+    "sum_rgb": "sum over RGB of {0}",
+    "depth_taps": "reshape (C, 1, 1, 1, 16) -> (C, 16) of {0}",
+}
 _TRANSFORMS = {
     None: lambda t: t,
     "kernel": _kernel_dhw,
@@ -113,7 +168,7 @@ def _map_section(section: str, tensors: dict, rules, report: ConversionReport, o
             if match:
                 target = match.expand(template)
                 out[target] = _TRANSFORMS[transform](tensor.detach().float())
-                (report.transformed if transform else report.copied).append(f"{section}.{key} -> {target}")
+                report.add([f"{section}.{key}"], target, _DESCRIPTIONS[transform])
                 break
         else:
             why = next((why for pattern, why in _OFFICIAL_UNUSED if re.fullmatch(pattern, key)), None)
@@ -192,21 +247,51 @@ def convert_official_state_dicts(
     return model.eval(), report
 
 
+def _torch_load(path: str | os.PathLike) -> object:
+    """`torch.load(path, weights_only=True)`: tensors, plain containers and numbers only (plus numpy scalars, which
+    training scripts store as `best_val_loss` and which are plain numbers too). Raises `ValueError` otherwise."""
+    # numpy >= 2 pickles numpy scalars as numpy._core.multiarray.scalar, numpy 1.x as numpy.core.multiarray.scalar.
+    scalar = np._core.multiarray.scalar
+    allowed = [scalar, (scalar, "numpy.core.multiarray.scalar"), np.dtype, *{type(np.dtype(t)) for t in "?bhilqefdg"}]
+    try:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # the unpickler refuses anything but tensors and plain containers
+        raise ValueError(
+            f"could not read {os.fspath(path)!r} as a tensor-only PyTorch checkpoint (read with weights_only=True, "
+            f"which refuses arbitrary pickled objects): {type(error).__name__}: {str(error).splitlines()[0]}"
+        ) from error
+
+
 def load_official_checkpoint(
     path: str | os.PathLike, **config_overrides
 ) -> tuple[Sam3DForPromptableSegmentation, ConversionReport]:
-    """Read an official `*.pth.tar` training snapshot (safely: `weights_only=True`) and convert it."""
-    try:
-        snapshot = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # the unpickler refuses anything but tensors and plain containers
-        raise ValueError(f"could not read {path} as a tensor-only PyTorch checkpoint: {error}") from error
+    """Read an official 3DSAM-adapter `*.pth.tar` training snapshot (safely: `weights_only=True`) and convert it.
+
+    The snapshot is a dict with `encoder_dict`, `feature_dict` (a list of 4 prompt-module state dicts; only index 3
+    is used, as in the official inference code) and `decoder_dict`; anything else (optimiser states, epoch, best
+    loss) is reported as ignored. Sizes are inferred from the tensors ([`config_from_official`]); `config_overrides`
+    (`vision_config={...}` etc.) change what cannot be inferred, such as the training `image_size`.
+    """
+    snapshot = _torch_load(path)
     needed = ("encoder_dict", "feature_dict", "decoder_dict")
     if not isinstance(snapshot, dict) or any(k not in snapshot for k in needed):
         found = sorted(snapshot) if isinstance(snapshot, dict) else type(snapshot).__name__
-        raise ValueError(f"{path} is not an official 3DSAM-adapter snapshot: expected keys {needed}, found {found}")
+        hint = ""
+        if isinstance(snapshot, dict) and any(
+            str(k).startswith(("image_encoder.", "vision_encoder.")) for k in snapshot
+        ):
+            hint = " It looks like a SAM 2D checkpoint: use `sam3d convert sam` / load_sam_checkpoint instead."
+        raise ValueError(
+            f"{os.fspath(path)!r} is not an official 3DSAM-adapter snapshot: expected keys {needed}, found {found}."
+            + hint
+        )
     features = snapshot["feature_dict"]
     if not isinstance(features, (list, tuple)) or len(features) != 4:
-        raise ValueError(f"feature_dict must be a list of 4 prompt-module state dicts, got {type(features).__name__}")
+        raise ValueError(
+            f"feature_dict must be a list of 4 prompt-module state dicts, got {type(features).__name__}"
+            + (f" of length {len(features)}" if isinstance(features, (list, tuple)) else "")
+        )
     config = None
     if config_overrides:
         config = config_from_official(
@@ -218,8 +303,404 @@ def load_official_checkpoint(
     for index in range(3):
         report.ignored[f"feature_dict[{index}]"] = "prompt modules 0-2 are never used by the official forward"
     for key in sorted(set(snapshot) - set(needed)):
-        report.ignored[key] = "training state (optimiser, epoch, ...), not weights"
+        report.ignored[str(key)] = "training state (optimiser, epoch, ...), not weights"
     return model, report
 
 
-__all__ = ["ConversionReport", "config_from_official", "convert_official_state_dicts", "load_official_checkpoint"]
+# ----------------------------------------------------------------------------------------------------------------------
+# SAM 2D checkpoints -> the paper's initialisation
+# ----------------------------------------------------------------------------------------------------------------------
+
+# (source key pattern, target key template, transform) per source format; patterns are matched in full. `rel_pos_d`
+# has no source of its own: it is derived from each block's rel_pos_h and rel_pos_w after these rules ran.
+_SAM_RULES = {
+    "segment_anything": [
+        (r"image_encoder\.pos_embed", "vision_encoder.pos_embed", None),
+        (r"image_encoder\.patch_embed\.proj\.weight", "vision_encoder.patch_embed.projection_weight", "sum_rgb"),
+        (r"image_encoder\.patch_embed\.proj\.bias", "vision_encoder.patch_embed.projection_bias", None),
+        (r"image_encoder\.blocks\.(\d+)\.norm([12])\.(weight|bias)", r"vision_encoder.layers.\1.layer_norm\2.\3", None),
+        (
+            r"image_encoder\.blocks\.(\d+)\.attn\.(qkv|proj)\.(weight|bias)",
+            r"vision_encoder.layers.\1.attn.\2.\3",
+            None,
+        ),
+        (r"image_encoder\.blocks\.(\d+)\.attn\.(rel_pos_[hw])", r"vision_encoder.layers.\1.attn.\2", None),
+        (r"image_encoder\.blocks\.(\d+)\.mlp\.(lin[12])\.(weight|bias)", r"vision_encoder.layers.\1.mlp.\2.\3", None),
+    ],
+    "transformers": [
+        (r"vision_encoder\.pos_embed", "vision_encoder.pos_embed", None),
+        (r"vision_encoder\.patch_embed\.projection\.weight", "vision_encoder.patch_embed.projection_weight", "sum_rgb"),
+        (r"vision_encoder\.patch_embed\.projection\.bias", "vision_encoder.patch_embed.projection_bias", None),
+        (
+            r"vision_encoder\.layers\.(\d+)\.(layer_norm[12]|attn\.qkv|attn\.proj|mlp\.lin[12])\.(weight|bias)",
+            r"vision_encoder.layers.\1.\2.\3",
+            None,
+        ),
+        (r"vision_encoder\.layers\.(\d+)\.attn\.(rel_pos_[hw])", r"vision_encoder.layers.\1.attn.\2", None),
+    ],
+}
+_SAM_UNUSED = [
+    (r"(image_encoder|vision_encoder)\.neck\..*", "SAM's 2D neck is not used; the four 3D necks are new"),
+    (r"prompt_encoder\..*", "SAM's 2D prompt encoder is replaced by the 3D visual sampler (new)"),
+    (r"mask_decoder\..*", "SAM's 2D mask decoder is replaced by the multi-level 3D decoder (new)"),
+    (r"shared_image_embedding\..*", "Fourier features of SAM's prompt encoder, not used"),
+    (r"pixel_(mean|std)", "SAM's RGB normalisation; CT patches are normalised by the image processor"),
+]
+# What SAM's vision tensors determine, as Sam3DVisionConfig attributes.
+_SAM_ARCHITECTURE = (
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "mlp_dim",
+    "patch_size",
+    "sam_image_size",
+    "sam_window_size",
+    "global_attn_indexes",
+    "qkv_bias",
+)
+
+
+def _sam_format(state_dict: dict) -> str:
+    """`"segment_anything"` or `"transformers"` from the key names; a clear error for anything else."""
+    keys = [k for k in state_dict if isinstance(k, str)]
+    if any(k.startswith("image_encoder.blocks.") for k in keys):
+        return "segment_anything"
+    if "vision_encoder.patch_embed.projection.weight" in state_dict:
+        return "transformers"
+    if "vision_encoder.patch_embed.projection_weight" in state_dict:
+        hint = "it is already a sam3d checkpoint: load it with Sam3DForPromptableSegmentation.from_pretrained"
+    elif {"encoder_dict", "decoder_dict"} <= set(keys):
+        hint = "it is an official 3DSAM-adapter snapshot: use `sam3d convert official` / load_official_checkpoint"
+    else:
+        hint = (
+            "expected the image encoder of SAM: `image_encoder.blocks.*` keys (segment_anything .pth) or "
+            "`vision_encoder.patch_embed.projection.weight` and `vision_encoder.layers.*` (transformers SamModel)"
+        )
+    sample = sorted(map(str, state_dict))[:6]
+    raise ValueError(f"this does not look like a SAM checkpoint ({len(state_dict)} entries, e.g. {sample}): {hint}")
+
+
+def _sam_architecture(tensors: dict[str, torch.Tensor]) -> dict:
+    """Sam3DVisionConfig values determined by SAM's vision tensors (target key names)."""
+    prefix = "vision_encoder."
+    try:
+        pos, kernel = tensors[prefix + "pos_embed"], tensors[prefix + "patch_embed.projection_weight"]
+        blocks = sorted({int(k.split(".")[2]) for k in tensors if k.startswith(prefix + "layers.")})
+        if pos.ndim != 4 or pos.shape[1] != pos.shape[2] or kernel.ndim != 4 or blocks != list(range(len(blocks))):
+            raise ValueError(f"pos_embed {tuple(pos.shape)}, patch kernel {tuple(kernel.shape)}, blocks {blocks}")
+        rows = {i: tensors[f"{prefix}layers.{i}.attn.rel_pos_h"].shape[0] for i in blocks}
+        head_dim = tensors[f"{prefix}layers.0.attn.rel_pos_h"].shape[1]
+        windowed = {r for r in rows.values() if r != 2 * pos.shape[1] - 1}
+        if len(windowed) > 1 or pos.shape[-1] % head_dim:
+            raise ValueError(f"relative-position tables {rows} with head dim {head_dim}")
+        return {
+            "hidden_size": pos.shape[-1],
+            "num_hidden_layers": len(blocks),
+            "num_attention_heads": pos.shape[-1] // head_dim,
+            "mlp_dim": tensors[f"{prefix}layers.0.mlp.lin1.weight"].shape[0],
+            "patch_size": kernel.shape[-1],
+            "sam_image_size": pos.shape[1] * kernel.shape[-1],
+            "sam_window_size": (windowed.pop() + 1) // 2 if windowed else 14,
+            "global_attn_indexes": [i for i, r in rows.items() if r == 2 * pos.shape[1] - 1],
+            "qkv_bias": f"{prefix}layers.0.attn.qkv.bias" in tensors,
+        }
+    except (KeyError, IndexError, ValueError) as error:
+        raise ValueError(
+            f"the checkpoint's image encoder is not shaped like SAM's ViT ({type(error).__name__}: {error}); found "
+            f"{len(tensors)} image-encoder tensors, e.g. {sorted(tensors)[:6]}"
+        ) from error
+
+
+def _sam_preset(architecture: dict) -> str | None:
+    """The SAM preset (`vit_b`, `vit_l`, `vit_h`) whose sizes these are, if any."""
+    for name in SAM_PRESETS:
+        vision = Sam3DConfig.from_sam_preset(name).vision_config
+        if all(getattr(vision, key) == value for key, value in architecture.items()):
+            return name
+    return None
+
+
+def convert_sam_state_dict(
+    state_dict: dict[str, torch.Tensor], config: Sam3DConfig | None = None, **config_kwargs
+) -> tuple[Sam3DForPromptableSegmentation, ConversionReport]:
+    """Initialise a model from a SAM 2D state dict, as the paper does (ARCHITECTURE.md "Initialisation from SAM").
+
+    Args:
+        state_dict (`dict[str, torch.Tensor]`): SAM's weights with either key style: the original `segment_anything`
+            one (`image_encoder.blocks.{i}.norm1.weight`, ...) or transformers' `SamModel` one
+            (`vision_encoder.layers.{i}.layer_norm1.weight`, ...). The format and the size are read from the tensors.
+        config ([`Sam3DConfig`], *optional*): the model to build. It must agree with the checkpoint on what the
+            checkpoint determines (width, depth, heads, MLP width, patch size, SAM image and window sizes, global
+            blocks); it is required for sizes other than SAM ViT-B/L/H. By default the matching
+            `Sam3DConfig.from_sam_preset(...)`.
+        **config_kwargs: passed to `Sam3DConfig.from_sam_preset` when `config` is not given, e.g.
+            `vision_config={"image_size": (64, 128, 128)}` or `prompt_encoder_config={...}`.
+
+    What is done (float32): SAM's patch kernel `(C, 3, 16, 16)` is summed over RGB to `(C, 1, 16, 16)` (exactly
+    feeding 3 identical channels); `pos_embed (1, 64, 64, C)`, the patch bias, the block norms, qkv, proj, the MLPs
+    and `rel_pos_h`/`rel_pos_w` are copied; each block's `rel_pos_d = 0.5 * (rel_pos_h + rel_pos_w)`. Everything
+    else (depth taps, depth table = zeros, adapters, necks, prompt encoder, mask decoder) keeps the model's fresh
+    initialisation (seed with `torch.manual_seed` for reproducibility). SAM's neck, prompt encoder and mask decoder
+    are ignored.
+
+    Returns:
+        `(model, report)`: the model in eval mode and a [`ConversionReport`] accounting for every tensor.
+    """
+    if not isinstance(state_dict, dict):
+        raise TypeError(f"state_dict must be a dict of tensors, got {type(state_dict).__name__}")
+    if config is not None and config_kwargs:
+        raise ValueError(
+            f"pass either a config or config overrides {sorted(config_kwargs)}, not both: put the overrides into the "
+            "config"
+        )
+    if config is not None and not isinstance(config, Sam3DConfig):
+        raise TypeError(f"config must be a Sam3DConfig, got {type(config).__name__}")
+    source_format = _sam_format(state_dict)
+    report = ConversionReport(details={"source format": source_format})
+    tensors: dict[str, torch.Tensor] = {}
+    unknown = []
+    for key, tensor in state_dict.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"state_dict[{key!r}] is a {type(tensor).__name__}, expected a tensor")
+        for pattern, template, transform in _SAM_RULES[source_format]:
+            match = re.fullmatch(pattern, key)
+            if match:
+                target = match.expand(template)
+                tensors[target] = _TRANSFORMS[transform](tensor.detach().to("cpu", torch.float32))
+                report.add([key], target, _DESCRIPTIONS[transform])
+                break
+        else:
+            why = next((why for pattern, why in _SAM_UNUSED if re.fullmatch(pattern, key)), None)
+            if why is None:
+                unknown.append(f"{key} {tuple(tensor.shape)}")
+            else:
+                report.ignored[key] = why
+    if unknown:
+        raise ValueError(
+            f"the {source_format} checkpoint has {len(unknown)} tensors that are not part of SAM, e.g. {unknown[:5]}; "
+            "refusing to drop them silently (is this a modified SAM?)"
+        )
+    architecture = _sam_architecture(tensors)
+    preset = _sam_preset(architecture)
+    report.details["detected size"] = preset or f"non-standard SAM {architecture}"
+    if config is None:
+        if preset is None:
+            raise ValueError(
+                f"the checkpoint is not SAM ViT-B/L/H (found {architecture}); pass a Sam3DConfig whose vision_config "
+                "has these values (config=... in Python, --config in the CLI)"
+            )
+        config = Sam3DConfig.from_sam_preset(preset, **config_kwargs)
+    mismatches = {
+        key: (getattr(config.vision_config, key), value)
+        for key, value in architecture.items()
+        if getattr(config.vision_config, key) != value
+    }
+    if mismatches:
+        lines = ", ".join(
+            f"{key}: config {mine!r} vs checkpoint {theirs!r}" for key, (mine, theirs) in mismatches.items()
+        )
+        fix = f"use Sam3DConfig.from_sam_preset({preset!r}) or " if preset else ""
+        raise ValueError(f"the config does not match the SAM checkpoint ({lines}); {fix}set these in vision_config")
+
+    for index in range(architecture["num_hidden_layers"]):
+        attn = f"vision_encoder.layers.{index}.attn."
+        tensors[attn + "rel_pos_d"] = 0.5 * (tensors[attn + "rel_pos_h"] + tensors[attn + "rel_pos_w"])
+        report.add(
+            report.sources[attn + "rel_pos_h"] + report.sources[attn + "rel_pos_w"],
+            attn + "rel_pos_d",
+            "0.5 * ({0} + {1})",
+            "rel_pos_d = 0.5 * (rel_pos_h + rel_pos_w)",
+        )
+    if config.vision_config.num_channels != 1:
+        raise ValueError(
+            f"vision_config.num_channels is {config.vision_config.num_channels}; SAM's RGB kernel is summed for 1 "
+            "channel (CT), set num_channels=1"
+        )
+
+    model = Sam3DForPromptableSegmentation(config)
+    expected = model.state_dict()
+    wrong = [
+        (k, tuple(v.shape), tuple(expected[k].shape))
+        for k, v in tensors.items()
+        if k in expected and v.shape != expected[k].shape
+    ]
+    absent = sorted(set(tensors) - set(expected))
+    if wrong or absent:
+        raise ValueError(
+            f"SAM tensors do not fit the model: shape (key, SAM, model) {wrong[:5]}, no such key {absent[:5]}"
+        )
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    assert not unexpected, unexpected
+    report.initialized = sorted(missing)
+    report.details["config"] = f"{preset or 'custom'}, image_size {config.vision_config.image_size}"
+    logger.info("Converted SAM (%s) to Sam3DForPromptableSegmentation:\n%s", source_format, report.summary())
+    return model.eval(), report
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return safetensors.torch.load_file(path, device="cpu")
+    except Exception as error:
+        raise ValueError(f"could not read {os.fspath(path)!r} as safetensors: {error}") from error
+
+
+def _read_folder(folder: Path) -> dict[str, torch.Tensor]:
+    """A transformers model folder: `model.safetensors`, or the shards listed in `model.safetensors.index.json`."""
+    if (folder / "model.safetensors").is_file():
+        return _read_safetensors(folder / "model.safetensors")
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return {key: value for shard in shards for key, value in _read_safetensors(folder / shard).items()}
+    found = sorted(p.name for p in folder.iterdir())[:10]
+    raise ValueError(
+        f"{os.fspath(folder)!r} holds no model.safetensors (or model.safetensors.index.json); found {found}. Pass "
+        "the checkpoint file itself for a segment_anything .pth"
+    )
+
+
+def read_sam_state_dict(
+    path_or_repo_id: str | os.PathLike, revision: str | None = None, cache_dir: str | os.PathLike | None = None
+) -> dict[str, torch.Tensor]:
+    """Read SAM weights from a `segment_anything` `.pth` (with `weights_only=True`), a `.safetensors` file, a
+    transformers model folder, or a Hub repo id such as `facebook/sam-vit-base` (downloads only its safetensors and
+    JSON files). Checkpoints wrapped as `{"model": state_dict}` or `{"state_dict": ...}` are unwrapped."""
+    path = Path(path_or_repo_id)
+    if path.is_dir():
+        return _read_folder(path)
+    if path.is_file():
+        if path.suffix == ".safetensors":
+            return _read_safetensors(path)
+        loaded = _torch_load(path)
+        if isinstance(loaded, dict) and len(loaded) == 1 and next(iter(loaded)) in ("model", "state_dict"):
+            loaded = next(iter(loaded.values()))
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{os.fspath(path)!r} holds a {type(loaded).__name__}, expected a state dict of tensors")
+        return loaded
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = snapshot_download(
+            os.fspath(path_or_repo_id),
+            revision=revision,
+            cache_dir=cache_dir,
+            allow_patterns=["*.safetensors", "*.json"],
+        )
+    except Exception as error:
+        first_line = str(error).splitlines()[0] if str(error) else ""
+        raise ValueError(
+            f"{os.fspath(path_or_repo_id)!r} is neither a local file or folder nor a Hub repo id that could be "
+            f"downloaded ({type(error).__name__}: {first_line})"
+        ) from error
+    return _read_folder(Path(folder))
+
+
+def load_sam_checkpoint(
+    path_or_repo_id: str | os.PathLike,
+    config: Sam3DConfig | None = None,
+    *,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    **config_kwargs,
+) -> tuple[Sam3DForPromptableSegmentation, ConversionReport]:
+    """Build a model initialised from SAM 2D weights the way the paper does; see [`convert_sam_state_dict`].
+
+    Args:
+        path_or_repo_id: a `segment_anything` checkpoint (`sam_vit_b_01ec64.pth`, read with `weights_only=True`), a
+            `.safetensors` file of either key style, a transformers `SamModel` folder, or a Hub id
+            (`facebook/sam-vit-base`; needs the network).
+        config ([`Sam3DConfig`], *optional*): the model to build; must match the checkpoint's size. Needed for
+            sizes other than SAM ViT-B/L/H.
+        revision, cache_dir: for Hub downloads.
+        **config_kwargs: `Sam3DConfig.from_sam_preset` overrides when `config` is not given, e.g.
+            `vision_config={"image_size": (64, 128, 128)}`.
+
+    Returns:
+        `(model, report)`; the report's summary is also logged at INFO level.
+    """
+    state_dict = read_sam_state_dict(path_or_repo_id, revision=revision, cache_dir=cache_dir)
+    model, report = convert_sam_state_dict(state_dict, config=config, **config_kwargs)
+    report.details = {"source": os.fspath(path_or_repo_id), **report.details}
+    return model, report
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Writing converted models
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def save_converted(
+    model: Sam3DForPromptableSegmentation,
+    report: ConversionReport,
+    output_dir: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+) -> Path:
+    """Write `model.save_pretrained` (config.json + model.safetensors) and `conversion_report.json` into
+    `output_dir`, atomically: everything is written to a temporary sibling folder that is then renamed. An existing
+    non-empty `output_dir` is only replaced with `overwrite=True`."""
+    output = Path(output_dir).absolute()
+    if output.exists() and (not output.is_dir() or (any(output.iterdir()) and not overwrite)):
+        raise ValueError(
+            f"{os.fspath(output)!r} already exists and is not an empty folder; choose another output folder or pass "
+            "overwrite=True (--overwrite)"
+        )
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    try:
+        model.save_pretrained(staging)
+        (staging / "conversion_report.json").write_text(json.dumps(report.to_dict(), indent=2, default=str) + "\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        for item in [staging, *staging.iterdir()]:  # temporary files are private (0600/0700): use the usual modes
+            item.chmod((0o777 if item.is_dir() else 0o666) & ~umask)
+        if output.exists():
+            old = output.with_name(f".{output.name}.old-{os.getpid()}")
+            os.replace(output, old)
+            os.replace(staging, output)
+            shutil.rmtree(old)
+        else:
+            os.replace(staging, output)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    return output
+
+
+def convert_sam_checkpoint(
+    path_or_repo_id: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    config: Sam3DConfig | None = None,
+    *,
+    overwrite: bool = False,
+    **kwargs,
+) -> ConversionReport:
+    """`sam3d convert sam`: [`load_sam_checkpoint`] then [`save_converted`]; returns the report."""
+    model, report = load_sam_checkpoint(path_or_repo_id, config=config, **kwargs)
+    save_converted(model, report, output_dir, overwrite=overwrite)
+    return report
+
+
+def convert_official_checkpoint(
+    path: str | os.PathLike, output_dir: str | os.PathLike, *, overwrite: bool = False, **config_overrides
+) -> ConversionReport:
+    """`sam3d convert official`: [`load_official_checkpoint`] then [`save_converted`]; returns the report. The
+    folder loads with `Sam3DForPromptableSegmentation.from_pretrained(output_dir)`."""
+    model, report = load_official_checkpoint(path, **config_overrides)
+    report.details = {"source": os.fspath(path), "source format": "official 3DSAM-adapter snapshot", **report.details}
+    save_converted(model, report, output_dir, overwrite=overwrite)
+    return report
+
+
+__all__ = [
+    "ConversionReport",
+    "config_from_official",
+    "convert_official_checkpoint",
+    "convert_official_state_dicts",
+    "convert_sam_checkpoint",
+    "convert_sam_state_dict",
+    "load_official_checkpoint",
+    "load_sam_checkpoint",
+    "read_sam_state_dict",
+    "save_converted",
+]
