@@ -74,7 +74,7 @@ class ConversionReport:
             f"copied: {len(self.copied)} tensors",
             f"transformed (permuted / summed / reshaped / inflated): {len(self.transformed)} tensors",
             f"newly initialised: {len(self.initialized)} tensors",
-            f"ignored from the source: {len(self.ignored)} tensors",
+            f"ignored from the source: {len(self.ignored)} entries",
         ]
         lines += [f"  {count} x {kind}" for kind, count in self._how.items()]
         reasons: dict[str, list[str]] = {}
@@ -245,6 +245,73 @@ def convert_official_state_dicts(
         raise ValueError(f"shape mismatch (key, official, expected): {wrong[:5]}")
     model.load_state_dict(state_dict, strict=True)
     return model.eval(), report
+
+
+# Inverse of the importer's rules (this package's key pattern -> official key template, inverse transform).
+_EXPORT_RULES = {
+    "encoder_dict": [
+        (r"vision_encoder\.(pos_embed|depth_embed)", r"\1", None),
+        (r"vision_encoder\.patch_embed\.projection_weight", "patch_embed.proj.weight", "rgb"),
+        (r"vision_encoder\.patch_embed\.projection_bias", "patch_embed.proj.bias", None),
+        (r"vision_encoder\.patch_embed\.depth_weight", "slice_embed.weight", "depth_taps"),
+        (r"vision_encoder\.patch_embed\.depth_bias", "slice_embed.bias", None),
+        (r"vision_encoder\.layers\.(\d+)\.layer_norm([12])\.(weight|bias)", r"blocks.\1.norm\2.\3", None),
+        (r"vision_encoder\.layers\.(\d+)\.attn\.rel_pos_scale", r"blocks.\1.attn.lr", None),
+        (r"vision_encoder\.layers\.(\d+)\.adapter\.conv\.weight", r"blocks.\1.adapter.conv.weight", "kernel"),
+        (r"vision_encoder\.layers\.(\d+)\.(.*)", r"blocks.\1.\2", None),
+        (r"vision_encoder\.necks\.(\d)\.conv1\.weight", r"neck_3d.\1.0.weight", "kernel"),
+        (r"vision_encoder\.necks\.(\d)\.layer_norm1\.(weight|bias)", r"neck_3d.\1.1.\2", None),
+        (r"vision_encoder\.necks\.(\d)\.conv2\.weight", r"neck_3d.\1.2.weight", "kernel"),
+        (r"vision_encoder\.necks\.(\d)\.layer_norm2\.(weight|bias)", r"neck_3d.\1.3.\2", None),
+    ],
+    "feature_dict[3]": [
+        (r"prompt_encoder\.layers\.(\d+)\.layer_norm([1-4])\.(weight|bias)", r"transformer.layers.\1.norm\2.\3", None),
+        (r"prompt_encoder\.layers\.(\d+)\.(.*)", r"transformer.layers.\1.\2", None),
+    ],
+    "decoder_dict": [
+        (r"mask_decoder\.heads\.0\.([03])\.weight", r"mlahead.head2.\1.weight", "kernel"),
+        (r"mask_decoder\.heads\.1\.([03])\.weight", r"mlahead.head3.\1.weight", "kernel"),
+        (r"mask_decoder\.heads\.2\.([03])\.weight", r"mlahead.head4.\1.weight", "kernel"),
+        (r"mask_decoder\.heads\.3\.([03])\.weight", r"mlahead.head5.\1.weight", "kernel"),
+        (r"mask_decoder\.fuse\.([03])\.weight", r"cls.\1.weight", "kernel"),
+    ],
+}
+_EXPORT_TRANSFORMS = {
+    None: lambda t: t,
+    "kernel": lambda t: t.permute(0, 1, 3, 4, 2).contiguous(),  # (out, in, kD, kH, kW) -> (out, in, kH, kW, kD)
+    # The official model feeds 3 identical channels: [w, 0, 0] acts as w does, and sums back to w bit for bit.
+    "rgb": lambda t: torch.cat([t, torch.zeros_like(t), torch.zeros_like(t)], dim=1),
+    "depth_taps": lambda t: t.reshape(t.shape[0], 1, 1, 1, -1),  # (C, 16) -> (C, 1, 1, 1, 16)
+}
+
+
+def to_official_state_dicts(model: Sam3DForPromptableSegmentation) -> tuple[dict, dict, dict]:
+    """The inverse of [`convert_official_state_dicts`]: `(encoder_dict, feature_dict[3], decoder_dict)` in the
+    official layout (`(H, W, D)` kernel axes), with exactly the tensors the official forward uses. The official
+    modules also hold tensors their forward never reads (the prompt module's `cross_attn_token_to_image` and Fourier
+    matrix, the shift-mask buffers); they are not produced. Only the paper's architecture can be exported: one input
+    channel, an adapter in every block, no point-label embedding."""
+    config = model.config
+    if config.vision_config.num_channels != 1 or config.vision_config.adapter_layers is not None:
+        raise ValueError(
+            "only the official architecture exports: num_channels=1 and adapter_layers=None (an adapter in every "
+            f"block); got num_channels={config.vision_config.num_channels}, "
+            f"adapter_layers={config.vision_config.adapter_layers}"
+        )
+    if config.prompt_encoder_config.use_point_labels:
+        raise ValueError("use_point_labels=True adds a label embedding the official model does not have")
+    sections: dict[str, dict[str, torch.Tensor]] = {name: {} for name in _EXPORT_RULES}
+    for key, tensor in model.state_dict().items():
+        for section, rules in _EXPORT_RULES.items():
+            rule = next(((p, t, f) for p, t, f in rules if re.fullmatch(p, key)), None)
+            if rule:
+                pattern, template, transform = rule
+                target = re.fullmatch(pattern, key).expand(template)
+                sections[section][target] = _EXPORT_TRANSFORMS[transform](tensor.detach().float().cpu()).clone()
+                break
+        else:
+            raise AssertionError(f"no export rule for {key}")
+    return sections["encoder_dict"], sections["feature_dict[3]"], sections["decoder_dict"]
 
 
 def _torch_load(path: str | os.PathLike) -> object:
@@ -703,4 +770,5 @@ __all__ = [
     "load_sam_checkpoint",
     "read_sam_state_dict",
     "save_converted",
+    "to_official_state_dicts",
 ]
