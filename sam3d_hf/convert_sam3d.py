@@ -81,7 +81,7 @@ class ConversionReport:
         for key, why in sorted(self.ignored.items()):
             reasons.setdefault(why, []).append(key)
         for why, keys in reasons.items():
-            example = keys[0] if len(keys) == 1 else f"{len(keys)} tensors, e.g. {keys[0]}"
+            example = keys[0] if len(keys) == 1 else f"{len(keys)} entries, e.g. {keys[0]}"
             lines.append(f"  ignored {example}: {why}")
         return "\n".join(lines)
 
@@ -227,7 +227,7 @@ def convert_official_state_dicts(
 ) -> tuple[Sam3DForPromptableSegmentation, ConversionReport]:
     """Build a model from the three state dicts of an official snapshot (`encoder_dict`, `feature_dict[3]`,
     `decoder_dict`), in float32. Raises if a model tensor has no source or a source tensor is unknown."""
-    report = ConversionReport()
+    report = ConversionReport(details={"source format": "official 3DSAM-adapter snapshot"})
     state_dict: dict[str, torch.Tensor] = {}
     _map_section("encoder_dict", encoder_dict, _ENCODER_RULES, report, state_dict)
     _map_section("feature_dict[3]", prompt_dict, _PROMPT_RULES, report, state_dict)
@@ -371,6 +371,7 @@ def load_official_checkpoint(
         report.ignored[f"feature_dict[{index}]"] = "prompt modules 0-2 are never used by the official forward"
     for key in sorted(set(snapshot) - set(needed)):
         report.ignored[str(key)] = "training state (optimiser, epoch, ...), not weights"
+    report.details = {"source": os.fspath(path), **report.details}
     return model, report
 
 
@@ -754,7 +755,6 @@ def convert_official_checkpoint(
     """`sam3d convert official`: [`load_official_checkpoint`] then [`save_converted`]; returns the report. The
     folder loads with `Sam3DForPromptableSegmentation.from_pretrained(output_dir)`."""
     model, report = load_official_checkpoint(path, **config_overrides)
-    report.details = {"source": os.fspath(path), "source format": "official 3DSAM-adapter snapshot", **report.details}
     save_converted(model, report, output_dir, overwrite=overwrite)
     return report
 

@@ -487,8 +487,8 @@ def test_convert_official_cli_round_trip(official, official_snapshot, tmp_path, 
     argv = ["convert", "official", "--checkpoint", str(official_snapshot), "--output", str(output)]
     assert main([*argv, "--image-size", "40", "24", "44"]) == 0
     printed = capsys.readouterr().out
-    assert "ignored 3 tensors, e.g. feature_dict[0]: prompt modules 0-2 are never used" in printed
-    assert "ignored 2 tensors, e.g. encoder_dict.blocks.0.attn_mask" in printed
+    assert "ignored 3 entries, e.g. feature_dict[0]: prompt modules 0-2 are never used" in printed
+    assert "ignored 2 entries, e.g. encoder_dict.blocks.0.attn_mask" in printed
     assert {p.name for p in output.iterdir()} >= {"config.json", "model.safetensors", "conversion_report.json"}
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary folder left behind"
     loaded = Sam3DForPromptableSegmentation.from_pretrained(output)
