@@ -60,19 +60,25 @@ class Sam3DSegmentationOutput(ModelOutput):
 
 
 @functools.lru_cache(maxsize=8)
+def _interpolation_weights(taps: int, stride: int) -> tuple[tuple[float, ...], ...]:
+    rows = []
+    for i in range(taps):
+        position = (i + 0.5) / stride + 0.5
+        low = math.floor(position)
+        row = [0.0] * (taps // stride + 2)
+        row[low], row[low + 1] = 1 - (position - low), position - low
+        rows.append(tuple(row))
+    return tuple(rows)
+
+
 def interpolation_matrix(taps: int, stride: int) -> torch.Tensor:
     """`(taps, taps // stride + 2)` weights that fold "x`stride` linear upsampling then a `taps`-tap filter".
 
     Row `i` says how the upsampled sample `i` of a token's receptive field mixes the replicate-padded source samples
-    `stride * t .. stride * t + taps // stride + 1` (float64, exact).
+    `stride * t .. stride * t + taps // stride + 1` (float64, exact). A new tensor each call (the weights are cached as
+    plain numbers), so it never carries the device, inference mode or autograd state of an earlier caller.
     """
-    matrix = torch.zeros(taps, taps // stride + 2, dtype=torch.float64, device="cpu")  # cached: never on meta
-    for i in range(taps):
-        position = (i + 0.5) / stride + 0.5
-        low = math.floor(position)
-        matrix[i, low] = 1 - (position - low)
-        matrix[i, low + 1] = position - low
-    return matrix
+    return torch.tensor(_interpolation_weights(taps, stride), dtype=torch.float64, device="cpu")
 
 
 class Sam3DPatchEmbeddings(nn.Module):

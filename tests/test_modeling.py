@@ -451,3 +451,12 @@ def test_both_pixel_values_and_embeddings_is_an_error(tiny_model, tiny_inputs):
         tiny_model(**tiny_inputs, image_embeddings=embeddings)
     with pytest.raises(TypeError, match="Sam3DImageEmbeddings"):
         tiny_model(image_embeddings=embeddings.feature_maps, input_points=tiny_inputs["input_points"])
+
+
+def test_inference_mode_does_not_poison_later_training(tiny_model, tiny_inputs):
+    with torch.inference_mode():
+        tiny_model(**tiny_inputs)
+    tiny_model.train()
+    labels = (tiny_inputs["pixel_values"][:, 0] > 0.5).long()
+    tiny_model(**tiny_inputs, labels=labels).loss.backward()
+    assert tiny_model.vision_encoder.patch_embed.depth_weight.grad.abs().sum() > 0
