@@ -3,6 +3,17 @@
 from transformers import AutoConfig, AutoModel, AutoModelForMaskGeneration
 
 from .configuration_sam3d import Sam3DConfig, Sam3DMaskDecoderConfig, Sam3DPromptEncoderConfig, Sam3DVisionConfig
+from .convert_sam3d import (
+    ConversionReport,
+    convert_official_checkpoint,
+    convert_official_state_dicts,
+    convert_sam_checkpoint,
+    convert_sam_state_dict,
+    load_official_checkpoint,
+    load_sam_checkpoint,
+    save_converted,
+    to_official_state_dicts,
+)
 from .image_processing_sam3d import (
     SAM3D_PRESETS,
     Sam3DDatasetPreset,
@@ -31,6 +42,7 @@ Sam3DForPromptableSegmentation.register_for_auto_class("AutoModel")
 __all__ = [
     "MODEL_INPUT_KEYS",
     "SAM3D_PRESETS",
+    "ConversionReport",
     "Sam3DConfig",
     "Sam3DDatasetPreset",
     "Sam3DForPromptableSegmentation",
@@ -45,6 +57,14 @@ __all__ = [
     "Sam3DVolume",
     "cluster_points",
     "compute_intensity_statistics",
+    "convert_official_checkpoint",
+    "convert_official_state_dicts",
+    "convert_sam_checkpoint",
+    "convert_sam_state_dict",
+    "load_official_checkpoint",
+    "load_sam_checkpoint",
     "load_volume",
+    "save_converted",
     "save_mask_nifti",
+    "to_official_state_dicts",
 ]
