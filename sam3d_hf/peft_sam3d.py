@@ -1,0 +1,332 @@
+"""Parameter-efficient fine-tuning: the paper's spatial-adapter scheme, and LoRA / full fine-tuning baselines via peft.
+
+The paper trains, from SAM's weights, only the spatial adapters, the block norms, the new 3D parts (depth taps and
+bias, depth table, `rel_pos_d`, the four necks), the prompt encoder and the decoder: 25,198,976 of 113,652,352
+parameters at ViT-B (image encoder 15,209,984, prompt encoder 2,900,736, decoder 7,088,256). Saved in float32 that is
+an adapter file of 100.8 MB per dataset, on one shared SAM base (the base's 88.5 M frozen SAM tensors are not in it).
+
+peft 0.21's method registry is a closed enum, so the spatial-adapter scheme is this package's own API with
+peft-shaped files (`adapter_config.json` + `adapter_model.safetensors`) and peft-like method names. The baselines of
+the paper's Table 2 use real peft: [`lora_config`] and [`enable_full_finetuning`].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from peft import LoraConfig
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .modeling_sam3d import Sam3DForPromptableSegmentation, Sam3DSpatialAdapter
+
+PEFT_TYPE = "SAM3D_SPATIAL_ADAPTER"
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+
+# Parameter groups of the paper's scheme, as regular expressions matched at the start of a parameter name. Anything
+# not in a group is SAM's inherited, frozen part (patch kernel and bias, position table, qkv, proj, MLP, rel_pos_h/w).
+PARAMETER_GROUPS = {
+    "adapters": r"vision_encoder\.layers\.\d+\.adapter\.",
+    "norms": r"vision_encoder\.layers\.\d+\.layer_norm[12]\.",
+    "new_3d": (
+        r"vision_encoder\.(patch_embed\.depth_(weight|bias)$|depth_embed$|layers\.\d+\.attn\.rel_pos_d$|necks\.)"
+    ),
+    "prompt_encoder": r"prompt_encoder\.",
+    "mask_decoder": r"mask_decoder\.",
+}
+
+# LoRA baseline: low-rank updates of every ViT block's attention projections (a full-match regex, so the prompt
+# encoder's q_proj / out_proj are not caught by a bare "proj" suffix).
+DEFAULT_LORA_TARGET_MODULES = r"vision_encoder\.layers\.\d+\.attn\.(qkv|proj)"
+# Trained in full next to LoRA, as in the paper's baselines: prompt encoder, decoder, the 3D necks and the patch
+# embedding (it holds the new depth taps; peft cannot save bare parameters, so SAM's 16x16 kernel trains with them).
+# (peft wraps modules, not ModuleLists: the four necks are named one by one.)
+DEFAULT_LORA_MODULES_TO_SAVE = ["prompt_encoder", "mask_decoder", "patch_embed", *(f"necks.{k}" for k in range(4))]
+
+
+def parameter_group(name: str) -> str | None:
+    """The group of parameter `name` in the paper's scheme, or `None` for SAM's inherited (frozen) tensors."""
+    return next((group for group, pattern in PARAMETER_GROUPS.items() if re.match(pattern, name)), None)
+
+
+@dataclass
+class Sam3DAdapterConfig:
+    """Configuration of the paper's spatial-adapter fine-tuning, saved as `adapter_config.json`.
+
+    Example:
+    ```python
+    >>> config = Sam3DAdapterConfig(adapter_dim=192, trainable_groups=["adapters", "prompt_encoder", "mask_decoder"])
+    >>> config.save_pretrained("kits21-adapter")
+    ```
+    """
+
+    peft_type: str = field(default=PEFT_TYPE, metadata={"help": "Always 'SAM3D_SPATIAL_ADAPTER' (this scheme)."})
+    adapter_dim: int = field(default=384, metadata={"help": "Bottleneck width of each spatial adapter (paper: 384)."})
+    adapter_layers: list[int] | None = field(
+        default=None, metadata={"help": "Blocks that get an adapter; None = every block, [] = none."}
+    )
+    trainable_groups: list[str] = field(
+        default_factory=lambda: list(PARAMETER_GROUPS),
+        metadata={"help": f"Parameter groups to train, among {list(PARAMETER_GROUPS)}; the rest is frozen."},
+    )
+    base_model_name_or_path: str | None = field(
+        default=None, metadata={"help": "The SAM-initialised base these tensors go on (folder or Hub id)."}
+    )
+    revision: str | None = field(default=None, metadata={"help": "Revision of the base model on the Hub."})
+    inference_mode: bool = field(default=False, metadata={"help": "Freeze everything after loading."})
+
+    def __post_init__(self):
+        if self.peft_type != PEFT_TYPE:
+            raise ValueError(f"peft_type must be {PEFT_TYPE!r}, got {self.peft_type!r}")
+        if not isinstance(self.adapter_dim, int) or isinstance(self.adapter_dim, bool) or self.adapter_dim <= 0:
+            raise ValueError(f"adapter_dim must be a positive int, got {self.adapter_dim!r}")
+        if self.adapter_layers is not None:
+            layers = list(self.adapter_layers)
+            if any(not isinstance(i, int) or isinstance(i, bool) or i < 0 for i in layers):
+                raise ValueError(f"adapter_layers must be non-negative block indices, got {self.adapter_layers!r}")
+            if len(set(layers)) != len(layers):
+                raise ValueError(f"adapter_layers has repeated block indices: {self.adapter_layers!r}")
+            self.adapter_layers = sorted(layers)
+        groups = list(self.trainable_groups)
+        unknown = [g for g in groups if g not in PARAMETER_GROUPS]
+        if unknown:
+            raise ValueError(f"unknown trainable_groups {unknown}; expected names among {list(PARAMETER_GROUPS)}")
+        if not groups or len(set(groups)) != len(groups):
+            raise ValueError(f"trainable_groups must be non-empty and without repeats, got {self.trainable_groups!r}")
+        if "adapters" not in groups and self.adapter_layers != []:
+            raise ValueError(
+                "adapters are newly initialised, so frozen ones would only add noise: put 'adapters' in "
+                f"trainable_groups or set adapter_layers=[] (got trainable_groups={groups!r})"
+            )
+        self.trainable_groups = groups
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        """Write `adapter_config.json` in `save_directory` (created if needed), atomically."""
+        directory = Path(save_directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        _atomic_write_text(directory / ADAPTER_CONFIG_NAME, json.dumps(self.to_dict(), indent=2, sort_keys=True))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> Sam3DAdapterConfig:
+        """Read `adapter_config.json` from a folder; unknown keys are an error (a different scheme or version)."""
+        path = Path(directory) / ADAPTER_CONFIG_NAME
+        if not path.is_file():
+            raise ValueError(f"no {ADAPTER_CONFIG_NAME} in {directory}; is this a Sam3D adapter folder?")
+        values = json.loads(path.read_text(encoding="utf-8"))
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"{path} has unknown keys {unknown}; expected keys among {sorted(known)}")
+        return cls(**values)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(handle, "w", encoding="utf-8") as file:
+        file.write(text)
+    os.replace(temporary, path)
+
+
+class Sam3DAdapterModel(nn.Module):
+    """A [`Sam3DForPromptableSegmentation`] prepared for the paper's fine-tuning: adapters built where the config says,
+    every parameter outside `trainable_groups` frozen. Calls and `get_image_embeddings` go to the wrapped model, with
+    its conventions (`pixel_values (B, 1, D, H, W)`, `input_points (B, N, 3)` patch voxels `(z, y, x)`).
+    """
+
+    def __init__(self, model: Sam3DForPromptableSegmentation, adapter_config: Sam3DAdapterConfig):
+        super().__init__()
+        if not isinstance(model, Sam3DForPromptableSegmentation):
+            raise TypeError(f"model must be a Sam3DForPromptableSegmentation, got {type(model).__name__}")
+        if not isinstance(adapter_config, Sam3DAdapterConfig):
+            raise TypeError(f"adapter_config must be a Sam3DAdapterConfig, got {type(adapter_config).__name__}")
+        self.model = model
+        self.adapter_config = adapter_config
+        self._build_adapters()
+        self._set_trainable(not adapter_config.inference_mode)
+
+    def _build_adapters(self) -> None:
+        vision = self.model.config.vision_config
+        layers = self.adapter_config.adapter_layers
+        bad = [i for i in layers or [] if i >= vision.num_hidden_layers]
+        if bad:
+            raise ValueError(
+                f"adapter_layers {layers} has block indices {bad} outside [0, {vision.num_hidden_layers}) of this model"
+            )
+        vision.adapter_dim, vision.adapter_layers = self.adapter_config.adapter_dim, layers
+        for index, layer in enumerate(self.model.vision_encoder.layers):
+            if not vision.has_adapter(index):
+                layer.adapter = None
+            elif layer.adapter is None or layer.adapter.linear1.out_features != vision.adapter_dim:
+                device = layer.layer_norm1.weight.device
+                layer.adapter = Sam3DSpatialAdapter(vision).to(device)
+                for module in layer.adapter.modules():
+                    self.model._init_weights(module)
+
+    def _set_trainable(self, trainable: bool) -> None:
+        groups = set(self.adapter_config.trainable_groups)
+        for name, parameter in self.model.named_parameters():
+            parameter.requires_grad_(trainable and parameter_group(name) in groups)
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def get_image_embeddings(self, pixel_values: torch.Tensor):
+        return self.model.get_image_embeddings(pixel_values)
+
+    def trainable_parameter_names(self) -> list[str]:
+        """Names of the tensors the adapter file holds: every parameter of the configured groups."""
+        groups = set(self.adapter_config.trainable_groups)
+        return [name for name, _ in self.model.named_parameters() if parameter_group(name) in groups]
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Parameters per group (`frozen` = SAM's inherited tensors and groups not trained)."""
+        groups = set(self.adapter_config.trainable_groups)
+        counts = dict.fromkeys([*self.adapter_config.trainable_groups, "frozen"], 0)
+        for name, parameter in self.model.named_parameters():
+            group = parameter_group(name)
+            counts[group if group in groups else "frozen"] += parameter.numel()
+        return counts
+
+    def print_trainable_parameters(self) -> None:
+        counts = self.parameter_counts()
+        frozen = counts.pop("frozen")
+        for group, count in counts.items():
+            print(f"{group:16s} {count:>12,d}")
+        trainable = sum(counts.values())
+        total = trainable + frozen
+        print(
+            f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+        )
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        parameters = dict(self.model.named_parameters())
+        return {name: parameters[name].detach().contiguous() for name in self.trainable_parameter_names()}
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        """Write `adapter_config.json` and `adapter_model.safetensors` (the trained tensors only) to a temporary
+        sibling folder, then rename it into place (replacing an earlier save)."""
+        target = Path(save_directory)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        config = self.adapter_config
+        if config.base_model_name_or_path is None and self.model.config._name_or_path:
+            config = dataclasses.replace(config, base_model_name_or_path=self.model.config._name_or_path)
+        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+        try:
+            config.save_pretrained(staging)
+            save_file(self.adapter_state_dict(), staging / ADAPTER_WEIGHTS_NAME, metadata={"format": "pt"})
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    @classmethod
+    def from_pretrained(
+        cls, model: Sam3DForPromptableSegmentation, adapter_directory: str | os.PathLike, is_trainable: bool = False
+    ) -> Sam3DAdapterModel:
+        """Put a saved adapter on a base model (e.g. a fresh `from_sam_pretrained` conversion). Every tensor the
+        config says is trained must be in the file with the model's shape; anything else is an error."""
+        config = Sam3DAdapterConfig.from_pretrained(adapter_directory)
+        config = dataclasses.replace(config, inference_mode=not is_trainable)
+        wrapped = cls(model, config)
+        path = Path(adapter_directory) / ADAPTER_WEIGHTS_NAME
+        if not path.is_file():
+            raise ValueError(f"no {ADAPTER_WEIGHTS_NAME} in {adapter_directory}")
+        tensors = load_file(path)
+        expected = dict(wrapped.model.named_parameters())
+        wanted = set(wrapped.trainable_parameter_names())
+        missing, unexpected = sorted(wanted - set(tensors)), sorted(set(tensors) - wanted)
+        if missing or unexpected:
+            raise ValueError(
+                f"{path} does not match its config on this model: missing {missing[:5]} ({len(missing)}), "
+                f"unexpected {unexpected[:5]} ({len(unexpected)})"
+            )
+        wrong = [
+            (n, tuple(t.shape), tuple(expected[n].shape)) for n, t in tensors.items() if t.shape != expected[n].shape
+        ]
+        if wrong:
+            raise ValueError(f"shape mismatch (name, file, model): {wrong[:5]}")
+        with torch.no_grad():
+            for name, tensor in tensors.items():
+                expected[name].copy_(tensor)
+        return wrapped
+
+    def merge_and_unload(self) -> Sam3DForPromptableSegmentation:
+        """The plain model, adapters included in its architecture (recorded in its config), every parameter trainable
+        again. Its `save_pretrained` folder is a normal model folder that needs no adapter files. (Spatial adapters are
+        non-linear, so there is nothing to fold into SAM's weights: merging is unwrapping.)"""
+        for parameter in self.model.parameters():
+            parameter.requires_grad_(True)
+        return self.model
+
+
+def get_adapter_model(model: Sam3DForPromptableSegmentation, adapter_config: Sam3DAdapterConfig) -> Sam3DAdapterModel:
+    """Apply the paper's scheme to `model` (built with `from_sam_pretrained`): see [`Sam3DAdapterModel`]."""
+    return Sam3DAdapterModel(model, adapter_config)
+
+
+def lora_config(
+    r: int = 16,
+    lora_alpha: int = 32,
+    lora_dropout: float = 0.0,
+    target_modules: str | list[str] = DEFAULT_LORA_TARGET_MODULES,
+    modules_to_save: list[str] | None = None,
+    **kwargs,
+) -> LoraConfig:
+    """A `peft.LoraConfig` for the paper's LoRA baseline on this model.
+
+    Build the base without spatial adapters (`Sam3DConfig(vision_config={"adapter_layers": []})` or
+    `from_sam_pretrained(..., vision_config={"adapter_layers": []})`), then `peft.get_peft_model(model, lora_config())`.
+    Targets: every ViT block's `attn.qkv` and `attn.proj` (`DEFAULT_LORA_TARGET_MODULES`); trained in full:
+    `DEFAULT_LORA_MODULES_TO_SAVE` (prompt encoder, decoder, necks, patch embedding with its depth taps). The depth
+    table and `rel_pos_d` are bare parameters that peft cannot save: they keep their SAM initialisation (zeros and
+    `(rel_pos_h + rel_pos_w) / 2`). `merge_and_unload()` returns a plain `Sam3DForPromptableSegmentation`.
+    """
+    return LoraConfig(
+        r=r,
+        lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout,
+        target_modules=target_modules,
+        modules_to_save=list(DEFAULT_LORA_MODULES_TO_SAVE if modules_to_save is None else modules_to_save),
+        **kwargs,
+    )
+
+
+def enable_full_finetuning(model: Sam3DForPromptableSegmentation) -> int:
+    """The full fine-tuning baseline: every parameter trainable (the official `lr` scale stays a frozen buffer).
+    Returns the number of trainable parameters."""
+    for parameter in model.parameters():
+        parameter.requires_grad_(True)
+    return sum(p.numel() for p in model.parameters())
+
+
+__all__ = [
+    "ADAPTER_CONFIG_NAME",
+    "ADAPTER_WEIGHTS_NAME",
+    "DEFAULT_LORA_MODULES_TO_SAVE",
+    "DEFAULT_LORA_TARGET_MODULES",
+    "PARAMETER_GROUPS",
+    "PEFT_TYPE",
+    "Sam3DAdapterConfig",
+    "Sam3DAdapterModel",
+    "enable_full_finetuning",
+    "get_adapter_model",
+    "lora_config",
+    "parameter_group",
+]

@@ -1,0 +1,215 @@
+"""The paper's spatial-adapter scheme (own API, peft-shaped files) and the LoRA / full fine-tuning baselines (peft)."""
+
+import json
+
+import peft
+import pytest
+import torch
+from conftest import PATCH, TINY, randomize
+from safetensors.torch import load_file
+
+from sam3d_hf import Sam3DConfig, Sam3DForPromptableSegmentation
+from sam3d_hf.peft_sam3d import (
+    ADAPTER_WEIGHTS_NAME,
+    Sam3DAdapterConfig,
+    Sam3DAdapterModel,
+    enable_full_finetuning,
+    get_adapter_model,
+    lora_config,
+    parameter_group,
+)
+
+
+def base_model(seed: int, **vision) -> Sam3DForPromptableSegmentation:
+    """A stand-in for a fresh SAM conversion: SAM's inherited tensors are the same for every seed (seed 0), the new
+    parts (adapters, norms, 3D parts, prompt encoder, decoder) differ by seed."""
+    config = Sam3DConfig(**{**TINY, "vision_config": {**TINY["vision_config"], **vision}})
+    inherited = randomize(Sam3DForPromptableSegmentation(config), seed=0).state_dict()
+    model = randomize(Sam3DForPromptableSegmentation(config), seed=seed)
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if parameter_group(name) is None:
+                tensor.copy_(inherited[name])
+    return model.eval()
+
+
+def logits(model, inputs):
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+def training_step(model, inputs):
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=1e-2)
+    labels = (inputs["pixel_values"][:, 0] > 0.5).long()
+    model.train()
+    model(**inputs, labels=labels).loss.backward()
+    optimizer.step()
+    model.eval()
+
+
+def test_vit_b_groups_match_the_paper():
+    with torch.device("meta"):
+        model = Sam3DForPromptableSegmentation(Sam3DConfig())
+    wrapped = get_adapter_model(model, Sam3DAdapterConfig())
+    counts = wrapped.parameter_counts()
+    assert counts["adapters"] + counts["norms"] + counts["new_3d"] == 15_209_984  # image encoder, trained
+    assert counts["prompt_encoder"] == 2_900_736
+    assert counts["mask_decoder"] == 7_088_256
+    assert counts["frozen"] == 88_453_376
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert trainable == 25_198_976
+    assert sum(p.numel() for p in wrapped.adapter_state_dict().values()) == trainable
+    assert round(trainable * 4 / 1e6, 1) == 100.8  # the float32 adapter file, MB
+    assert not model.vision_encoder.patch_embed.projection_weight.requires_grad
+    assert not model.vision_encoder.layers[0].attn.qkv.weight.requires_grad
+    assert model.vision_encoder.layers[0].attn.rel_pos_d.requires_grad
+    assert not model.vision_encoder.layers[0].attn.rel_pos_h.requires_grad
+
+
+def test_print_trainable_parameters(capsys, tiny_model):
+    get_adapter_model(tiny_model, Sam3DAdapterConfig()).print_trainable_parameters()
+    printed = capsys.readouterr().out
+    trainable = sum(p.numel() for p in tiny_model.parameters() if p.requires_grad)
+    assert (
+        f"trainable params: {trainable:,d} || all params: {sum(p.numel() for p in tiny_model.parameters()):,d}"
+        in printed
+    )
+    assert all(group in printed for group in ("adapters", "norms", "new_3d", "prompt_encoder", "mask_decoder"))
+
+
+@pytest.mark.parametrize(
+    "groups", [None, ["adapters", "norms", "new_3d", "prompt_encoder"], ["adapters", "mask_decoder"]]
+)
+def test_one_step_changes_exactly_the_trainable_tensors(tiny_inputs, groups):
+    model = base_model(seed=1)
+    config = Sam3DAdapterConfig() if groups is None else Sam3DAdapterConfig(trainable_groups=groups)
+    wrapped = get_adapter_model(model, config)
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    training_step(wrapped, tiny_inputs)
+    trainable = set(wrapped.trainable_parameter_names())
+    assert trainable and {parameter_group(n) for n in trainable} == set(config.trainable_groups)
+    for name, tensor in model.state_dict().items():
+        changed = not torch.equal(tensor, before[name])
+        assert changed == (name in trainable), name
+
+
+def test_adapter_round_trip_is_bit_identical_on_a_fresh_base(tiny_inputs, tmp_path):
+    trained = get_adapter_model(base_model(seed=1), Sam3DAdapterConfig())
+    training_step(trained, tiny_inputs)
+    trained.save_pretrained(tmp_path / "adapter")
+    files = sorted(p.name for p in (tmp_path / "adapter").iterdir())
+    assert files == ["adapter_config.json", "adapter_model.safetensors"]
+    stored = load_file(tmp_path / "adapter" / ADAPTER_WEIGHTS_NAME)
+    assert set(stored) == set(trained.trainable_parameter_names())
+    assert not any(parameter_group(name) is None for name in stored)  # no SAM tensor in the file
+
+    fresh = base_model(seed=2)  # same SAM tensors, different new parts
+    assert not torch.equal(logits(fresh, tiny_inputs), logits(trained, tiny_inputs))
+    loaded = Sam3DAdapterModel.from_pretrained(fresh, tmp_path / "adapter")
+    assert torch.equal(logits(loaded, tiny_inputs), logits(trained, tiny_inputs))
+    assert not any(p.requires_grad for p in fresh.parameters())  # inference mode by default
+    trainable_again = Sam3DAdapterModel.from_pretrained(base_model(seed=3), tmp_path / "adapter", is_trainable=True)
+    assert set(trainable_again.trainable_parameter_names()) == set(stored)
+
+
+def test_merge_gives_a_standalone_model(tiny_inputs, tmp_path):
+    wrapped = get_adapter_model(base_model(seed=1), Sam3DAdapterConfig(adapter_dim=8, adapter_layers=[0, 2]))
+    training_step(wrapped, tiny_inputs)
+    expected = logits(wrapped, tiny_inputs)
+    merged = wrapped.merge_and_unload()
+    assert type(merged) is Sam3DForPromptableSegmentation
+    assert all(p.requires_grad for p in merged.parameters())
+    assert torch.equal(logits(merged, tiny_inputs), expected)
+    merged.save_pretrained(tmp_path / "merged")
+    assert not list((tmp_path / "merged").glob("adapter_*"))
+    reloaded = Sam3DForPromptableSegmentation.from_pretrained(tmp_path / "merged").eval()
+    assert reloaded.config.vision_config.adapter_layers == [0, 2]
+    assert torch.equal(logits(reloaded, tiny_inputs), expected)
+
+
+def test_adapter_layers_and_width_rebuild_the_adapters(tiny_model):
+    get_adapter_model(tiny_model, Sam3DAdapterConfig(adapter_dim=8, adapter_layers=[0, 2]))
+    adapters = [layer.adapter for layer in tiny_model.vision_encoder.layers]
+    assert adapters[1] is None and adapters[3] is None
+    assert adapters[0].linear1.out_features == 8 and adapters[2].conv.weight.shape == (8, 1, 3, 3, 3)
+    assert tiny_model.config.vision_config.adapter_dim == 8
+    assert tiny_model.config.vision_config.adapter_layers == [0, 2]
+
+
+def test_config_round_trip_and_errors(tmp_path):
+    config = Sam3DAdapterConfig(adapter_dim=64, adapter_layers=[3, 1], base_model_name_or_path="sam3d-vit-b")
+    config.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["peft_type"] == "SAM3D_SPATIAL_ADAPTER"
+    assert Sam3DAdapterConfig.from_pretrained(tmp_path) == config
+    assert config.adapter_layers == [1, 3]
+
+    with pytest.raises(ValueError, match=r"unknown trainable_groups \['decoder'\]"):
+        Sam3DAdapterConfig(trainable_groups=["adapters", "decoder"])
+    with pytest.raises(ValueError, match="adapter_dim must be a positive int, got 0"):
+        Sam3DAdapterConfig(adapter_dim=0)
+    with pytest.raises(ValueError, match=r"non-negative block indices, got \[-1\]"):
+        Sam3DAdapterConfig(adapter_layers=[-1])
+    with pytest.raises(ValueError, match="repeated block indices"):
+        Sam3DAdapterConfig(adapter_layers=[1, 1])
+    with pytest.raises(ValueError, match="put 'adapters' in trainable_groups"):
+        Sam3DAdapterConfig(trainable_groups=["mask_decoder"])
+    with pytest.raises(ValueError, match="peft_type must be"):
+        Sam3DAdapterConfig(peft_type="LORA")
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"adapter_dim": 8, "rank": 4}))
+    with pytest.raises(ValueError, match=r"unknown keys \['rank'\]"):
+        Sam3DAdapterConfig.from_pretrained(tmp_path)
+
+
+def test_block_indices_are_checked_against_the_model(tiny_model):
+    with pytest.raises(ValueError, match=r"block indices \[4\] outside \[0, 4\)"):
+        get_adapter_model(tiny_model, Sam3DAdapterConfig(adapter_layers=[0, 4]))
+    with pytest.raises(TypeError, match="Sam3DForPromptableSegmentation"):
+        get_adapter_model(torch.nn.Linear(2, 2), Sam3DAdapterConfig())
+
+
+def test_adapter_file_must_match_its_config(tiny_inputs, tmp_path):
+    wrapped = get_adapter_model(base_model(seed=1), Sam3DAdapterConfig(trainable_groups=["adapters", "mask_decoder"]))
+    wrapped.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    config["trainable_groups"] = ["adapters", "mask_decoder", "norms"]
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="missing"):
+        Sam3DAdapterModel.from_pretrained(base_model(seed=2), tmp_path)
+
+
+def test_lora_baseline_trains_saves_reloads_and_merges(tiny_inputs, tmp_path):
+    base = base_model(seed=1, adapter_layers=[])
+    model = peft.get_peft_model(base, lora_config(r=4, init_lora_weights=False))  # non-zero B: LoRA active at once
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert any("attn.qkv.lora_A" in n for n in trainable) and any("attn.proj.lora_B" in n for n in trainable)
+    assert not any("prompt_encoder" in n and "lora_" in n for n in trainable)  # the regex spares q_proj / out_proj
+    assert any("mask_decoder.modules_to_save" in n for n in trainable)
+    assert any("necks.3.modules_to_save" in n for n in trainable)
+    assert not any(p.requires_grad for n, p in model.named_parameters() if "attn.qkv.base_layer" in n)
+    training_step(model, tiny_inputs)
+    expected = logits(model, tiny_inputs)
+    model.save_pretrained(tmp_path / "lora")
+
+    # LoRA's base is everything outside LoRA and modules_to_save (norms, depth table, rel_pos_d included): the same
+    # base, with the fully trained modules perturbed to show that they come from the saved folder.
+    fresh = base_model(seed=1, adapter_layers=[])
+    with torch.no_grad():
+        for parameter in [*fresh.mask_decoder.parameters(), *fresh.prompt_encoder.parameters()]:
+            parameter.add_(0.5)
+    assert not torch.allclose(logits(fresh, tiny_inputs), expected, atol=1e-3)
+    reloaded = peft.PeftModel.from_pretrained(fresh, tmp_path / "lora")
+    assert torch.allclose(logits(reloaded, tiny_inputs), expected, atol=1e-5)
+    merged = reloaded.merge_and_unload()
+    assert type(merged) is Sam3DForPromptableSegmentation
+    assert torch.allclose(logits(merged, tiny_inputs), expected, atol=1e-4)
+
+
+def test_full_finetuning_trains_everything(tiny_inputs):
+    model = base_model(seed=1)
+    assert enable_full_finetuning(model) == sum(p.numel() for p in model.parameters())
+    before = {name: tensor.clone() for name, tensor in model.named_parameters()}
+    training_step(model, tiny_inputs)
+    unchanged = [name for name, tensor in model.named_parameters() if torch.equal(tensor, before[name])]
+    assert not unchanged
+    assert logits(model, tiny_inputs).shape == (2, 2, *PATCH)
