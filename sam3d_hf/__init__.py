@@ -28,6 +28,15 @@ from .modeling_sam3d import (
     Sam3DPreTrainedModel,
     Sam3DSegmentationOutput,
 )
+from .peft_sam3d import (
+    DEFAULT_LORA_MODULES_TO_SAVE,
+    DEFAULT_LORA_TARGET_MODULES,
+    Sam3DAdapterConfig,
+    Sam3DAdapterModel,
+    enable_full_finetuning,
+    get_adapter_model,
+    lora_config,
+)
 from .processing_sam3d import MODEL_INPUT_KEYS, Sam3DProcessor, cluster_points, save_mask_nifti
 
 __version__ = "0.1.0.dev0"
@@ -40,9 +49,13 @@ Sam3DConfig.register_for_auto_class()
 Sam3DForPromptableSegmentation.register_for_auto_class("AutoModel")
 
 __all__ = [
+    "DEFAULT_LORA_MODULES_TO_SAVE",
+    "DEFAULT_LORA_TARGET_MODULES",
     "MODEL_INPUT_KEYS",
     "SAM3D_PRESETS",
     "ConversionReport",
+    "Sam3DAdapterConfig",
+    "Sam3DAdapterModel",
     "Sam3DConfig",
     "Sam3DDatasetPreset",
     "Sam3DForPromptableSegmentation",
@@ -61,9 +74,12 @@ __all__ = [
     "convert_official_state_dicts",
     "convert_sam_checkpoint",
     "convert_sam_state_dict",
+    "enable_full_finetuning",
+    "get_adapter_model",
     "load_official_checkpoint",
     "load_sam_checkpoint",
     "load_volume",
+    "lora_config",
     "save_converted",
     "save_mask_nifti",
     "to_official_state_dicts",
