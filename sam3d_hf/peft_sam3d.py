@@ -86,16 +86,29 @@ class Sam3DAdapterConfig:
 
     def __post_init__(self):
         if self.peft_type != PEFT_TYPE:
-            raise ValueError(f"peft_type must be {PEFT_TYPE!r}, got {self.peft_type!r}")
+            raise ValueError(
+                f"peft_type must be {PEFT_TYPE!r}, got {self.peft_type!r} (a peft LoRA / other method folder loads "
+                "with peft.PeftModel.from_pretrained instead)"
+            )
         if not isinstance(self.adapter_dim, int) or isinstance(self.adapter_dim, bool) or self.adapter_dim <= 0:
             raise ValueError(f"adapter_dim must be a positive int, got {self.adapter_dim!r}")
         if self.adapter_layers is not None:
+            if not isinstance(self.adapter_layers, (list, tuple)):
+                raise TypeError(
+                    f"adapter_layers must be a list of block indices or None, got {self.adapter_layers!r} "
+                    "(for one block write [i])"
+                )
             layers = list(self.adapter_layers)
             if any(not isinstance(i, int) or isinstance(i, bool) or i < 0 for i in layers):
                 raise ValueError(f"adapter_layers must be non-negative block indices, got {self.adapter_layers!r}")
             if len(set(layers)) != len(layers):
                 raise ValueError(f"adapter_layers has repeated block indices: {self.adapter_layers!r}")
             self.adapter_layers = sorted(layers)
+        if not isinstance(self.trainable_groups, (list, tuple)):
+            raise TypeError(
+                f"trainable_groups must be a list of group names, got {self.trainable_groups!r} "
+                f"(for one group write [{self.trainable_groups!r}])"
+            )
         groups = list(self.trainable_groups)
         unknown = [g for g in groups if g not in PARAMETER_GROUPS]
         if unknown:
@@ -108,6 +121,12 @@ class Sam3DAdapterConfig:
                 f"trainable_groups or set adapter_layers=[] (got trainable_groups={groups!r})"
             )
         self.trainable_groups = groups
+        for name in ("base_model_name_or_path", "revision"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise TypeError(f"{name} must be a string or None, got {value!r}")
+        if not isinstance(self.inference_mode, bool):
+            raise TypeError(f"inference_mode must be True or False, got {self.inference_mode!r}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -125,6 +144,13 @@ class Sam3DAdapterConfig:
         if not path.is_file():
             raise ValueError(f"no {ADAPTER_CONFIG_NAME} in {directory}; is this a Sam3D adapter folder?")
         values = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(values, dict):
+            raise ValueError(f"{path} must hold a JSON object, got {type(values).__name__}")
+        if values.get("peft_type", PEFT_TYPE) != PEFT_TYPE:
+            raise ValueError(
+                f"{path} is a peft {values['peft_type']!r} adapter, not {PEFT_TYPE!r}: load it with "
+                "peft.PeftModel.from_pretrained(base_model, directory)"
+            )
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -140,9 +166,12 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 
 class Sam3DAdapterModel(nn.Module):
-    """A [`Sam3DForPromptableSegmentation`] prepared for the paper's fine-tuning: adapters built where the config says,
-    every parameter outside `trainable_groups` frozen. Calls and `get_image_embeddings` go to the wrapped model, with
-    its conventions (`pixel_values (B, 1, D, H, W)`, `input_points (B, N, 3)` patch voxels `(z, y, x)`).
+    """A [`Sam3DForPromptableSegmentation`] prepared for the paper's fine-tuning, changed in place like peft does:
+    adapters (re)built where the config says (`config.vision_config.adapter_dim` / `adapter_layers` updated to match;
+    new adapters get the model's initialisation, existing ones of the right width are kept), every parameter outside
+    `trainable_groups` frozen (all of them with `inference_mode=True`). Calls and `get_image_embeddings` go to the
+    wrapped model, with its conventions (`pixel_values (B, 1, D, H, W)`, `input_points (B, N, 3)` patch voxels
+    `(z, y, x)`, `input_labels (B, N)` with -1 for padding).
     """
 
     def __init__(self, model: Sam3DForPromptableSegmentation, adapter_config: Sam3DAdapterConfig):
@@ -226,15 +255,24 @@ class Sam3DAdapterModel(nn.Module):
         config = self.adapter_config
         if config.base_model_name_or_path is None and self.model.config._name_or_path:
             config = dataclasses.replace(config, base_model_name_or_path=self.model.config._name_or_path)
+        if target.exists() and not target.is_dir():
+            raise ValueError(f"save_directory {target} exists and is not a folder")
         staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+        retired = staging.with_name(staging.name + ".old")
         try:
             config.save_pretrained(staging)
             save_file(self.adapter_state_dict(), staging / ADAPTER_WEIGHTS_NAME, metadata={"format": "pt"})
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(staging, target)
+            if target.exists():  # keep the earlier save until the new one is complete, then swap the two folders
+                os.replace(target, retired)
+            try:
+                os.replace(staging, target)
+            except OSError:
+                if retired.exists():
+                    os.replace(retired, target)
+                raise
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+            shutil.rmtree(retired, ignore_errors=True)
 
     @classmethod
     def from_pretrained(
@@ -261,7 +299,10 @@ class Sam3DAdapterModel(nn.Module):
             (n, tuple(t.shape), tuple(expected[n].shape)) for n, t in tensors.items() if t.shape != expected[n].shape
         ]
         if wrong:
-            raise ValueError(f"shape mismatch (name, file, model): {wrong[:5]}")
+            raise ValueError(
+                f"{path} does not fit this model: shape mismatch (name, file, model) {wrong[:5]} ({len(wrong)} in "
+                "all); the file was written for another base size or adapter width than its config and model say"
+            )
         with torch.no_grad():
             for name, tensor in tensors.items():
                 expected[name].copy_(tensor)
