@@ -335,9 +335,17 @@ def lora_config(
     Build the base without spatial adapters (`Sam3DConfig(vision_config={"adapter_layers": []})` or
     `from_sam_pretrained(..., vision_config={"adapter_layers": []})`), then `peft.get_peft_model(model, lora_config())`.
     Targets: every ViT block's `attn.qkv` and `attn.proj` (`DEFAULT_LORA_TARGET_MODULES`); trained in full:
-    `DEFAULT_LORA_MODULES_TO_SAVE` (prompt encoder, decoder, necks, patch embedding with its depth taps). The depth
-    table and `rel_pos_d` are bare parameters that peft cannot save: they keep their SAM initialisation (zeros and
-    `(rel_pos_h + rel_pos_w) / 2`). `merge_and_unload()` returns a plain `Sam3DForPromptableSegmentation`.
+    `DEFAULT_LORA_MODULES_TO_SAVE` (prompt encoder, decoder, necks, patch embedding with its depth taps). At ViT-B with
+    `r=16`: 884,736 LoRA parameters + 18,067,840 trained in full = 18,952,576.
+
+    Limits of peft 0.21 here: `modules_to_save` holds modules, not bare parameters, so
+    - the depth taps train through the whole patch embedding, SAM's 16x16 kernel and bias included (196,608 + 768
+      parameters at ViT-B that the paper's scheme keeps frozen);
+    - the depth table `depth_embed` and every block's `rel_pos_d` keep their SAM initialisation (zeros and
+      `(rel_pos_h + rel_pos_w) / 2`): training them would mean wrapping the whole vision encoder or attention.
+      `target_parameters=["rel_pos_d"]` gives `rel_pos_d` a low-rank (not full) update and works; targeting
+      `depth_embed` wraps the vision encoder itself, after which peft cannot reach its children (AttributeError).
+    `merge_and_unload()` returns a plain `Sam3DForPromptableSegmentation`.
     """
     return LoraConfig(
         r=r,

@@ -300,6 +300,20 @@ def test_lora_baseline_trains_saves_reloads_and_merges(tiny_inputs, tmp_path):
     assert (logits(merged, tiny_inputs) - expected).abs().max() <= 5e-6 * expected.abs().max()
 
 
+def test_lora_counts_at_vit_b():
+    with torch.device("meta"):
+        base = Sam3DForPromptableSegmentation(Sam3DConfig(vision_config={"adapter_layers": []}))
+    in_full = sum(
+        p.numel()
+        for n, p in base.named_parameters()
+        if n.startswith(("prompt_encoder.", "mask_decoder.", "vision_encoder.patch_embed.", "vision_encoder.necks."))
+    )
+    model = peft.get_peft_model(base, lora_config(r=16))
+    lora = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and ".lora_" in n)
+    assert lora == 12 * 16 * ((768 + 3 * 768) + (768 + 768))  # r x (in + out) for qkv and proj of 12 blocks
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == lora + in_full == 18_952_576
+
+
 def test_full_finetuning_trains_everything(tiny_inputs):
     model = base_model(seed=1)
     assert enable_full_finetuning(model) == sum(p.numel() for p in model.parameters())
