@@ -1,5 +1,14 @@
+import os
+
 import pytest
 import torch
+
+# One intra-op thread unless the caller chose: on a small shared CPU box, OpenMP threads that wait on each other at
+# every op barrier while another process holds a core made the tiny-model forward 35x slower (test_modeling: 12 s
+# with one thread, 160 s with two under load; about the same with either on an idle machine).
+if "OMP_NUM_THREADS" not in os.environ:
+    os.environ["OMP_NUM_THREADS"] = "1"  # inherited by subprocess tests
+    torch.set_num_threads(1)
 
 from sam3d_hf import Sam3DConfig, Sam3DForPromptableSegmentation
 

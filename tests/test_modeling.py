@@ -130,8 +130,19 @@ def test_one_patch_broadcast_over_several_prompt_sets(tiny_model, tiny_inputs):
 
 
 def test_eager_equals_sdpa_and_eager_really_runs(tiny_model, tiny_inputs, monkeypatch):
+    calls = []
+    real_sdpa = F.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return real_sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(modeling.F, "scaled_dot_product_attention", spy)
     sdpa = logits_of(tiny_model, **tiny_inputs)
+    assert calls, "the default path never called SDPA: the comparison would be eager against eager"
     tiny_model.set_attn_implementation("eager")
+    sub_configs = (tiny_model.config.vision_config, tiny_model.config.prompt_encoder_config)
+    assert all(sub._attn_implementation == "eager" for sub in sub_configs)
 
     def refuse(*args, **kwargs):
         raise AssertionError("SDPA called on the eager path")
@@ -201,8 +212,9 @@ def linear_resize(table: np.ndarray, length: int) -> np.ndarray:
     return out
 
 
-def test_relative_position_bias_matches_per_pair_formula(tiny_model):
-    attention = tiny_model.vision_encoder.layers[1].attn  # 31-row tables, resized to 15
+@pytest.mark.parametrize("layer", [0, 1])  # SAM's 7-row windowed and 31-row "global" tables, both resized to 15
+def test_relative_position_bias_matches_per_pair_formula(tiny_model, layer):
+    attention = tiny_model.vision_encoder.layers[layer].attn
     query = torch.randn(2, attention.num_heads, 512, attention.head_dim, dtype=torch.float64)
     attention.double()
     bias = attention.relative_position_bias(query, None)
@@ -290,11 +302,16 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_config, t
     results = []
     for checkpointing in (False, True):
         model = randomize(Sam3DForPromptableSegmentation(tiny_config)).train()
-        if checkpointing:
+        if checkpointing:  # transformers 5 name; gradient_checkpointing_enable is its deprecated alias
             model.activation_checkpointing_enable()
+            assert model.is_activation_checkpointing
             assert all(layer.gradient_checkpointing for layer in model.vision_encoder.layers)
+        block_runs = []
+        hook = model.vision_encoder.layers[0].attn.register_forward_hook(lambda *args, runs=block_runs: runs.append(1))
         loss = model(**tiny_inputs, labels=labels).loss
         loss.backward()
+        hook.remove()
+        assert len(block_runs) == (2 if checkpointing else 1)  # checkpointing recomputes the block in backward
         results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
     (loss_a, grads_a), (loss_b, grads_b) = results
     assert torch.allclose(loss_a, loss_b, atol=1e-6)
