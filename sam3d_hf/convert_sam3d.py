@@ -318,7 +318,10 @@ def _torch_load(path: str | os.PathLike) -> object:
     """`torch.load(path, weights_only=True)`: tensors, plain containers and numbers only (plus numpy scalars, which
     training scripts store as `best_val_loss` and which are plain numbers too). Raises `ValueError` otherwise."""
     # numpy >= 2 pickles numpy scalars as numpy._core.multiarray.scalar, numpy 1.x as numpy.core.multiarray.scalar.
-    scalar = np._core.multiarray.scalar
+    try:
+        from numpy._core.multiarray import scalar
+    except ImportError:  # numpy 1.x (setup.py allows >= 1.26)
+        from numpy.core.multiarray import scalar
     allowed = [scalar, (scalar, "numpy.core.multiarray.scalar"), np.dtype, *{type(np.dtype(t)) for t in "?bhilqefdg"}]
     try:
         with torch.serialization.safe_globals(allowed):
