@@ -166,8 +166,37 @@ def test_segment_anything_vit_b_converts_exactly(sam_vit_b):
         assert state[ours + "attn.rel_pos_d"].shape == ((127, 64) if i in (2, 5, 8, 11) else (27, 64))
         assert state[ours + "attn.rel_pos_scale"].item() == 1.0
     assert torch.count_nonzero(state["vision_encoder.depth_embed"]) == 0
+    # And every tensor the report calls copied is the source tensor, bit for bit (170 of them at ViT-B).
+    copied = [line.split(" -> ") for line in report.copied]
+    assert len(copied) == 2 + 12 * 14  # pos_embed, patch bias; per block 2 norms, qkv, proj, mlp (w+b), rel_pos_h/w
+    for source_key, target in copied:
+        assert torch.equal(state[target], source[source_key]), target
     summary = report.summary()
     assert "12 x rel_pos_d = 0.5 * (rel_pos_h + rel_pos_w)" in summary and "1 x sum over RGB" in summary
+
+
+@pytest.mark.parametrize("size", ["vit_b", "vit_l", "vit_h"])
+def test_sam_size_is_detected_from_the_tensors(sam_model_registry, size):
+    """Each SAM size is recognised from its tensors' shapes alone (built on the meta device: no 2.5 GB ViT-H), and
+    the preset it maps to has SAM's own widths, depths and global blocks."""
+    with torch.device("meta"):
+        source = sam_model_registry[size]().state_dict()
+    fmt = convert._sam_format(source)
+    assert fmt == "segment_anything"
+    tensors = {}
+    for key, tensor in source.items():
+        for pattern, template, transform in convert._SAM_RULES[fmt]:
+            match = re.fullmatch(pattern, key)
+            if match:
+                tensors[match.expand(template)] = convert._TRANSFORMS[transform](tensor)
+                break
+    architecture = convert._sam_architecture(tensors)
+    expected = {"vit_b": (768, 12, 12, [2, 5, 8, 11]), "vit_l": (1024, 24, 16, [5, 11, 17, 23])}
+    expected["vit_h"] = (1280, 32, 16, [7, 15, 23, 31])
+    found = tuple(architecture[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads"))
+    assert (*found, architecture["global_attn_indexes"]) == expected[size]
+    assert architecture["sam_window_size"] == 14 and architecture["sam_image_size"] == 1024
+    assert convert._sam_preset(architecture) == size
 
 
 def test_from_sam_pretrained_overrides_the_preset(sam_vit_b):

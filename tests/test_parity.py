@@ -3,7 +3,7 @@
 The fixture's weights are rebuilt from `weights_spec.json` in the official snapshot layout, imported with
 `convert_official_state_dicts`, and run on the fixture's 128³ patch and clicks; the final logits and every probe
 (tokens entering block 0, the four levels, the prompt-refined level) must match the float64 official run within the
-README's tolerances. About 70 s and 3.5 GB on 2 CPU cores.
+README's tolerances. About 65 s on 2 CPU threads, 115 s on the one thread tests/conftest.py pins; 3 GB peak.
 """
 
 import json
