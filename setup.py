@@ -25,7 +25,7 @@ setup(
     ],
     extras_require={
         "io": ["pynrrd>=1.0", "pydicom>=2.4"],
-        "dev": ["pytest>=8", "ruff>=0.6", "pynrrd>=1.0", "pydicom>=2.4", "segment-anything==1.0"],
+        "dev": ["pytest>=8", "ruff>=0.6", "parameterized>=0.9", "pynrrd>=1.0", "pydicom>=2.4", "segment-anything==1.0"],
     },
     entry_points={"console_scripts": ["sam3d=sam3d_hf.cli:main"]},
 )
