@@ -83,7 +83,9 @@ class Sam3DProcessor(ProcessorMixin):
     aligned voxel for voxel with the original data; [`save_mask_nifti`] writes it next to the scan.
 
     Args:
-        image_processor ([`Sam3DImageProcessor`], *optional*): defaults to `Sam3DImageProcessor()` (KiTS21 preset).
+        image_processor ([`Sam3DImageProcessor`], *optional*): defaults to `Sam3DImageProcessor()` (KiTS21's intensity
+            settings, no `target_label`: label maps must then be binary); use [`~Sam3DProcessor.from_preset`] for a
+            dataset's full preset.
         patch_size (`tuple[int, int, int]`, defaults to `(128, 128, 128)`): `(D, H, W)` patch in resampled voxels,
             each a multiple of 4 (the model's token stride).
         cluster_margin (`int`, defaults to 16): clicks are kept in one patch only if their bounding box leaves at least
