@@ -270,7 +270,8 @@ def load_volume(
             f"Expected a 3D volume, got {data.ndim}D data of shape {tuple(data.shape)} from {source}. "
             "Pass a single 3D scan (select one time point / channel of 4D data first)."
         )
-    if not np.issubdtype(data.dtype, np.number) or np.issubdtype(data.dtype, np.complexfloating):
+    numeric = np.issubdtype(data.dtype, np.number) or data.dtype == bool  # boolean masks are common label maps
+    if not numeric or np.issubdtype(data.dtype, np.complexfloating):
         raise ValueError(f"Expected real numeric voxels, got dtype {data.dtype} from {source}.")
     data = data.astype(np.float32, copy=False)
     n_bad = int(data.size - np.count_nonzero(np.isfinite(data)))
@@ -371,25 +372,43 @@ def resample_volume(
     is_label: bool = False,
     anisotropy_threshold: float = 3.0,
 ) -> np.ndarray:
-    """Resample a canonical 3D array to `new_size` the way nnU-Net does.
+    """Resample a canonical 3D array to `new_size` the way nnU-Net does (`resample_data_or_seg`).
 
-    Images: if `max(spacing) / min(spacing) > anisotropy_threshold`, cubic in-plane (per slice) and nearest through the
-    thick axis; otherwise separable cubic on all three axes. Labels: nearest everywhere. Voxel centres are aligned
-    (`align_corners=False`, `nearest-exact`).
+    The scan is anisotropic when `max(spacing) / min(spacing) > anisotropy_threshold`: it is then interpolated in-plane
+    (per slice) and with nearest neighbour through the thick axis; otherwise on all three axes.
+
+    * Images: cubic (in-plane, or separable cubic on all axes).
+    * Labels (`is_label=True`, integer values): as nnU-Net with segmentation order 1 -- each label's binary map is
+      interpolated linearly (bilinear in-plane and nearest through the thick axis when anisotropic, trilinear
+      otherwise) and the voxels where it reaches 0.5 take that label, labels visited in increasing order (a later
+      label wins a tie). Nearest neighbour on the label map itself shifts boundaries by up to half a voxel.
+
+    Voxel centres are aligned (`align_corners=False`, `nearest-exact`). `spacing` is in mm per canonical axis. Returns
+    float32 for images and the input's dtype for labels.
     """
-    x = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
-    if is_label:
-        return F.interpolate(x[None, None], size=tuple(new_size), mode="nearest-exact")[0, 0].numpy()
     spacing = np.asarray(spacing, np.float64)
-    if spacing.max() / spacing.min() > anisotropy_threshold:
-        thick = int(np.argmax(spacing))
-        in_plane = [a for a in range(3) if a != thick]
-        x = _interpolate_axes(x, in_plane, [new_size[a] for a in in_plane], "bicubic")
-        x = _interpolate_axes(x, [thick], [new_size[thick]], "nearest-exact")
-    else:
-        x = _interpolate_axes(x, [1, 2], [new_size[1], new_size[2]], "bicubic")
-        x = _interpolate_axes(x, [0], [new_size[0]], "bicubic")
-    return x.contiguous().numpy()
+    anisotropic = spacing.max() / spacing.min() > anisotropy_threshold
+    mode = "bilinear" if is_label else "bicubic"
+
+    def interpolate(x: torch.Tensor) -> torch.Tensor:
+        if anisotropic:
+            thick = int(np.argmax(spacing))
+            in_plane = [a for a in range(3) if a != thick]
+            x = _interpolate_axes(x, in_plane, [new_size[a] for a in in_plane], mode)
+            return _interpolate_axes(x, [thick], [new_size[thick]], "nearest-exact")
+        x = _interpolate_axes(x, [1, 2], [new_size[1], new_size[2]], mode)
+        return _interpolate_axes(x, [0], [new_size[0]], mode)
+
+    if not is_label:
+        x = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+        return interpolate(x).contiguous().numpy()
+    out = np.zeros(tuple(new_size), array.dtype)
+    for value in np.unique(array):
+        if value == 0:  # background is what no label claims
+            continue
+        binary = torch.from_numpy(np.ascontiguousarray(array == value, dtype=np.float32))
+        out[interpolate(binary).numpy() >= 0.5] = value
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -471,7 +490,8 @@ class Sam3DImageProcessor(BaseImageProcessor):
 
     Steps: read (NIfTI / NRRD / DICOM folder / nibabel / array) -> reorient to the canonical `(D, H, W)` axes (default
     `(S, A, R)`, see the module docstring) -> clip to `window` -> resample to `target_spacing` (nnU-Net rule for
-    anisotropic scans) -> clip again (cubic overshoot) -> `(x - intensity_mean) / intensity_std`.
+    anisotropic scans) -> clip again (cubic overshoot) -> `(x - intensity_mean) / intensity_std`. Label maps are
+    binarised to `target_label` and resampled the nnU-Net way (see [`resample_volume`]).
 
     Args:
         window (`tuple[float, float]`, defaults to KiTS21's `(-52, 247)`): HU clipping window.
@@ -480,11 +500,14 @@ class Sam3DImageProcessor(BaseImageProcessor):
         anisotropy_threshold (`float`, defaults to 3): above this max/min spacing ratio the scan is resampled in-plane
             (cubic) and through-plane (nearest) separately, as nnU-Net does.
         axis_order (`str`, defaults to `"SAR"`): world direction each of `(D, H, W)` grows towards.
-        target_label (`int`, *optional*): when set, returned `labels` are binary `(label_map == target_label)`; when
-            `None` (the default, even though the intensity defaults are KiTS21's) label values are returned as given.
-            [`~Sam3DImageProcessor.from_preset`] sets the dataset's tumour label.
-        preset (`str`, *optional*): name of the preset these values come from (informational; see
-            [`Sam3DImageProcessor.from_preset`]).
+        target_label (`int`, *optional*): label value of the structure to segment; returned `labels` are then binary
+            `(label_map == target_label)`. When `None` (the default) label maps must already be binary (values 0/1):
+            a map with other values (e.g. KiTS21's 1 kidney / 2 tumour / 3 cyst) is refused rather than guessed, since
+            a wrong guess trains on the wrong structure. [`~Sam3DImageProcessor.from_preset`] sets the dataset's
+            tumour label. Non-integer label values are refused.
+        preset (`str`, *optional*): name of the preset these values come from (informational), set by
+            [`Sam3DImageProcessor.from_preset`]. `None` by default: the default intensity settings are KiTS21's, but
+            a default processor is not the KiTS21 preset, whose `target_label` is 2.
     """
 
     model_input_names: ClassVar[list[str]] = ["pixel_values"]
@@ -499,7 +522,7 @@ class Sam3DImageProcessor(BaseImageProcessor):
         anisotropy_threshold: float = 3.0,
         axis_order: str = "SAR",
         target_label: int | None = None,
-        preset: str | None = "kits21",
+        preset: str | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -567,8 +590,10 @@ class Sam3DImageProcessor(BaseImageProcessor):
 
         Args:
             images: one volume, see [`load_volume`] (a list of one is accepted).
-            segmentation_maps: optional label map of the same shape (path, nibabel image or array in the same stored
-                axis order as the image); resampled with nearest neighbour.
+            segmentation_maps: optional integer label map of the same shape (path, nibabel image or array in the same
+                stored axis order as the image): binarised to `target_label` (or already binary when it is `None`),
+                then resampled the nnU-Net way (linear interpolation of the binary map, nearest through thick slices,
+                threshold 0.5; see [`resample_volume`]).
             spacing, affine: geometry for array inputs, see [`load_volume`].
 
         Returns:
@@ -584,7 +609,7 @@ class Sam3DImageProcessor(BaseImageProcessor):
         data, geometry = self._geometry_and_resample(volume)
         out = {"pixel_values": data[None, None], **geometry}
         if label_data is not None:
-            out["labels"] = self._resample_labels(label_data, geometry)[None]
+            out["labels"] = self._resample_labels(label_data, geometry)[None].astype(np.int64)
         return BatchFeature(out, tensor_type=return_tensors)
 
     # -- internals shared with Sam3DProcessor ------------------------------------------------------------------------
@@ -610,6 +635,7 @@ class Sam3DImageProcessor(BaseImageProcessor):
                 f"The label map's affine differs from the image's:\n{labels.affine.round(4)}\nvs\n"
                 f"{volume.affine.round(4)}; resample the label map onto the image grid first."
             )
+        self._check_labels(labels.data)
         return volume, labels.data
 
     def _geometry_and_resample(self, volume: Sam3DVolume) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -637,13 +663,39 @@ class Sam3DImageProcessor(BaseImageProcessor):
         return data, geometry
 
     def _resample_labels(self, label_data: np.ndarray, geometry: dict[str, np.ndarray]) -> np.ndarray:
+        """Binary target map (see `_check_labels`) resampled the nnU-Net way onto the resampled canonical grid."""
         axes, flips = geometry["canonical_axes"].tolist(), geometry["canonical_flips"].tolist()
-        canonical = to_canonical(label_data, axes, flips)
-        labels = resample_volume(canonical, None, geometry["resampled_size"].tolist(), is_label=True)
-        labels = np.rint(labels).astype(np.int64)
-        if self.target_label is not None:
-            labels = (labels == self.target_label).astype(np.int64)
-        return labels
+        if self.target_label is not None:  # binarise first: the official code resamples the binary target map
+            label_data = label_data == self.target_label
+        canonical = to_canonical(label_data.astype(np.uint8), axes, flips)
+        spacing = np.linalg.norm(geometry["original_affine"][:3, :3], axis=0)[axes]
+        labels = resample_volume(
+            canonical,
+            spacing,
+            geometry["resampled_size"].tolist(),
+            is_label=True,
+            anisotropy_threshold=self.anisotropy_threshold,
+        )
+        return labels  # uint8 0/1: int64 on the whole 1 mm grid costs seconds; the crops are cast
+
+    def _check_labels(self, label_data: np.ndarray) -> None:
+        """Refuse label maps the model cannot train on: non-integer values, or several labels and no `target_label`."""
+        fractional = np.unique(label_data[label_data != np.rint(label_data)])  # full-volume np.unique is slow
+        if fractional.size:
+            raise ValueError(
+                f"The label map holds non-integer values {fractional[:10].tolist()}; expected integer labels "
+                "(0 background, 1, 2, ... structures). Pass the label map itself, not probabilities or a resampled "
+                "(interpolated) copy."
+            )
+        if self.target_label is None and np.any((label_data != 0) & (label_data != 1)):
+            values = np.unique(label_data).astype(np.int64)
+            raise ValueError(
+                f"The label map holds the values {values[:20].tolist()} but this processor has no "
+                "`target_label`, so it cannot tell which structure the model should segment. Set it, e.g. "
+                "`Sam3DImageProcessor(target_label=2)`, or build the processor with "
+                "`Sam3DProcessor.from_preset('kits21')` (which sets the dataset's tumour label), or pass a binary "
+                "(0/1) map."
+            )
 
 
 AutoImageProcessor.register(

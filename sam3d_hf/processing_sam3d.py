@@ -6,6 +6,7 @@ axes, resampled grid).
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from collections.abc import Sequence
@@ -32,6 +33,8 @@ from .image_processing_sam3d import (
 )
 
 __all__ = ["MODEL_INPUT_KEYS", "Sam3DProcessor", "cluster_points", "save_mask_nifti"]
+
+logger = logging.getLogger(__name__)
 
 # Keys of the processor's output that the model's forward takes; the others describe the geometry for inversion.
 MODEL_INPUT_KEYS = ("pixel_values", "input_points", "input_labels")
@@ -80,7 +83,9 @@ class Sam3DProcessor(ProcessorMixin):
     aligned voxel for voxel with the original data; [`save_mask_nifti`] writes it next to the scan.
 
     Args:
-        image_processor ([`Sam3DImageProcessor`], *optional*): defaults to `Sam3DImageProcessor()` (KiTS21 preset).
+        image_processor ([`Sam3DImageProcessor`], *optional*): defaults to `Sam3DImageProcessor()` (KiTS21's intensity
+            settings, no `target_label`: label maps must then be binary); use [`~Sam3DProcessor.from_preset`] for a
+            dataset's full preset.
         patch_size (`tuple[int, int, int]`, defaults to `(128, 128, 128)`): `(D, H, W)` patch in resampled voxels,
             each a multiple of 4 (the model's token stride).
         cluster_margin (`int`, defaults to 16): clicks are kept in one patch only if their bounding box leaves at least
@@ -157,30 +162,39 @@ class Sam3DProcessor(ProcessorMixin):
 
         Every point must lie within the volume's voxel extent `[-0.5, size - 0.5]` on each stored axis.
 
-        Clicks are grouped (see [`cluster_points`]) so that each group fits in one patch with `cluster_margin` voxels of
-        context; each group gets one patch (one batch row) centred on the group's bounding box, shifted to stay inside
-        the volume when the volume is at least as large as the patch, and padded with the normalised window lower
-        bound (air, `image_processor.pad_value`) where it is not. Each row carries every click that falls inside its
-        patch, padded with label -1.
+        Positive clicks are grouped (see [`cluster_points`]) so that each group fits in one patch with `cluster_margin`
+        voxels of context; each group gets one patch (one batch row) centred on the group's bounding box, shifted to
+        stay inside the volume when the volume is at least as large as the patch, and padded with the normalised window
+        lower bound (air, `image_processor.pad_value`) where it is not. Each row carries every click (positive or
+        negative) that falls inside its patch, padded with label -1.
+
+        Negative clicks (label 0) never open a patch of their own: one goes with the patch(es) of the positive clicks
+        it falls in, and one that falls in none is not used (its `point_cluster` is -1 and a warning names it).
+        Negative clicks only mean something to a model trained with them (`config.use_point_labels=True`); a model
+        without point labels treats every click as positive.
 
         Args:
             images: one volume (path, nibabel image, numpy/torch array), see [`load_volume`].
             input_points: `(N, 3)` clicks (list of triples, array or tensor; `(1, N, 3)` is accepted).
-            input_labels: `(N,)` 1 (positive) / 0 (negative); defaults to all positive.
-            segmentation_maps: optional label map voxel-aligned with the image (same stored shape); returned as
-                `labels`, cropped and resampled (nearest) like the image, binarised to `target_label` when set.
+            input_labels: `(N,)` 1 (positive) / 0 (negative); defaults to all positive. At least one must be 1.
+                Negative clicks need a model with `config.use_point_labels=True`.
+            segmentation_maps: optional integer label map voxel-aligned with the image (same stored shape); returned
+                as `labels`: binarised to `image_processor.target_label` (a map with values other than 0/1 needs one),
+                resampled the nnU-Net way (linear interpolation of the binary map, nearest through thick slices,
+                threshold 0.5) and cropped like the image.
             spacing, affine: geometry for array inputs (spacing per array axis, affine 4x4 voxel-to-RAS mm).
             points_in: `"voxel"` or `"world"`.
             return_tensors: `"pt"` (default), `"np"` or `None`.
 
         Returns:
-            [`BatchFeature`] with, for `B` click clusters and `N` points per row:
+            [`BatchFeature`] with, for `B` clusters of positive clicks and `N` points per row:
             - `pixel_values` `(B, 1, D, H, W)` float32, `input_points` `(B, N, 3)` float32 patch voxel `(d, h, w)`,
               `input_labels` `(B, N)` int64 (-1 = padding), `labels` `(B, D, H, W)` int64 (with `segmentation_maps`);
             - geometry: `patch_origins` `(B, 3)` int64 (resampled voxel of patch voxel `(0, 0, 0)`; may be negative),
               `patch_affines` `(B, 4, 4)` (patch voxel `(d, h, w)` -> RAS mm), `point_cluster` `(N,)` (row of each
-              input click), and the image processor's `original_size`, `original_affine`, `canonical_axes`,
-              `canonical_flips`, `canonical_size`, `resampled_size`, `resampled_spacing`, `resampled_affine`.
+              input click: a positive click's own patch, a negative click's first patch containing it, -1 if none),
+              and the image processor's `original_size`, `original_affine`, `canonical_axes`, `canonical_flips`,
+              `canonical_size`, `resampled_size`, `resampled_spacing`, `resampled_affine`.
             Pass only `pixel_values`, `input_points`, `input_labels` to the model.
         """
         if kwargs:
@@ -191,7 +205,7 @@ class Sam3DProcessor(ProcessorMixin):
             raise ValueError(f"`points_in` must be 'voxel' or 'world', got {points_in!r}.")
         ip = self.image_processor
         volume, label_data = ip._load_pair(images, segmentation_maps, spacing, affine)
-        points, labels_in = self._validate_points(input_points, input_labels, volume, points_in)
+        points, labels_in, points_given = self._validate_points(input_points, input_labels, volume, points_in)
 
         data, geometry = ip._geometry_and_resample(volume)
         resampled_size = geometry["resampled_size"]
@@ -206,7 +220,12 @@ class Sam3DProcessor(ProcessorMixin):
         points_r = np.clip(points_r, 0, resampled_size - 1)  # points at the outer half voxel
 
         patch = np.asarray(self.patch_size)
-        clusters = cluster_points(points_r, patch - 1 - 2 * self.cluster_margin)
+        # Only positive clicks open patches: a negative click says where the object is not, so a patch around it
+        # alone would segment whatever lies there.
+        positive = np.nonzero(labels_in == 1)[0]
+        clusters = [
+            positive[c].tolist() for c in cluster_points(points_r[positive], patch - 1 - 2 * self.cluster_margin)
+        ]
         origins = []
         for members in clusters:
             box = points_r[members]
@@ -219,12 +238,13 @@ class Sam3DProcessor(ProcessorMixin):
 
         label_map = ip._resample_labels(label_data, geometry) if label_data is not None else None
         rows_points, rows_labels, pixel_values, label_patches, patch_affines = [], [], [], [], []
-        point_cluster = np.zeros(len(points), np.int64)
+        point_cluster = np.full(len(points), -1, np.int64)
         for b, (members, origin) in enumerate(zip(clusters, origins)):
-            point_cluster[members] = b
             local = points_r - origin
             inside = np.all((local >= 0) & (local <= patch - 1), axis=1)
             inside[members] = True
+            point_cluster[members] = b
+            point_cluster[inside & (labels_in == 0) & (point_cluster < 0)] = b  # a negative click: its first patch
             rows_points.append(local[inside])
             rows_labels.append(labels_in[inside])
             pixel_values.append(_crop(data, origin, patch, ip.pad_value))
@@ -234,6 +254,14 @@ class Sam3DProcessor(ProcessorMixin):
             shift[:3, 3] = origin
             patch_affines.append(geometry["resampled_affine"] @ shift)
 
+        unused = np.nonzero(point_cluster < 0)[0]
+        if unused.size:
+            logger.warning(
+                "Negative click(s) %s (input coordinates %s) fall in no patch of a positive click and are not used; "
+                "point_cluster is -1 for them.",
+                unused.tolist(),
+                [points_given[i].round(3).tolist() for i in unused],
+            )
         num_points = max(len(p) for p in rows_points)
         input_points = np.zeros((len(clusters), num_points, 3), np.float32)
         input_labels_arr = np.full((len(clusters), num_points), -1, np.int64)
@@ -257,7 +285,7 @@ class Sam3DProcessor(ProcessorMixin):
         return BatchFeature(out, tensor_type=return_tensors)
 
     def _validate_points(self, input_points, input_labels, volume: Sam3DVolume, points_in: str):
-        """Return `(N, 3)` float64 stored-voxel points and `(N,)` int64 labels, or raise a clear error."""
+        """Return `(N, 3)` float64 stored-voxel points, `(N,)` int64 labels and the points as given, or raise."""
         if input_points is None:
             raise ValueError("`input_points` is required: at least one click [[p0, p1, p2], ...].")
         if isinstance(input_points, torch.Tensor):
@@ -287,6 +315,11 @@ class Sam3DProcessor(ProcessorMixin):
             if not np.all(np.isin(labels, (0, 1))):
                 raise ValueError(f"`input_labels` must be 1 (positive) or 0 (negative), got {labels.tolist()}.")
             labels = labels.astype(np.int64)
+            if not np.any(labels == 1):
+                raise ValueError(
+                    f"`input_labels` {labels.tolist()} has no positive click (1): patches are placed around positive "
+                    "clicks and negative clicks (0) only refine them. Add at least one click on the object."
+                )
 
         if points_in == "world":
             homogeneous = np.concatenate([points, np.ones((len(points), 1))], axis=1)
@@ -307,7 +340,7 @@ class Sam3DProcessor(ProcessorMixin):
                 f"stored-voxel range [-0.5, size - 0.5] with size {size.tolist()}, in the data's stored axis order "
                 f"(NIfTI i, j, k / array axes)): " + "; ".join(lines)
             )
-        return voxels, labels
+        return voxels, labels, points
 
     def post_process_masks(
         self,
@@ -325,13 +358,15 @@ class Sam3DProcessor(ProcessorMixin):
         Args:
             logits: `(B, 2, D, H, W)` (or `(B, 1, D, H, W)`) model output for the rows of `inputs`.
             inputs: the [`BatchFeature`] returned by this processor's `__call__` for the same volume.
-            threshold: foreground probability threshold (`prob >= threshold`).
+            threshold: foreground probability threshold (`prob >= threshold`), strictly between 0 and 1.
             return_probabilities: return float32 probabilities instead of the thresholded mask.
 
         Returns:
             `torch.Tensor` of exactly `inputs["original_size"]`, in the data's stored axis order (same as
             `nib.load(path).shape` / the input array), dtype `uint8` (0/1), or float32 probabilities.
         """
+        if not 0.0 < threshold < 1.0:  # 0 or below marks every voxel, 1 or above (almost) none
+            raise ValueError(f"`threshold` is a probability and must lie strictly between 0 and 1, got {threshold}.")
         logits = torch.as_tensor(logits).detach().float().cpu()
         origins = _as_numpy(inputs["patch_origins"]).astype(np.int64)
         patch = np.asarray(self.patch_size)
@@ -346,6 +381,12 @@ class Sam3DProcessor(ProcessorMixin):
             probs = torch.sigmoid(logits[:, 0])
         else:
             raise ValueError(f"`logits` must have 1 or 2 channels, got {logits.shape[1]}.")
+        n_bad = int(logits.numel() - torch.isfinite(logits).sum())
+        if n_bad:
+            raise ValueError(
+                f"`logits` has {n_bad} non-finite values (NaN/inf) out of {logits.numel()}: the model's output is "
+                "broken (check the input for NaN, or bf16/fp16 overflow); no mask can be made from it."
+            )
 
         resampled_size = _as_numpy(inputs["resampled_size"]).astype(np.int64)
         canvas = torch.zeros(tuple(resampled_size.tolist()))
@@ -390,22 +431,36 @@ def save_mask_nifti(
     mask: torch.Tensor | np.ndarray,
     reference: Any,
     path: str | os.PathLike,
+    dtype: str | None = None,
 ) -> str:
     """Write a mask as NIfTI in the reference scan's geometry, atomically (temporary file, then `os.replace`).
 
+    The file gets the mode of any new file of the user (`0o666` minus the umask).
+
     Args:
-        mask: array of the reference's stored shape (e.g. from [`Sam3DProcessor.post_process_masks`]); saved as uint8.
+        mask: array of the reference's stored shape (the data's stored axis order, NIfTI `(i, j, k)`), e.g. from
+            [`Sam3DProcessor.post_process_masks`].
         reference: the original scan, as a NIfTI path or nibabel image (its affine and header -- qform/sform codes,
             units, description -- are reused), or the processor's output (`original_affine` is used; for NRRD/DICOM
             or array inputs).
         path: destination ending in `.nii` or `.nii.gz`.
+        dtype: `None` (default) writes integer labels in the smallest unsigned type that holds them (`uint8` up to
+            255, `uint16` up to 65535); the mask must then hold whole, non-negative numbers (booleans included).
+            `"float32"` writes the values as they are, e.g. probabilities from
+            `post_process_masks(..., return_probabilities=True)`.
 
     Returns:
         The written path.
+
+    Raises:
+        ValueError: a bad suffix or `dtype`, a shape other than the reference's, non-finite values, or (integer
+            labels) fractional, negative or too large values.
     """
     path = os.fspath(path)
     if not path.lower().endswith((".nii", ".nii.gz")):
         raise ValueError(f"`path` must end with .nii or .nii.gz, got {path!r}.")
+    if dtype not in (None, "float32"):
+        raise ValueError(f"`dtype` must be None (integer labels) or 'float32' (e.g. probabilities), got {dtype!r}.")
     mask = _as_numpy(mask)
     if isinstance(reference, (BatchFeature, dict)):
         affine = _as_numpy(reference["original_affine"]).astype(np.float64)
@@ -423,9 +478,10 @@ def save_mask_nifti(
         header = ref_img.header.copy() if isinstance(ref_img.header, nib.Nifti1Header) else None
     if mask.shape != expected:
         raise ValueError(f"`mask` has shape {mask.shape} but the reference scan has shape {expected}.")
+    data = _mask_to_storable(mask, dtype)
 
-    image = nib.Nifti1Image(mask.astype(np.uint8), affine, header=header)
-    image.header.set_data_dtype(np.uint8)
+    image = nib.Nifti1Image(data, affine, header=header)
+    image.header.set_data_dtype(data.dtype)
     image.header.set_slope_inter(1.0, 0.0)
     if header is not None:  # keep the scan's qform/sform codes (the constructor may reset them)
         image.set_qform(affine, int(header["qform_code"]))
@@ -435,6 +491,9 @@ def save_mask_nifti(
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=directory)
     os.close(fd)
     try:
+        umask = os.umask(0)  # reading the umask means setting it; put it straight back
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0o600; a written mask is an ordinary user file
         nib.save(image, tmp)
         os.replace(tmp, path)
     except BaseException:
@@ -442,6 +501,34 @@ def save_mask_nifti(
             os.remove(tmp)
         raise
     return path
+
+
+def _mask_to_storable(mask: np.ndarray, dtype: str | None) -> np.ndarray:
+    """The mask as float32 (`dtype="float32"`) or as uint8/uint16 labels, refusing values a cast would corrupt."""
+    if mask.dtype == bool:
+        return mask.astype(np.uint8)
+    if not (np.issubdtype(mask.dtype, np.integer) or np.issubdtype(mask.dtype, np.floating)):
+        raise ValueError(f"`mask` must hold real numbers or booleans, got dtype {mask.dtype}.")
+    if np.issubdtype(mask.dtype, np.floating) and not np.all(np.isfinite(mask)):
+        raise ValueError("`mask` has non-finite values (NaN/inf); a mask must be finite.")
+    if dtype == "float32":
+        return mask.astype(np.float32)
+    if np.issubdtype(mask.dtype, np.floating) and np.any(mask != np.rint(mask)):
+        fractional = np.unique(mask[mask != np.rint(mask)])
+        raise ValueError(
+            f"`mask` holds non-integer values {fractional[:5].tolist()} (probabilities?); integer labels were "
+            "expected. Threshold it first (`post_process_masks` without `return_probabilities`), or pass "
+            "`dtype='float32'` to write the values as a float image."
+        )
+    low, high = (mask.min(), mask.max()) if mask.size else (0, 0)
+    if low < 0:
+        raise ValueError(f"`mask` holds negative values (minimum {low}); labels must be >= 0.")
+    if high > np.iinfo(np.uint16).max:
+        raise ValueError(
+            f"`mask` holds values up to {high}, beyond uint16 (65535); labels must fit in 0..65535 "
+            "(or pass `dtype='float32'`)."
+        )
+    return mask.astype(np.uint8 if high <= np.iinfo(np.uint8).max else np.uint16)
 
 
 AutoProcessor.register(Sam3DConfig, Sam3DProcessor, exist_ok=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import nibabel as nib
@@ -116,7 +117,8 @@ def test_label_round_trip_dice(processor, variant, tmp_path):
     assert abs(inputs["labels"].sum().item() - truth.sum() * np.prod(SPACING)) < 0.05 * truth.sum() * np.prod(SPACING)
     mask = processor.post_process_masks(one_hot_logits(inputs["labels"]), inputs)
     assert mask.shape == truth.shape and mask.dtype == torch.uint8
-    assert dice(mask.numpy(), truth) >= 0.97
+    # label -> 1 mm grid -> back: 0.9767 with nnU-Net's linear label resampling, 0.9747 with nearest neighbour
+    assert dice(mask.numpy(), truth) >= 0.976
 
 
 def test_orientation_variants_give_same_patch(processor):
@@ -235,7 +237,7 @@ def test_intensity_window_and_zscore():
     np.testing.assert_allclose(out, [(-48 - 60.06) / 40.20, 0.0, (163 - 60.06) / 40.20], rtol=1e-5)
 
 
-def test_anisotropic_resampling_keeps_slices_and_is_fast():
+def test_anisotropic_resampling_keeps_slices():
     """nnU-Net rule: through the 5 mm axis nearest, so each original slice value survives unchanged."""
     rng = np.random.default_rng(0)
     slices = rng.uniform(0, 100, size=(1, 1, 6)).repeat(20, 0).repeat(20, 1).astype(np.float32)
@@ -243,12 +245,7 @@ def test_anisotropic_resampling_keeps_slices_and_is_fast():
     assert out.shape == (30, 14, 14)
     np.testing.assert_allclose(out[::5, 7, 7], slices[0, 0], rtol=1e-5)  # every 5th voxel is an original slice
     assert set(np.unique(out[:, 7, 7]).round(4)) <= set(slices[0, 0].round(4))
-    big = np.zeros((100, 256, 256), np.float32)
-    import time
-
-    start = time.perf_counter()
-    resample_volume(big, (2.5, 0.8, 0.8), (250, 205, 205))
-    assert time.perf_counter() - start < 20
+    # speed: benchmarks/benchmark_processing.py
 
 
 def test_compute_intensity_statistics():
@@ -508,3 +505,119 @@ def test_error_label_affine_mismatch(processor):
     moved = nib.Nifti1Image(np.asanyarray(label.dataobj), label.affine @ np.diag([1.0, 1.0, 2.0, 1.0]))
     with pytest.raises(ValueError, match="affine differs"):
         processor(images=img, input_points=[[1, 2, 3]], segmentation_maps=moved)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Negative clicks, label values, non-finite input, written masks
+# ----------------------------------------------------------------------------------------------------------------------
+def test_negative_click_never_opens_a_patch(caplog):
+    """A negative click far from every positive one is reported unused (-1, warning), not segmented on its own."""
+    proc = Sam3DProcessor(Sam3DImageProcessor(), patch_size=(16, 16, 16), cluster_margin=2)
+    image = np.zeros((10, 10, 60), np.float32)  # canonical D = array axis 2
+    with caplog.at_level(logging.WARNING, logger="sam3d_hf.processing_sam3d"):
+        out = proc(images=image, spacing=(1, 1, 1), input_points=[[5, 5, 8], [5, 5, 50]], input_labels=[1, 0])
+    assert out["pixel_values"].shape[0] == 1 and out["patch_origins"][:, 0].tolist() == [0]
+    assert out["point_cluster"].tolist() == [0, -1]
+    assert out["input_labels"].tolist() == [[1]]
+    assert "Negative click(s) [1]" in caplog.text and "[5.0, 5.0, 50.0]" in caplog.text
+
+
+def test_negative_click_goes_with_every_patch_it_falls_in(caplog):
+    proc = Sam3DProcessor(Sam3DImageProcessor(), patch_size=(16, 16, 16), cluster_margin=2)
+    image = np.zeros((10, 10, 40), np.float32)
+    clicks = [[5, 5, 14], [5, 5, 5], [5, 5, 20]]  # the negative one (first) lies in both patches' overlap [12, 16)
+    with caplog.at_level(logging.WARNING, logger="sam3d_hf.processing_sam3d"):
+        out = proc(images=image, spacing=(1, 1, 1), input_points=clicks, input_labels=[0, 1, 1])
+    assert out["patch_origins"][:, 0].tolist() == [0, 12]
+    assert out["point_cluster"].tolist() == [0, 0, 1]
+    assert sorted(out["input_labels"][0].tolist()) == [0, 1] and sorted(out["input_labels"][1].tolist()) == [0, 1]
+    assert "Negative click" not in caplog.text
+
+
+def test_error_no_positive_click():
+    img, _ = make_scan()
+    proc = Sam3DProcessor(patch_size=(32, 32, 32), cluster_margin=4)
+    with pytest.raises(ValueError, match=r"`input_labels` \[0, 0\] has no positive click"):
+        proc(images=img, input_points=[[1, 2, 3], [4, 5, 6]], input_labels=[0, 0])
+
+
+def test_error_non_finite_clicks(processor):
+    img, _ = make_scan()
+    for bad in (np.nan, np.inf):
+        with pytest.raises(ValueError, match="`input_points` has non-finite values"):
+            processor(images=img, input_points=[[1.0, bad, 3.0]])
+
+
+def test_multi_valued_label_map_needs_a_target_label():
+    image, label = np.zeros((12, 10, 8), np.float32), np.zeros((12, 10, 8), np.int16)
+    label[2:6, 2:6, 2:6], label[6:9, 3:7, 3:6] = 1, 2  # KiTS-like: 1 kidney, 2 tumour
+    with pytest.raises(ValueError, match=r"values \[0, 1, 2\] but this processor has no `target_label`.*from_preset"):
+        Sam3DImageProcessor().preprocess(image, segmentation_maps=label, spacing=(1, 1, 1))
+    assert Sam3DImageProcessor().preset is None  # the defaults are KiTS21's intensities, not the KiTS21 preset
+    for ip in (Sam3DImageProcessor(target_label=2), Sam3DImageProcessor.from_preset("kits21")):
+        out = ip.preprocess(image, segmentation_maps=label, spacing=(1, 1, 1))
+        np.testing.assert_array_equal(out["labels"][0].numpy(), (label == 2).transpose(2, 1, 0))
+    for binary in (label > 0, (label > 0).astype(np.float32)):  # boolean and float 0/1 maps need no target
+        out = Sam3DImageProcessor().preprocess(image, segmentation_maps=binary, spacing=(1, 1, 1))
+        np.testing.assert_array_equal(out["labels"][0].numpy(), (label > 0).transpose(2, 1, 0))
+
+
+def test_error_non_integer_label_values(processor):
+    label = np.zeros((12, 10, 8), np.float32)
+    label[2:6, 2:6, 2:6] = 0.5
+    with pytest.raises(ValueError, match=r"non-integer values \[0\.5\]"):
+        processor(images=np.zeros((12, 10, 8)), spacing=(1, 1, 1), input_points=[[3, 3, 3]], segmentation_maps=label)
+
+
+def test_error_non_finite_logits_and_bad_threshold(processor):
+    img, _ = make_scan()
+    inputs = processor(images=img, input_points=[[10, 20, 5]])
+    logits = torch.zeros(1, 2, 72, 32, 32)
+    for threshold in (-0.1, 0.0, 1.0, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="`threshold` is a probability and must lie strictly between 0 and 1"):
+            processor.post_process_masks(logits, inputs, threshold=threshold)
+    for bad in (float("nan"), float("inf")):
+        broken = logits.clone()
+        broken[0, 1, 3, 4, 5] = bad
+        with pytest.raises(ValueError, match=r"`logits` has 1 non-finite values"):
+            processor.post_process_masks(broken, inputs)
+
+
+def test_save_mask_nifti_writes_integer_labels_exactly(tmp_path):
+    img, _ = make_scan()
+    mask = np.zeros(SHAPE, np.int64)
+    mask[3:6, 4:8, 2:5] = 1
+    written = nib.load(save_mask_nifti(mask, img, tmp_path / "a.nii.gz"))
+    assert written.get_data_dtype() == np.uint8
+    mask[10, 10, 10] = 256  # a uint8 cast would make it 0
+    written = nib.load(save_mask_nifti(mask.astype(np.float32), img, tmp_path / "b.nii.gz"))
+    assert written.get_data_dtype() == np.uint16
+    np.testing.assert_array_equal(np.asanyarray(written.dataobj), mask)
+    written = nib.load(save_mask_nifti(mask > 0, img, tmp_path / "c.nii"))
+    assert written.get_data_dtype() == np.uint8
+    np.testing.assert_array_equal(np.asanyarray(written.dataobj), mask > 0)
+
+
+def test_save_mask_nifti_float_image_on_request(tmp_path):
+    img, _ = make_scan()
+    probabilities = np.random.default_rng(0).uniform(0, 1, SHAPE).astype(np.float32)
+    written = nib.load(save_mask_nifti(probabilities, img, tmp_path / "p.nii.gz", dtype="float32"))
+    assert written.get_data_dtype() == np.float32
+    np.testing.assert_array_equal(np.asanyarray(written.dataobj), probabilities)
+
+
+def test_error_save_mask_nifti_values(tmp_path):
+    img, _ = make_scan()
+    cases = {
+        "non-integer values \\[0\\.25\\].*dtype='float32'": np.full(SHAPE, 0.25, np.float32),
+        "negative values \\(minimum -1\\)": np.full(SHAPE, -1, np.int16),
+        "values up to 70000, beyond uint16": np.full(SHAPE, 70000, np.int32),
+        "non-finite values": np.full(SHAPE, np.nan, np.float32),
+        "real numbers or booleans, got dtype complex": np.zeros(SHAPE, np.complex64),
+    }
+    for match, mask in cases.items():
+        with pytest.raises(ValueError, match=match):
+            save_mask_nifti(mask, img, tmp_path / "bad.nii.gz")
+    with pytest.raises(ValueError, match="`dtype` must be None \\(integer labels\\) or 'float32'"):
+        save_mask_nifti(np.zeros(SHAPE), img, tmp_path / "bad.nii.gz", dtype="uint8")
+    assert sorted(os.listdir(tmp_path)) == []  # nothing half-written
