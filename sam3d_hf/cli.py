@@ -3,7 +3,32 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
+
+from . import __version__
+
+
+def _load_config(name: str):
+    """`--config`: a Sam3DConfig folder or config.json, or a Hub id (online only). A path that does not exist is a
+    clear error before anything is downloaded."""
+    from huggingface_hub import constants
+
+    from .configuration_sam3d import Sam3DConfig
+
+    looks_local = name.startswith((".", "/", "~")) or name.endswith(".json") or name.count("/") > 1
+    if not Path(name).expanduser().exists() and (looks_local or constants.HF_HUB_OFFLINE):
+        where = "" if looks_local else " (HF_HUB_OFFLINE is set, so it cannot be a Hub id)"
+        raise ValueError(f"--config {name!r}: no such file or folder{where}; give a Sam3DConfig folder or config.json")
+    path = Path(name).expanduser()
+    if path.is_dir() and not (path / "config.json").is_file():  # transformers would silently give default sizes
+        found = sorted(p.name for p in path.iterdir())[:10]
+        raise ValueError(f"--config {name!r} is a folder without config.json (found {found}); give the config itself")
+    try:
+        return Sam3DConfig.from_pretrained(os.fspath(path))
+    except OSError as error:
+        raise ValueError(f"--config {name!r} could not be loaded: {str(error).splitlines()[0]}") from error
 
 
 def _summary(args: argparse.Namespace) -> int:
@@ -31,11 +56,9 @@ def _convert(args: argparse.Namespace) -> int:
     if args.source == "sam":
         config = None
         if args.config:
-            from .configuration_sam3d import Sam3DConfig
-
             if vision:
                 raise ValueError("give either --config or --image-size, not both (set image_size in the config)")
-            config = Sam3DConfig.from_pretrained(args.config)
+            config = _load_config(args.config)
         kwargs = {"vision_config": vision} if vision else {}
         report = convert_sam_checkpoint(
             args.checkpoint, args.output, config, overwrite=args.overwrite, revision=args.revision, **kwargs
@@ -54,6 +77,7 @@ def _convert(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sam3d", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     summary = commands.add_parser("summary", help="print the model's parameter counts for a SAM size")
     summary.add_argument("--preset", choices=["vit_b", "vit_l", "vit_h"], default="vit_b")
@@ -93,8 +117,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, TypeError) as error:  # the library's messages say what was expected and how to fix it
-        print(f"sam3d {args.command}: error: {error}", file=sys.stderr)
+    # The library's messages say what was expected and how to fix it; OSError covers what the system refuses
+    # (permissions, a full disk). Anything else is a bug and keeps its traceback.
+    except (ValueError, TypeError, OSError) as error:
+        message = " ".join(str(error).split()) or type(error).__name__
+        print(f"sam3d {args.command}: error: {message}", file=sys.stderr)
         return 1
 
 

@@ -2,14 +2,16 @@
 
 - Meta's SAM 2D checkpoints (the paper's initialisation): the original `segment_anything` `.pth` (`image_encoder.*`
   keys) or a transformers `SamModel` folder / Hub id / `.safetensors` file (`vision_encoder.*` keys), inflated to 3D as
-  ARCHITECTURE.md "Initialisation from SAM" says: [`load_sam_checkpoint`], [`convert_sam_state_dict`];
+  docs/design.md "Initialisation from SAM" says: [`load_sam_checkpoint`], [`convert_sam_state_dict`];
 - official 3DSAM-adapter training snapshots (`*.pth.tar`): [`load_official_checkpoint`],
   [`convert_official_state_dicts`].
 
 Every conversion returns a [`ConversionReport`] that accounts for each tensor: every target tensor is copied,
 transformed (axis permutation, channel sum, reshape, inflation) or newly initialised, and every source tensor is
 either used by a copied/transformed target or ignored with the reason. Nothing is dropped silently. Pickles are only
-ever read with `torch.load(..., weights_only=True)`; [`save_converted`] writes safetensors + JSON, atomically.
+ever read with `torch.load(..., weights_only=True)`; [`save_converted`] writes safetensors + JSON, atomically, with
+the modes the user's umask gives (as does [`atomic_write`], the package's helper for single files). The official
+layout and its axis permutations: docs/design.md "Official checkpoint layout".
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -159,7 +162,16 @@ _TRANSFORMS = {
 }
 
 
+def _require_state_dict(section: str, value: object) -> None:
+    if not isinstance(value, dict):
+        raise ValueError(
+            f"{section} is a {type(value).__name__}, expected a state dict (names -> tensors); is this an official "
+            "3DSAM-adapter snapshot? (docs/design.md 'Official checkpoint layout')"
+        )
+
+
 def _map_section(section: str, tensors: dict, rules, report: ConversionReport, out: dict) -> None:
+    _require_state_dict(section, tensors)
     for key, tensor in tensors.items():
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"{section}[{key!r}] is a {type(tensor).__name__}, expected a tensor")
@@ -175,14 +187,13 @@ def _map_section(section: str, tensors: dict, rules, report: ConversionReport, o
             if why is None:
                 raise ValueError(
                     f"{section} has a tensor {key!r} {tuple(tensor.shape)} that is not part of the official "
-                    "3DSAM-adapter layout (see ARCHITECTURE.md 'Official checkpoint layout'); is this the right file?"
+                    "3DSAM-adapter layout (see docs/design.md 'Official checkpoint layout'); is this the right file?"
                 )
             report.ignored[f"{section}.{key}"] = why
 
 
-def config_from_official(encoder_dict: dict, prompt_dict: dict, decoder_dict: dict, **overrides) -> Sam3DConfig:
-    """Infer the sizes of an official snapshot from its tensors (heads are not stored: 64-wide heads, 8 prompt
-    heads, as in the official code; override through `vision_config={...}` etc. if yours differ)."""
+def _official_sizes(encoder_dict: dict, prompt_dict: dict, decoder_dict: dict) -> tuple[dict, dict, dict]:
+    """The sub-config values an official snapshot's tensors determine (raises KeyError & co. on a malformed one)."""
     hidden = encoder_dict["pos_embed"].shape[-1]
     blocks = sorted({int(k.split(".")[1]) for k in encoder_dict if k.startswith("blocks.")})
     rows = {i: encoder_dict[f"blocks.{i}.attn.rel_pos_h"].shape[0] for i in blocks}
@@ -213,6 +224,19 @@ def config_from_official(encoder_dict: dict, prompt_dict: dict, decoder_dict: di
         // prompt_dict["transformer.layers.0.cross_attn_image_to_token.q_proj.weight"].shape[0],
     }
     decoder = {"hidden_size": decoder_dict["mlahead.head2.0.weight"].shape[0]}
+    return vision, prompt, decoder
+
+
+def config_from_official(encoder_dict: dict, prompt_dict: dict, decoder_dict: dict, **overrides) -> Sam3DConfig:
+    """Infer the sizes of an official snapshot from its tensors (heads are not stored: 64-wide heads, 8 prompt
+    heads, as in the official code; override through `vision_config={...}` etc. if yours differ)."""
+    try:
+        vision, prompt, decoder = _official_sizes(encoder_dict, prompt_dict, decoder_dict)
+    except (KeyError, IndexError, AttributeError, TypeError) as error:
+        raise ValueError(
+            f"the official snapshot lacks or mis-stores an entry its sizes are read from ({type(error).__name__}: "
+            f"{error}); expected the layout of docs/design.md 'Official checkpoint layout' (is this file complete?)"
+        ) from error
     for name, values in (
         ("vision_config", vision),
         ("prompt_encoder_config", prompt),
@@ -362,6 +386,9 @@ def load_official_checkpoint(
             f"feature_dict must be a list of 4 prompt-module state dicts, got {type(features).__name__}"
             + (f" of length {len(features)}" if isinstance(features, (list, tuple)) else "")
         )
+    _require_state_dict("encoder_dict", snapshot["encoder_dict"])
+    _require_state_dict("feature_dict[3]", features[3])
+    _require_state_dict("decoder_dict", snapshot["decoder_dict"])
     config = None
     if config_overrides:
         config = config_from_official(
@@ -494,7 +521,7 @@ def _sam_preset(architecture: dict) -> str | None:
 def convert_sam_state_dict(
     state_dict: dict[str, torch.Tensor], config: Sam3DConfig | None = None, **config_kwargs
 ) -> tuple[Sam3DForPromptableSegmentation, ConversionReport]:
-    """Initialise a model from a SAM 2D state dict, as the paper does (ARCHITECTURE.md "Initialisation from SAM").
+    """Initialise a model from a SAM 2D state dict, as the paper does (docs/design.md "Initialisation from SAM").
 
     Args:
         state_dict (`dict[str, torch.Tensor]`): SAM's weights with either key style: the original `segment_anything`
@@ -700,6 +727,49 @@ def load_sam_checkpoint(
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def _usual_mode(is_dir: bool) -> int:
+    """The mode `open()` / `mkdir()` would give under the user's umask (mkstemp / mkdtemp give 0600 / 0700)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if is_dir else 0o666) & ~umask
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """Create or replace the file `path` atomically: `write(temporary)` fills a temporary file in the same folder,
+    which gets the usual mode (umask respected) and is then renamed over `path`. A reader sees the old file or the
+    complete new one, never a half-written one; on failure `path` is untouched and the temporary file is removed."""
+    path = Path(path)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        write(temporary)
+        os.chmod(temporary, _usual_mode(is_dir=False))
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
+
+
+def _check_output(output_dir: str | os.PathLike, overwrite: bool) -> Path:
+    """`output_dir` as an absolute path, after checking that a converted model can be written there."""
+    output = Path(output_dir).absolute()
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"{os.fspath(output)!r} is an existing file, not a folder; choose a folder to write into")
+    blocking = next((parent for parent in output.parents if parent.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        raise ValueError(
+            f"cannot create {os.fspath(output)!r}: {os.fspath(blocking)!r} is a file, not a folder; choose another "
+            "output folder"
+        )
+    if output.is_dir() and any(output.iterdir()) and not overwrite:
+        raise ValueError(
+            f"{os.fspath(output)!r} already exists and is not an empty folder; choose another output folder or pass "
+            "overwrite=True (--overwrite)"
+        )
+    return output
+
+
 def save_converted(
     model: Sam3DForPromptableSegmentation,
     report: ConversionReport,
@@ -709,22 +779,15 @@ def save_converted(
 ) -> Path:
     """Write `model.save_pretrained` (config.json + model.safetensors) and `conversion_report.json` into
     `output_dir`, atomically: everything is written to a temporary sibling folder that is then renamed. An existing
-    non-empty `output_dir` is only replaced with `overwrite=True`."""
-    output = Path(output_dir).absolute()
-    if output.exists() and (not output.is_dir() or (any(output.iterdir()) and not overwrite)):
-        raise ValueError(
-            f"{os.fspath(output)!r} already exists and is not an empty folder; choose another output folder or pass "
-            "overwrite=True (--overwrite)"
-        )
+    non-empty `output_dir` is only replaced with `overwrite=True`; an existing file is never replaced."""
+    output = _check_output(output_dir, overwrite)
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     try:
         model.save_pretrained(staging)
         (staging / "conversion_report.json").write_text(json.dumps(report.to_dict(), indent=2, default=str) + "\n")
-        umask = os.umask(0)
-        os.umask(umask)
         for item in [staging, *staging.iterdir()]:  # temporary files are private (0600/0700): use the usual modes
-            item.chmod((0o777 if item.is_dir() else 0o666) & ~umask)
+            item.chmod(_usual_mode(item.is_dir()))
         if output.exists():
             old = output.with_name(f".{output.name}.old-{os.getpid()}")
             os.replace(output, old)
@@ -746,7 +809,9 @@ def convert_sam_checkpoint(
     overwrite: bool = False,
     **kwargs,
 ) -> ConversionReport:
-    """`sam3d convert sam`: [`load_sam_checkpoint`] then [`save_converted`]; returns the report."""
+    """`sam3d convert sam`: [`load_sam_checkpoint`] then [`save_converted`]; returns the report. `output_dir` is
+    checked before the checkpoint is read, so that a taken output folder fails at once."""
+    _check_output(output_dir, overwrite)
     model, report = load_sam_checkpoint(path_or_repo_id, config=config, **kwargs)
     save_converted(model, report, output_dir, overwrite=overwrite)
     return report
@@ -756,7 +821,9 @@ def convert_official_checkpoint(
     path: str | os.PathLike, output_dir: str | os.PathLike, *, overwrite: bool = False, **config_overrides
 ) -> ConversionReport:
     """`sam3d convert official`: [`load_official_checkpoint`] then [`save_converted`]; returns the report. The
-    folder loads with `Sam3DForPromptableSegmentation.from_pretrained(output_dir)`."""
+    folder loads with `Sam3DForPromptableSegmentation.from_pretrained(output_dir)`. `output_dir` is checked before the
+    checkpoint is read."""
+    _check_output(output_dir, overwrite)
     model, report = load_official_checkpoint(path, **config_overrides)
     save_converted(model, report, output_dir, overwrite=overwrite)
     return report

@@ -12,23 +12,27 @@ the paper's Table 2 use real peft: [`lora_config`] and [`enable_full_finetuning`
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
+import logging
 import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from peft import LoraConfig
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
+from .convert_sam3d import _read_safetensors, atomic_write
 from .modeling_sam3d import Sam3DForPromptableSegmentation, Sam3DSpatialAdapter
 
+logger = logging.getLogger(__name__)
+
 PEFT_TYPE = "SAM3D_SPATIAL_ADAPTER"
+_ADAPTER_PARAMETER = re.compile(r"vision_encoder\.layers\.(\d+)\.adapter\.")
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 
@@ -67,10 +71,17 @@ class Sam3DAdapterConfig:
     >>> config = Sam3DAdapterConfig(adapter_dim=192, trainable_groups=["adapters", "prompt_encoder", "mask_decoder"])
     >>> config.save_pretrained("kits21-adapter")
     ```
+    What is trained and why: docs/design.md "Initialisation from SAM and what is trained".
     """
 
     peft_type: str = field(default=PEFT_TYPE, metadata={"help": "Always 'SAM3D_SPATIAL_ADAPTER' (this scheme)."})
-    adapter_dim: int = field(default=384, metadata={"help": "Bottleneck width of each spatial adapter (paper: 384)."})
+    adapter_dim: int | None = field(
+        default=None,
+        metadata={
+            "help": "Bottleneck width of each spatial adapter (paper: 384); None = the base model's "
+            "vision_config.adapter_dim, so that its adapters are kept. A saved config records the width used."
+        },
+    )
     adapter_layers: list[int] | None = field(
         default=None, metadata={"help": "Blocks that get an adapter; None = every block, [] = none."}
     )
@@ -90,8 +101,12 @@ class Sam3DAdapterConfig:
                 f"peft_type must be {PEFT_TYPE!r}, got {self.peft_type!r} (a peft LoRA / other method folder loads "
                 "with peft.PeftModel.from_pretrained instead)"
             )
-        if not isinstance(self.adapter_dim, int) or isinstance(self.adapter_dim, bool) or self.adapter_dim <= 0:
-            raise ValueError(f"adapter_dim must be a positive int, got {self.adapter_dim!r}")
+        if self.adapter_dim is not None and (
+            not isinstance(self.adapter_dim, int) or isinstance(self.adapter_dim, bool) or self.adapter_dim <= 0
+        ):
+            raise ValueError(
+                f"adapter_dim must be a positive int or None (the base model's width), got {self.adapter_dim!r}"
+            )
         if self.adapter_layers is not None:
             if not isinstance(self.adapter_layers, (list, tuple)):
                 raise TypeError(
@@ -132,10 +147,12 @@ class Sam3DAdapterConfig:
         return dataclasses.asdict(self)
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
-        """Write `adapter_config.json` in `save_directory` (created if needed), atomically."""
+        """Write `adapter_config.json` in `save_directory` (created if needed), atomically; nothing else there is
+        touched."""
         directory = Path(save_directory)
         directory.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(directory / ADAPTER_CONFIG_NAME, json.dumps(self.to_dict(), indent=2, sort_keys=True))
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+        atomic_write(directory / ADAPTER_CONFIG_NAME, lambda temporary: Path(temporary).write_text(text, "utf-8"))
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> Sam3DAdapterConfig:
@@ -158,48 +175,152 @@ class Sam3DAdapterConfig:
         return cls(**values)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(handle, "w", encoding="utf-8") as file:
-        file.write(text)
-    os.replace(temporary, path)
+def _adapter_plan(model: Sam3DForPromptableSegmentation, config: Sam3DAdapterConfig) -> list[str]:
+    """What each block's adapter becomes, without changing the model: `"keep"` (an adapter of this width is there),
+    `"build"` (a new one, at `config.adapter_dim`) or `"none"` (no adapter)."""
+    layers = config.adapter_layers
+    blocks = len(model.vision_encoder.layers)
+    bad = [i for i in layers or [] if i >= blocks]
+    if bad:
+        raise ValueError(f"adapter_layers {layers} has block indices {bad} outside [0, {blocks}) of this model")
+    plan = []
+    for index, layer in enumerate(model.vision_encoder.layers):
+        if layers is not None and index not in layers:
+            plan.append("none")
+        elif layer.adapter is not None and layer.adapter.linear1.out_features == config.adapter_dim:
+            plan.append("keep")
+        else:
+            plan.append("build")
+    return plan
+
+
+def _adapter_vision_config(model: Sam3DForPromptableSegmentation, config: Sam3DAdapterConfig):
+    """A copy of the model's vision config with the adapter width and blocks of `config` (the model's is untouched)."""
+    vision = copy.deepcopy(model.config.vision_config)
+    vision.adapter_dim, vision.adapter_layers = config.adapter_dim, config.adapter_layers
+    return vision
+
+
+def _planned_shapes(
+    model: Sam3DForPromptableSegmentation, config: Sam3DAdapterConfig, plan: list[str]
+) -> dict[str, torch.Size]:
+    """Every parameter's shape as the model will be once `plan` is applied (new adapters are sized on the meta
+    device: no memory, no random numbers drawn)."""
+    shapes = {}
+    for name, parameter in model.named_parameters():
+        match = _ADAPTER_PARAMETER.match(name)
+        if match is None or plan[int(match.group(1))] == "keep":
+            shapes[name] = parameter.shape
+    with torch.device("meta"):
+        adapter = Sam3DSpatialAdapter(_adapter_vision_config(model, config))
+    for index, action in enumerate(plan):
+        if action == "build":
+            prefix = f"vision_encoder.layers.{index}.adapter."
+            shapes.update({prefix + name: parameter.shape for name, parameter in adapter.named_parameters()})
+    return shapes
+
+
+def _check_adapter_tensors(
+    tensors: dict[str, torch.Tensor], shapes: dict[str, torch.Size], config: Sam3DAdapterConfig
+) -> None:
+    """Raise unless `tensors` are exactly the trained parameters (`config.trainable_groups`) with the shapes the
+    model will have."""
+    groups = set(config.trainable_groups)
+    wanted = {name for name in shapes if parameter_group(name) in groups}
+    missing, unexpected = sorted(wanted - set(tensors)), sorted(set(tensors) - wanted)
+    if missing or unexpected:
+        raise ValueError(
+            f"the adapter tensors do not match their config on this model: missing {missing[:5]} ({len(missing)}), "
+            f"unexpected {unexpected[:5]} ({len(unexpected)})"
+        )
+    wrong = [(n, tuple(t.shape), tuple(shapes[n])) for n, t in tensors.items() if t.shape != shapes[n]]
+    if wrong:
+        raise ValueError(
+            f"the adapter tensors do not fit this model: shape mismatch (name, file, model) {wrong[:5]} ({len(wrong)} "
+            "in all); they were written for another base size or adapter width than their config and model say"
+        )
 
 
 class Sam3DAdapterModel(nn.Module):
     """A [`Sam3DForPromptableSegmentation`] prepared for the paper's fine-tuning, changed in place like peft does:
     adapters (re)built where the config says (`config.vision_config.adapter_dim` / `adapter_layers` updated to match;
-    new adapters get the model's initialisation, existing ones of the right width are kept), every parameter outside
-    `trainable_groups` frozen (all of them with `inference_mode=True`). Calls and `get_image_embeddings` go to the
-    wrapped model, with its conventions (`pixel_values (B, 1, D, H, W)`, `input_points (B, N, 3)` patch voxels
-    `(z, y, x)`, `input_labels (B, N)` with -1 for padding).
+    existing adapters of the right width are kept, new ones get the model's initialisation and a logged warning says
+    which blocks changed), every parameter outside `trainable_groups` frozen (all of them with
+    `inference_mode=True`). `adapter_config.adapter_dim=None` takes the base's width. Calls and
+    `get_image_embeddings` go to the wrapped model, with its conventions (`pixel_values (B, 1, D, H, W)`,
+    `input_points (B, N, 3)` patch voxels `(z, y, x)`, `input_labels (B, N)` with -1 for padding).
+
+    Args:
+        model ([`Sam3DForPromptableSegmentation`]): the base, changed in place.
+        adapter_config ([`Sam3DAdapterConfig`]): the scheme.
+        adapter_state_dict (`dict[str, torch.Tensor]`, *optional*): trained tensors to put in, exactly those of
+            `trainable_parameter_names()` with the model's shapes (what `adapter_state_dict()` returns and the
+            adapter file holds). They are checked before anything is changed: on an error the model is left as it
+            was.
     """
 
-    def __init__(self, model: Sam3DForPromptableSegmentation, adapter_config: Sam3DAdapterConfig):
+    def __init__(
+        self,
+        model: Sam3DForPromptableSegmentation,
+        adapter_config: Sam3DAdapterConfig,
+        adapter_state_dict: dict[str, torch.Tensor] | None = None,
+    ):
         super().__init__()
         if not isinstance(model, Sam3DForPromptableSegmentation):
             raise TypeError(f"model must be a Sam3DForPromptableSegmentation, got {type(model).__name__}")
         if not isinstance(adapter_config, Sam3DAdapterConfig):
             raise TypeError(f"adapter_config must be a Sam3DAdapterConfig, got {type(adapter_config).__name__}")
+        if adapter_state_dict is not None and not isinstance(adapter_state_dict, dict):
+            raise TypeError(f"adapter_state_dict must be a dict of tensors, got {type(adapter_state_dict).__name__}")
+        if adapter_config.adapter_dim is None:
+            adapter_config = dataclasses.replace(adapter_config, adapter_dim=model.config.vision_config.adapter_dim)
+        # Everything that can fail is checked first; the model is only changed once all checks passed.
+        plan = _adapter_plan(model, adapter_config)
+        if adapter_state_dict is not None:
+            _check_adapter_tensors(adapter_state_dict, _planned_shapes(model, adapter_config, plan), adapter_config)
         self.model = model
         self.adapter_config = adapter_config
-        self._build_adapters()
+        self._build_adapters(plan, warn=adapter_state_dict is None)
         self._set_trainable(not adapter_config.inference_mode)
+        if adapter_state_dict is not None:
+            parameters = dict(model.named_parameters())
+            with torch.no_grad():
+                for name, tensor in adapter_state_dict.items():
+                    parameters[name].copy_(tensor)
 
-    def _build_adapters(self) -> None:
-        vision = self.model.config.vision_config
-        layers = self.adapter_config.adapter_layers
-        bad = [i for i in layers or [] if i >= vision.num_hidden_layers]
-        if bad:
-            raise ValueError(
-                f"adapter_layers {layers} has block indices {bad} outside [0, {vision.num_hidden_layers}) of this model"
-            )
-        vision.adapter_dim, vision.adapter_layers = self.adapter_config.adapter_dim, layers
-        for index, layer in enumerate(self.model.vision_encoder.layers):
-            if not vision.has_adapter(index):
+    def _build_adapters(self, plan: list[str], warn: bool) -> None:
+        layers = self.model.vision_encoder.layers
+        if warn:
+            widths = {i: layer.adapter.linear1.out_features for i, layer in enumerate(layers) if layer.adapter}
+            rebuilt = [i for i, action in enumerate(plan) if action == "build" and i in widths]
+            added = [i for i, action in enumerate(plan) if action == "build" and i not in widths]
+            removed = [i for i, action in enumerate(plan) if action == "none" and i in widths]
+            if rebuilt or added or removed:
+                changes = (
+                    [
+                        f"blocks {rebuilt} rebuilt at width {self.adapter_config.adapter_dim} (they had widths "
+                        f"{sorted({widths[i] for i in rebuilt})})"
+                    ]
+                    if rebuilt
+                    else []
+                )
+                changes += [f"blocks {added} get a new adapter"] if added else []
+                changes += [f"blocks {removed} lose their adapter"] if removed else []
+                logger.warning(
+                    "Sam3DAdapterConfig changes the base model's spatial adapters: %s; new adapters start from fresh "
+                    "random weights. To keep the base's adapters, leave adapter_dim=None and give the base's "
+                    "adapter_layers (%s).",
+                    "; ".join(changes),
+                    self.model.config.vision_config.adapter_layers,
+                )
+        vision = _adapter_vision_config(self.model, self.adapter_config)
+        self.model.config.vision_config.adapter_dim = self.adapter_config.adapter_dim
+        self.model.config.vision_config.adapter_layers = self.adapter_config.adapter_layers
+        for layer, action in zip(layers, plan, strict=True):
+            if action == "none":
                 layer.adapter = None
-            elif layer.adapter is None or layer.adapter.linear1.out_features != vision.adapter_dim:
-                device = layer.layer_norm1.weight.device
-                layer.adapter = Sam3DSpatialAdapter(vision).to(device)
+            elif action == "build":
+                layer.adapter = Sam3DSpatialAdapter(vision).to(layer.layer_norm1.weight.device)
                 for module in layer.adapter.modules():
                     self.model._init_weights(module)
 
@@ -248,65 +369,50 @@ class Sam3DAdapterModel(nn.Module):
         return {name: parameters[name].detach().contiguous() for name in self.trainable_parameter_names()}
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
-        """Write `adapter_config.json` and `adapter_model.safetensors` (the trained tensors only) to a temporary
-        sibling folder, then rename it into place (replacing an earlier save)."""
+        """Write `adapter_model.safetensors` (the trained tensors only) and `adapter_config.json` into
+        `save_directory` (created if needed). Only these two files are replaced, each atomically; anything else in
+        the folder (a model saved there, notes, other runs) is left alone.
+
+        The weights are written first and the config last: the config is what marks a folder as an adapter, so a
+        folder whose first save was interrupted holds no config and cannot be loaded half-written, and a reader of
+        a re-save sees either the old config or the new one next to complete weights (a config that does not fit
+        the weights is refused by `from_pretrained`, which checks every name and shape)."""
         target = Path(save_directory)
-        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists() and not target.is_dir():
+            raise ValueError(f"save_directory {os.fspath(target)!r} is an existing file, not a folder")
+        target.mkdir(parents=True, exist_ok=True)
+        if (target / "config.json").is_file():
+            logger.warning(
+                "%s holds a model (config.json); its files are kept, but transformers' from_pretrained reads any "
+                "folder with an %s as a peft adapter and cannot load this model from it any more: save adapters in "
+                "a folder of their own",
+                os.fspath(target),
+                ADAPTER_CONFIG_NAME,
+            )
         config = self.adapter_config
         if config.base_model_name_or_path is None and self.model.config._name_or_path:
             config = dataclasses.replace(config, base_model_name_or_path=self.model.config._name_or_path)
-        if target.exists() and not target.is_dir():
-            raise ValueError(f"save_directory {target} exists and is not a folder")
-        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-        retired = staging.with_name(staging.name + ".old")
-        try:
-            config.save_pretrained(staging)
-            save_file(self.adapter_state_dict(), staging / ADAPTER_WEIGHTS_NAME, metadata={"format": "pt"})
-            if target.exists():  # keep the earlier save until the new one is complete, then swap the two folders
-                os.replace(target, retired)
-            try:
-                os.replace(staging, target)
-            except OSError:
-                if retired.exists():
-                    os.replace(retired, target)
-                raise
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-            shutil.rmtree(retired, ignore_errors=True)
+        tensors = self.adapter_state_dict()
+        atomic_write(target / ADAPTER_WEIGHTS_NAME, lambda temporary: save_file(tensors, temporary, {"format": "pt"}))
+        config.save_pretrained(target)
 
     @classmethod
     def from_pretrained(
         cls, model: Sam3DForPromptableSegmentation, adapter_directory: str | os.PathLike, is_trainable: bool = False
     ) -> Sam3DAdapterModel:
         """Put a saved adapter on a base model (e.g. a fresh `from_sam_pretrained` conversion). Every tensor the
-        config says is trained must be in the file with the model's shape; anything else is an error."""
+        config says is trained must be in the file with the model's shape; anything else is an error, raised before
+        the model is changed (a failed load leaves it exactly as it was)."""
         config = Sam3DAdapterConfig.from_pretrained(adapter_directory)
         config = dataclasses.replace(config, inference_mode=not is_trainable)
-        wrapped = cls(model, config)
         path = Path(adapter_directory) / ADAPTER_WEIGHTS_NAME
         if not path.is_file():
             raise ValueError(f"no {ADAPTER_WEIGHTS_NAME} in {adapter_directory}")
-        tensors = load_file(path)
-        expected = dict(wrapped.model.named_parameters())
-        wanted = set(wrapped.trainable_parameter_names())
-        missing, unexpected = sorted(wanted - set(tensors)), sorted(set(tensors) - wanted)
-        if missing or unexpected:
-            raise ValueError(
-                f"{path} does not match its config on this model: missing {missing[:5]} ({len(missing)}), "
-                f"unexpected {unexpected[:5]} ({len(unexpected)})"
-            )
-        wrong = [
-            (n, tuple(t.shape), tuple(expected[n].shape)) for n, t in tensors.items() if t.shape != expected[n].shape
-        ]
-        if wrong:
-            raise ValueError(
-                f"{path} does not fit this model: shape mismatch (name, file, model) {wrong[:5]} ({len(wrong)} in "
-                "all); the file was written for another base size or adapter width than its config and model say"
-            )
-        with torch.no_grad():
-            for name, tensor in tensors.items():
-                expected[name].copy_(tensor)
-        return wrapped
+        tensors = _read_safetensors(path)
+        try:
+            return cls(model, config, adapter_state_dict=tensors)
+        except ValueError as error:
+            raise ValueError(f"{os.fspath(path)}: {error}") from None
 
     def merge_and_unload(self) -> Sam3DForPromptableSegmentation:
         """The plain model, adapters included in its architecture (recorded in its config), every parameter trainable

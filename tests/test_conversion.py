@@ -2,7 +2,9 @@
 
 import argparse
 import json
+import os
 import re
+import stat
 import sys
 import types
 
@@ -39,7 +41,7 @@ def assert_fully_accounted(report, source_keys, model):
 
 
 def is_new_in_3d(key: str) -> bool:
-    """Model tensors that SAM does not provide (ARCHITECTURE.md "Initialisation from SAM")."""
+    """Model tensors that SAM does not provide (docs/design.md "Initialisation from SAM and what is trained")."""
     new = ("adapter.", "necks.", "prompt_encoder.", "mask_decoder.", "depth_weight", "depth_bias", "depth_embed")
     return key.startswith(new) or any(part in key for part in new) or key.endswith("rel_pos_scale")
 
@@ -143,7 +145,7 @@ def test_segment_anything_vit_b_converts_exactly(sam_vit_b):
     state = model.state_dict()
     assert set(report.initialized) == {key for key in state if is_new_in_3d(key)}
 
-    # Inherited tensors are bit-identical; the three inflated ones follow ARCHITECTURE.md exactly.
+    # Inherited tensors are bit-identical; the three inflated ones follow docs/design.md exactly.
     def same(target, source_key):
         assert torch.equal(state[target], source[source_key]), target
 
@@ -350,7 +352,7 @@ OFFICIAL_TINY = {**TINY, "prompt_encoder_config": {**TINY["prompt_encoder_config
 
 
 def official_tensors(config: Sam3DConfig, seed: int = 0) -> tuple[dict, dict, dict]:
-    """Random `encoder_dict`, `feature_dict[3]` and `decoder_dict` in the official layout (ARCHITECTURE.md "Official
+    """Random `encoder_dict`, `feature_dict[3]` and `decoder_dict` in the official layout (docs/design.md "Official
     checkpoint layout"; 3D kernels `(out, in, kH, kW, kD)`), including the tensors the importer must drop."""
     vision, prompt, decoder = config.vision_config, config.prompt_encoder_config, config.mask_decoder_config
     c, p, a, o = vision.hidden_size, vision.patch_size, vision.adapter_dim, vision.output_channels
@@ -570,3 +572,63 @@ def test_official_errors(official, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
     assert main([*argv, "--config", "x"]) == 1
     assert "--config and --revision are for `sam3d convert sam`" in capsys.readouterr().err
+
+
+def test_malformed_official_snapshots(official, tmp_path):
+    encoder, prompt, decoder = official
+    without = {k: v for k, v in encoder.items() if k != "blocks.0.mlp.lin1.weight"}
+    with pytest.raises(ValueError, match=r"lacks or mis-stores .*\(KeyError: 'blocks.0.mlp.lin1.weight'\)"):
+        convert.config_from_official(without, prompt, decoder)
+    with pytest.raises(ValueError, match=r"lacks or mis-stores .*\(AttributeError: .*'shape'\)"):
+        convert.config_from_official({**encoder, "pos_embed": [1.0]}, prompt, decoder)
+    with pytest.raises(ValueError, match=r"feature_dict\[3\] is a tuple, expected a state dict"):
+        convert.convert_official_state_dicts(encoder, tuple(prompt.values()), decoder)
+    path = tmp_path / "snapshot.pth.tar"
+    torch.save({"encoder_dict": encoder, "feature_dict": [prompt, prompt, prompt, None], "decoder_dict": {}}, path)
+    with pytest.raises(ValueError, match=r"feature_dict\[3\] is a NoneType, expected a state dict"):
+        convert.load_official_checkpoint(path, vision_config={"image_size": PATCH})
+
+
+def test_conversion_checks_the_output_first(tmp_path, monkeypatch):
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the checkpoint was read before the output was checked")
+
+    monkeypatch.setattr(convert, "load_sam_checkpoint", must_not_run)
+    monkeypatch.setattr(convert, "load_official_checkpoint", must_not_run)
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "model.safetensors").write_bytes(b"")
+    (tmp_path / "file").write_text("x")
+    for function in (convert.convert_sam_checkpoint, convert.convert_official_checkpoint):
+        with pytest.raises(ValueError, match=r"already exists and is not an empty folder; .* \(--overwrite\)"):
+            function("checkpoint", tmp_path / "taken")
+        with pytest.raises(ValueError, match="is an existing file, not a folder; choose a folder to write into"):
+            function("checkpoint", tmp_path / "file", overwrite=True)
+        with pytest.raises(ValueError, match=r"cannot create '.*file/deeper/out': '.*file' is a file, not a folder"):
+            function("checkpoint", tmp_path / "file" / "deeper" / "out")
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_written_files_get_the_usual_modes(tiny_model, tmp_path, umask):
+    previous = os.umask(umask)
+    try:
+        output = convert.save_converted(tiny_model, convert.ConversionReport(), tmp_path / "a" / "converted")
+        convert.atomic_write(tmp_path / "note.txt", lambda temporary: open(temporary, "w").write("hello"))
+    finally:
+        os.umask(previous)
+    for path in [tmp_path / "a", output, *output.iterdir()]:
+        assert stat.S_IMODE(path.stat().st_mode) == (0o777 if path.is_dir() else 0o666) & ~umask, path
+    assert stat.S_IMODE((tmp_path / "note.txt").stat().st_mode) == 0o666 & ~umask
+    assert (tmp_path / "note.txt").read_text() == "hello"
+
+
+def test_atomic_write_leaves_the_old_file_on_failure(tmp_path):
+    (tmp_path / "note.txt").write_text("old")
+
+    def fail(temporary):
+        with open(temporary, "w") as file:
+            file.write("half")
+        raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError, match="interrupted"):
+        convert.atomic_write(tmp_path / "note.txt", fail)
+    assert [p.name for p in tmp_path.iterdir()] == ["note.txt"] and (tmp_path / "note.txt").read_text() == "old"

@@ -1,7 +1,11 @@
 """The paper's spatial-adapter scheme (own API, peft-shaped files) and the LoRA / full fine-tuning baselines (peft)."""
 
 import json
+import logging
+import os
 import re
+import shutil
+import stat
 
 import peft
 import pytest
@@ -9,7 +13,7 @@ import torch
 from conftest import PATCH, TINY, randomize
 from safetensors.torch import load_file
 
-from sam3d_hf import Sam3DConfig, Sam3DForPromptableSegmentation
+from sam3d_hf import Sam3DConfig, Sam3DForPromptableSegmentation, peft_sam3d
 from sam3d_hf.peft_sam3d import (
     ADAPTER_WEIGHTS_NAME,
     Sam3DAdapterConfig,
@@ -171,7 +175,7 @@ def test_config_round_trip_and_errors(tmp_path):
 
     with pytest.raises(ValueError, match=r"unknown trainable_groups \['decoder'\]"):
         Sam3DAdapterConfig(trainable_groups=["adapters", "decoder"])
-    with pytest.raises(ValueError, match="adapter_dim must be a positive int, got 0"):
+    with pytest.raises(ValueError, match=r"positive int or None \(the base model's width\), got 0"):
         Sam3DAdapterConfig(adapter_dim=0)
     with pytest.raises(ValueError, match=r"non-negative block indices, got \[-1\]"):
         Sam3DAdapterConfig(adapter_layers=[-1])
@@ -187,7 +191,7 @@ def test_config_round_trip_and_errors(tmp_path):
         Sam3DAdapterConfig(adapter_layers=3)
     with pytest.raises(ValueError, match=r"non-negative block indices, got \[0, 1.5\]"):
         Sam3DAdapterConfig(adapter_layers=[0, 1.5])
-    with pytest.raises(ValueError, match="adapter_dim must be a positive int, got -4"):
+    with pytest.raises(ValueError, match=r"adapter_dim must be a positive int or None .*, got -4"):
         Sam3DAdapterConfig(adapter_dim=-4)
     with pytest.raises(TypeError, match="inference_mode must be True or False, got 'yes'"):
         Sam3DAdapterConfig(inference_mode="yes")
@@ -222,10 +226,10 @@ def test_adapter_file_must_match_its_config(tiny_inputs, tmp_path):
     with pytest.raises(ValueError, match=r"unexpected \['mask_decoder"):
         Sam3DAdapterModel.from_pretrained(base_model(seed=2), tmp_path)
 
-    config["trainable_groups"], config["adapter_dim"] = ["adapters", "mask_decoder"], 8  # the file holds width 384
+    config["trainable_groups"], config["adapter_dim"] = ["adapters", "mask_decoder"], 8  # the file holds width 16
     (tmp_path / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(
-        ValueError, match=r"shape mismatch .*adapter.conv.weight', \(384, 1, 3, 3, 3\), \(8, 1, 3, 3, 3\)"
+        ValueError, match=r"shape mismatch .*adapter.conv.weight', \(16, 1, 3, 3, 3\), \(8, 1, 3, 3, 3\)"
     ):
         Sam3DAdapterModel.from_pretrained(base_model(seed=2), tmp_path)
 
@@ -234,16 +238,180 @@ def test_adapter_file_must_match_its_config(tiny_inputs, tmp_path):
         Sam3DAdapterModel.from_pretrained(base_model(seed=2), tmp_path)
 
 
-def test_save_replaces_an_earlier_save(tiny_inputs, tmp_path):
+def test_save_replaces_only_the_adapter_files(tiny_inputs, tmp_path, caplog):
+    """A second save replaces the adapter's two files and nothing else: a model saved in the same folder (a peft
+    habit) and unrelated files survive bit for bit, with a warning (transformers' from_pretrained reads a folder with
+    an adapter_config.json as a peft adapter, so the model must be loaded from a copy of its own files)."""
     wrapped = get_adapter_model(base_model(seed=1), Sam3DAdapterConfig(trainable_groups=["adapters", "mask_decoder"]))
-    wrapped.save_pretrained(tmp_path / "adapter")
-    (tmp_path / "adapter" / "stale.txt").write_text("from an earlier run")
+    folder = tmp_path / "run"
+    base_model(seed=1).save_pretrained(folder)
+    model_files = {p.name: p.read_bytes() for p in folder.iterdir()}
+    assert {"config.json", "model.safetensors"} <= set(model_files)
+    with caplog.at_level(logging.WARNING, logger="sam3d_hf.peft_sam3d"):
+        wrapped.save_pretrained(folder)
+    assert "holds a model (config.json); its files are kept" in caplog.text
+    (folder / "notes.txt").write_text("from an earlier run")
     training_step(wrapped, tiny_inputs)
-    wrapped.save_pretrained(tmp_path / "adapter")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # no staging folder left behind
-    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == ["adapter_config.json", ADAPTER_WEIGHTS_NAME]
-    stored = load_file(tmp_path / "adapter" / ADAPTER_WEIGHTS_NAME)
+    wrapped.save_pretrained(folder)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        [*model_files, "notes.txt", "adapter_config.json", ADAPTER_WEIGHTS_NAME]
+    )  # no temporary file left behind
+    assert all((folder / name).read_bytes() == content for name, content in model_files.items())
+    assert (folder / "notes.txt").read_text() == "from an earlier run"
+    stored = load_file(folder / ADAPTER_WEIGHTS_NAME)
     assert torch.equal(stored["mask_decoder.fuse.3.weight"], wrapped.model.mask_decoder.fuse[3].weight)
+    (tmp_path / "model").mkdir()
+    for name in model_files:
+        shutil.copy(folder / name, tmp_path / "model" / name)
+    base = Sam3DForPromptableSegmentation.from_pretrained(tmp_path / "model")
+    assert torch.equal(logits(base, tiny_inputs), logits(base_model(seed=1), tiny_inputs))
+    reloaded = Sam3DAdapterModel.from_pretrained(base, folder)
+    assert torch.equal(logits(reloaded, tiny_inputs), logits(wrapped, tiny_inputs))
+    shutil.rmtree(tmp_path / "model")
+
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(ValueError, match=r"save_directory .*a-file' is an existing file, not a folder"):
+        wrapped.save_pretrained(tmp_path / "a-file")
+    assert (tmp_path / "a-file").read_text() == "x"
+
+
+def test_interrupted_save_keeps_the_earlier_files(tmp_path, monkeypatch):
+    """Weights go first, the config last, each through a temporary file: a save that fails while writing the
+    weights leaves the earlier weights and config in place and no temporary file."""
+    wrapped = get_adapter_model(base_model(seed=1), Sam3DAdapterConfig(trainable_groups=["adapters", "mask_decoder"]))
+    wrapped.save_pretrained(tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    written = []
+
+    def failing_save_file(tensors, filename, metadata=None):
+        written.append(filename)
+        with open(filename, "wb") as file:
+            file.write(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(peft_sam3d, "save_file", failing_save_file)
+    with torch.no_grad():
+        wrapped.model.mask_decoder.fuse[3].weight.add_(1)
+    with pytest.raises(OSError, match="disk full"):
+        wrapped.save_pretrained(tmp_path)
+    assert len(written) == 1 and written[0] != str(tmp_path / ADAPTER_WEIGHTS_NAME)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_saved_files_get_the_usual_modes(tmp_path, umask):
+    wrapped = get_adapter_model(base_model(seed=1), Sam3DAdapterConfig(adapter_layers=[1]))
+    previous = os.umask(umask)
+    try:
+        wrapped.save_pretrained(tmp_path / "new" / "adapter")
+        Sam3DAdapterConfig(adapter_dim=4).save_pretrained(tmp_path / "config-only")
+    finally:
+        os.umask(previous)
+    for folder in (tmp_path / "new", tmp_path / "new" / "adapter", tmp_path / "config-only"):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~umask, folder
+    for path in [*(tmp_path / "new" / "adapter").iterdir(), tmp_path / "config-only" / "adapter_config.json"]:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path
+
+
+def test_adapter_width_comes_from_the_base(tiny_model, caplog):
+    """`Sam3DAdapterConfig()` keeps the base's adapters (tiny: width 16) instead of rebuilding them at 384."""
+    before = {name: tensor.clone() for name, tensor in tiny_model.state_dict().items()}
+    adapters = [layer.adapter for layer in tiny_model.vision_encoder.layers]
+    with caplog.at_level(logging.WARNING, logger="sam3d_hf.peft_sam3d"):
+        wrapped = get_adapter_model(tiny_model, Sam3DAdapterConfig())
+    assert not caplog.records
+    assert wrapped.adapter_config.adapter_dim == 16 == tiny_model.config.vision_config.adapter_dim
+    assert [layer.adapter for layer in tiny_model.vision_encoder.layers] == adapters  # the same modules
+    assert all(torch.equal(tensor, before[name]) for name, tensor in tiny_model.state_dict().items())
+
+
+def test_rebuilding_adapters_is_announced(caplog):
+    cases = [
+        ({}, {"adapter_dim": 8}, r"blocks \[0, 1, 2, 3\] rebuilt at width 8 \(they had widths \[16\]\)"),
+        ({}, {"adapter_layers": [0, 2]}, r"blocks \[1, 3\] lose their adapter"),
+        ({"adapter_layers": [1]}, {}, r"blocks \[0, 2, 3\] get a new adapter"),
+        ({"adapter_layers": [1]}, {"adapter_dim": 4, "adapter_layers": [1, 2]}, r"blocks \[1\] rebuilt .*\[2\] get a"),
+    ]
+    for base_vision, adapter, message in cases:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="sam3d_hf.peft_sam3d"):
+            get_adapter_model(base_model(seed=1, **base_vision), Sam3DAdapterConfig(**adapter))
+        assert len(caplog.records) == 1, (base_vision, adapter)
+        assert re.search(message, caplog.records[0].getMessage()), caplog.records[0].getMessage()
+        assert "fresh random weights" in caplog.records[0].getMessage()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="sam3d_hf.peft_sam3d"):  # the base's own layout: nothing rebuilt
+        get_adapter_model(base_model(seed=1, adapter_layers=[0, 2]), Sam3DAdapterConfig(adapter_layers=[2, 0]))
+    assert not caplog.records
+
+
+def test_saved_config_records_the_width_used(tmp_path, tiny_inputs):
+    wrapped = get_adapter_model(base_model(seed=1), Sam3DAdapterConfig())
+    wrapped.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["adapter_dim"] == 16
+    wide = get_adapter_model(base_model(seed=2), Sam3DAdapterConfig(adapter_dim=24)).merge_and_unload()
+    assert wide.config.vision_config.adapter_dim == 24  # a base of another width: the file's width wins
+    loaded = Sam3DAdapterModel.from_pretrained(wide, tmp_path)
+    assert wide.config.vision_config.adapter_dim == 16
+    assert torch.equal(logits(loaded, tiny_inputs), logits(wrapped, tiny_inputs))
+
+
+def snapshot(model):
+    return (
+        {name: tensor.clone() for name, tensor in model.state_dict().items()},
+        {name: parameter.requires_grad for name, parameter in model.named_parameters()},
+        model.config.to_dict(),
+        [layer.adapter for layer in model.vision_encoder.layers],
+    )
+
+
+def assert_unchanged(model, before):
+    state, flags, config, adapters = before
+    now = model.state_dict()
+    assert list(now) == list(state)
+    assert all(torch.equal(now[name], tensor) for name, tensor in state.items())
+    assert {name: parameter.requires_grad for name, parameter in model.named_parameters()} == flags
+    assert model.config.to_dict() == config
+    assert [layer.adapter for layer in model.vision_encoder.layers] == adapters
+
+
+def _edit_config(folder, **changes):
+    path = folder / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+@pytest.mark.parametrize(
+    "kind, message",
+    [
+        ("wrong-size base", r"shape mismatch .*\(48,\), \(64,\)"),
+        ("other width in the config", r"shape mismatch .*\(16, 48\), \(8, 48\)"),
+        ("fewer adapter blocks in the config", r"unexpected \['vision_encoder.layers.1.adapter"),
+        ("more groups in the config", r"missing \['vision_encoder.layers.0.layer_norm1.bias'"),
+        ("block outside the base", r"block indices \[5\] outside \[0, 4\)"),
+        ("corrupt weights", r"could not read .*adapter_model.safetensors' as safetensors"),
+    ],
+)
+def test_failed_load_leaves_the_model_as_it_was(tmp_path, kind, message):
+    saved = get_adapter_model(base_model(seed=1), Sam3DAdapterConfig(trainable_groups=["adapters", "mask_decoder"]))
+    saved.save_pretrained(tmp_path)
+    target = base_model(seed=2, hidden_size=64) if kind == "wrong-size base" else base_model(seed=2)
+    if kind == "other width in the config":
+        _edit_config(tmp_path, adapter_dim=8)
+    elif kind == "fewer adapter blocks in the config":
+        _edit_config(tmp_path, adapter_layers=[0, 2])
+    elif kind == "more groups in the config":
+        _edit_config(tmp_path, trainable_groups=["adapters", "mask_decoder", "norms"])
+    elif kind == "block outside the base":
+        _edit_config(tmp_path, adapter_layers=[0, 5])
+    elif kind == "corrupt weights":
+        (tmp_path / ADAPTER_WEIGHTS_NAME).write_bytes(b"not safetensors")
+    target.requires_grad_(True)
+    target.mask_decoder.requires_grad_(False)  # flags a load would change
+    before = snapshot(target)
+    with pytest.raises(ValueError, match=message):
+        Sam3DAdapterModel.from_pretrained(target, tmp_path)
+    assert_unchanged(target, before)
 
 
 def test_lora_baseline_trains_saves_reloads_and_merges(tiny_inputs, tmp_path):
