@@ -680,7 +680,7 @@ class Sam3DImageProcessor(BaseImageProcessor):
 
     def _check_labels(self, label_data: np.ndarray) -> None:
         """Refuse label maps the model cannot train on: non-integer values, or several labels and no `target_label`."""
-        fractional = np.unique(label_data[label_data != np.rint(label_data)])  # full-volume np.unique is slow
+        fractional = np.unique(label_data[label_data != np.rint(label_data)])  # np.unique of a whole scan takes seconds
         if fractional.size:
             raise ValueError(
                 f"The label map holds non-integer values {fractional[:10].tolist()}; expected integer labels "

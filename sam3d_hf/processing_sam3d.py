@@ -152,7 +152,8 @@ class Sam3DProcessor(ProcessorMixin):
             * `points_in="world"`: world coordinates in mm, RAS+ (nibabel/NIfTI convention, `affine @ [i, j, k, 1]`).
               3D Slicer shows RAS; tools that report LPS (DICOM, ITK) need their first two values negated.
 
-            Example: a click on voxel `(120, 85, 40)` of `ct.nii.gz`, negative click at `(100, 85, 40)`:
+            Example: a click on voxel `(120, 85, 40)` of `ct.nii.gz`, negative click at `(100, 85, 40)` (a model with
+            `config.use_point_labels=True`):
 
             ```python
             inputs = processor(images="ct.nii.gz", input_points=[[120, 85, 40], [100, 85, 40]], input_labels=[1, 0])
