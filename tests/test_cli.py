@@ -128,3 +128,14 @@ def test_subprocess_prints_one_line_and_no_traceback(tmp_path):
         [sys.executable, "-m", "sam3d_hf.cli", "--version"], capture_output=True, text=True, env=env, timeout=300
     )
     assert (version.returncode, version.stdout) == (0, f"sam3d {sam3d_hf.__version__}\n")
+
+
+def test_system_errors_are_one_line(tmp_path, capsys, monkeypatch):
+    """What the system refuses (here a permission error while reading) is reported in one line too."""
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", "/data/best.pth.tar")
+
+    monkeypatch.setattr("sam3d_hf.convert_sam3d.load_official_checkpoint", refuse)
+    argv = ["convert", "official", "--checkpoint", "/data/best.pth.tar", "--output", str(tmp_path / "out")]
+    assert one_line_error(argv, capsys).endswith("[Errno 13] Permission denied: '/data/best.pth.tar'")
