@@ -38,6 +38,7 @@ from .peft_sam3d import (
     lora_config,
 )
 from .processing_sam3d import MODEL_INPUT_KEYS, Sam3DProcessor, cluster_points, save_mask_nifti
+from .synthetic import SYNTHETIC_PROCESSOR_KWARGS, generate_case, generate_dataset
 
 __version__ = "0.1.0.dev0"
 
@@ -53,6 +54,7 @@ __all__ = [
     "DEFAULT_LORA_TARGET_MODULES",
     "MODEL_INPUT_KEYS",
     "SAM3D_PRESETS",
+    "SYNTHETIC_PROCESSOR_KWARGS",
     "ConversionReport",
     "Sam3DAdapterConfig",
     "Sam3DAdapterModel",
@@ -75,6 +77,8 @@ __all__ = [
     "convert_sam_checkpoint",
     "convert_sam_state_dict",
     "enable_full_finetuning",
+    "generate_case",
+    "generate_dataset",
     "get_adapter_model",
     "load_official_checkpoint",
     "load_sam_checkpoint",

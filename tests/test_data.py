@@ -10,9 +10,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import PATCH, TINY
 from safetensors.numpy import load_file
 
-from sam3d_hf import Sam3DImageProcessor, Sam3DProcessor
+from sam3d_hf import Sam3DConfig, Sam3DForPromptableSegmentation, Sam3DImageProcessor, Sam3DProcessor
 from sam3d_hf.data import (
     PreprocessedCache,
     Sam3DTrainingDataset,
@@ -491,3 +492,18 @@ def test_training_dataset_errors(tmp_path, msd_root, processor):
         Sam3DTrainingDataset(ds.cast_column("image", datasets.Nifti()), processor, cache_dir=tmp_path)
     with pytest.raises(IndexError):
         Sam3DTrainingDataset(ds, processor, cache_dir=tmp_path)[len(ds)]
+
+
+def test_a_batch_trains_the_tiny_model(tmp_path, msd_root, processor):
+    """The contract with the model: a collated batch goes straight into forward and gives a finite loss and gradients
+    (non-cubic patch: the rot90 augmentation is left out, the shapes still match the model's image_size)."""
+    train = Sam3DTrainingDataset(index_dataset(msd_root), processor, patch_size=PATCH, cache_dir=tmp_path)
+    batch = next(iter(torch.utils.data.DataLoader(train, batch_size=2, shuffle=False, collate_fn=sam3d_collate)))
+    assert batch["labels"].shape == (2, *PATCH) and batch["input_points"].shape == (2, 43, 3)
+    assert ((batch["input_labels"] == 1).sum(1) >= 1).all()
+    torch.manual_seed(0)
+    model = Sam3DForPromptableSegmentation(Sam3DConfig(**TINY))
+    out = model(**batch)
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
