@@ -87,12 +87,14 @@ def final_weights(output_dir: Path) -> dict[str, str]:
     return json.loads((output_dir / "weights_rank0.json").read_text())
 
 
-RUN_ARGS = ["--max_train_steps", "6", "--checkpointing_steps", "2", "--validation_steps", "3", "--save_rank_checksums"]
+# 6 cases -> 4 training scans -> 2 batches of 2 per epoch: checkpoints at steps 3 and 6 fall mid-epoch, so resuming
+# needs the epoch and the position in it.
+RUN_ARGS = ["--max_train_steps", "7", "--checkpointing_steps", "3", "--validation_steps", "3", "--save_rank_checksums"]
 
 
 @pytest.fixture(scope="module")
 def reference_run(data_dir, tmp_path_factory) -> Path:
-    """An uninterrupted single-process run of 6 steps, checkpoints at steps 2, 4, 6."""
+    """An uninterrupted single-process run of 7 steps, checkpoints at steps 3, 6 and 7 (the last step)."""
     output_dir = tmp_path_factory.mktemp("reference") / "run"
     run(launch_command(SCRIPT, output_dir, data_dir, *RUN_ARGS))
     return output_dir
@@ -104,14 +106,14 @@ def test_run_writes_loadable_outputs(reference_run):
     from sam3d_hf import Sam3DAdapterModel, Sam3DForPromptableSegmentation
 
     losses = step_losses(reference_run)
-    assert sorted(losses) == [1, 2, 3, 4, 5, 6]
+    assert sorted(losses) == [1, 2, 3, 4, 5, 6, 7]
     records = [json.loads(line) for line in (reference_run / "logs" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "validation_dice" in r] == [0, 3, 6]
     assert all(0 <= r["validation_dice"] <= 1 for r in records if "validation_dice" in r)
     # total_limit 3 keeps all three checkpoints; each one is complete and records its step.
     checkpoints = sorted((reference_run / "checkpoints").iterdir())
     steps = [json.loads((c / "training_state.json").read_text())["global_step"] for c in checkpoints]
-    assert steps == [2, 4, 6]
+    assert steps == [3, 6, 7]
     # The final folder reloads: model + processor, and the adapter files reproduce its outputs on the same base.
     final = reference_run / "final_model"
     model = Sam3DForPromptableSegmentation.from_pretrained(final)
@@ -220,24 +222,24 @@ def resume_and_compare(output_dir: Path, data_dir: Path, reference_run: Path, re
     result = run(launch_command(SCRIPT, output_dir, data_dir, *RUN_ARGS, "--resume_from_checkpoint", "latest"))
     assert f"starting at step {resumed_at}" in result.stderr
     reference, resumed = step_losses(reference_run), step_losses(output_dir)
-    assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
-    for step in range(resumed_at + 1, 7):  # the steps after the checkpoint equal the uninterrupted run's
+    assert sorted(resumed) == [1, 2, 3, 4, 5, 6, 7]
+    for step in range(resumed_at + 1, 8):  # the steps after the checkpoint equal the uninterrupted run's
         assert resumed[step] == pytest.approx(reference[step], rel=1e-6, abs=1e-7), step
     assert final_weights(output_dir) == final_weights(reference_run)
 
 
 def test_sigkill_after_checkpoint_then_resume_matches_uninterrupted_run(data_dir, tmp_path, reference_run):
     output_dir = tmp_path / "killed"
-    wrapper = KILL_AFTER_CHECKPOINT.replace("{script!r}", repr(str(SCRIPT))).replace("{step}", "4")
+    wrapper = KILL_AFTER_CHECKPOINT.replace("{script!r}", repr(str(SCRIPT))).replace("{step}", "3")
     start_and_kill(wrapper, tmp_path, output_dir, data_dir)
     losses = step_losses(output_dir)
-    assert max(losses) == 4  # killed right after the step-4 checkpoint: steps 5 and 6 come from the resumed run
-    resume_and_compare(output_dir, data_dir, reference_run, resumed_at=4)
+    assert max(losses) == 3  # killed right after the step-3 checkpoint: steps 4 to 7 come from the resumed run
+    resume_and_compare(output_dir, data_dir, reference_run, resumed_at=3)
 
 
 def test_sigkill_during_save_keeps_the_last_complete_checkpoint(data_dir, tmp_path, reference_run):
     output_dir = tmp_path / "killed_in_save"
-    # checkpoint_1 is the step-4 save: killed with its optimiser file half-written.
+    # checkpoint_1 is the step-6 save: killed with its optimiser file half-written.
     wrapper = KILL_DURING_SAVE.replace("{script!r}", repr(str(SCRIPT)))
     wrapper = wrapper.replace("{in_folder!r}", repr(os.path.join("checkpoint_1", "optimizer.bin")))
     start_and_kill(wrapper, tmp_path, output_dir, data_dir)
@@ -245,11 +247,11 @@ def test_sigkill_during_save_keeps_the_last_complete_checkpoint(data_dir, tmp_pa
     folders = train.list_checkpoints(output_dir)
     assert [f.name for f in folders] == ["checkpoint_0", "checkpoint_1"]
     assert train.is_complete(folders[0]) and not train.is_complete(folders[1])
-    resume_and_compare(output_dir, data_dir, reference_run, resumed_at=2)
-    # The resumed run replaced the incomplete folder with complete ones (total_limit 3 -> steps 2, 4, 6).
+    resume_and_compare(output_dir, data_dir, reference_run, resumed_at=3)
+    # The resumed run replaced the incomplete folder with complete ones (total_limit 3 -> steps 3, 6, 7).
     folders = train.list_checkpoints(output_dir)
     assert all(train.is_complete(f) for f in folders)
-    assert [json.loads((f / "training_state.json").read_text())["global_step"] for f in folders] == [2, 4, 6]
+    assert [json.loads((f / "training_state.json").read_text())["global_step"] for f in folders] == [3, 6, 7]
 
 
 def test_bad_data_stops_before_the_first_step_naming_the_case(data_dir, tmp_path):
