@@ -22,11 +22,24 @@ from .image_processing_sam3d import (
     compute_intensity_statistics,
     load_volume,
 )
+from .metrics import (
+    CLICK_PROTOCOLS,
+    correction_click,
+    dice_score,
+    evaluate_case,
+    markdown_table,
+    normalized_surface_dice,
+    simulate_clicks,
+    summarize,
+)
 from .modeling_sam3d import (
+    PROCESSOR_GEOMETRY_KEYS,
     Sam3DForPromptableSegmentation,
     Sam3DImageEmbeddings,
     Sam3DPreTrainedModel,
     Sam3DSegmentationOutput,
+    Sam3DVisionModel,
+    Sam3DVisionModelOutput,
 )
 from .peft_sam3d import (
     DEFAULT_LORA_MODULES_TO_SAVE,
@@ -42,16 +55,20 @@ from .processing_sam3d import MODEL_INPUT_KEYS, Sam3DProcessor, cluster_points, 
 __version__ = "0.1.0.dev0"
 
 AutoConfig.register(Sam3DConfig.model_type, Sam3DConfig, exist_ok=True)
+AutoConfig.register(Sam3DVisionConfig.model_type, Sam3DVisionConfig, exist_ok=True)
 AutoModel.register(Sam3DConfig, Sam3DForPromptableSegmentation, exist_ok=True)
+AutoModel.register(Sam3DVisionConfig, Sam3DVisionModel, exist_ok=True)
 AutoModelForMaskGeneration.register(Sam3DConfig, Sam3DForPromptableSegmentation, exist_ok=True)
 # Saved folders carry the code and an `auto_map`, so they also load with `trust_remote_code=True` without this package.
 Sam3DConfig.register_for_auto_class()
 Sam3DForPromptableSegmentation.register_for_auto_class("AutoModel")
 
 __all__ = [
+    "CLICK_PROTOCOLS",
     "DEFAULT_LORA_MODULES_TO_SAVE",
     "DEFAULT_LORA_TARGET_MODULES",
     "MODEL_INPUT_KEYS",
+    "PROCESSOR_GEOMETRY_KEYS",
     "SAM3D_PRESETS",
     "ConversionReport",
     "Sam3DAdapterConfig",
@@ -67,6 +84,8 @@ __all__ = [
     "Sam3DPromptEncoderConfig",
     "Sam3DSegmentationOutput",
     "Sam3DVisionConfig",
+    "Sam3DVisionModel",
+    "Sam3DVisionModelOutput",
     "Sam3DVolume",
     "cluster_points",
     "compute_intensity_statistics",
@@ -74,13 +93,20 @@ __all__ = [
     "convert_official_state_dicts",
     "convert_sam_checkpoint",
     "convert_sam_state_dict",
+    "correction_click",
+    "dice_score",
     "enable_full_finetuning",
+    "evaluate_case",
     "get_adapter_model",
     "load_official_checkpoint",
     "load_sam_checkpoint",
     "load_volume",
     "lora_config",
+    "markdown_table",
+    "normalized_surface_dice",
     "save_converted",
     "save_mask_nifti",
+    "simulate_clicks",
+    "summarize",
     "to_official_state_dicts",
 ]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -19,12 +20,32 @@ from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_sam3d import Sam3DConfig, Sam3DMaskDecoderConfig, Sam3DPromptEncoderConfig, Sam3DVisionConfig
 
 # Additive logit for tokens that must not be attended to (the official value; not -inf).
 MASKED_LOGIT = -100.0
+
+# The geometry entries of a `Sam3DProcessor` output that `forward` accepts by name (so that `model(**inputs)` works)
+# and ignores: they map the patch back to the original volume, the model does not need them.
+PROCESSOR_GEOMETRY_KEYS = (
+    "patch_origins",
+    "patch_affines",
+    "point_cluster",
+    "original_size",
+    "original_affine",
+    "canonical_axes",
+    "canonical_flips",
+    "canonical_size",
+    "resampled_size",
+    "resampled_spacing",
+    "resampled_affine",
+)
+# transformers' output flags, also accepted by `forward` (`return_dict` is handled by the output-capturing wrapper).
+OUTPUT_FLAG_KEYS = ("output_attentions", "output_hidden_states", "return_dict")
 
 
 @dataclass
@@ -52,11 +73,38 @@ class Sam3DSegmentationOutput(ModelOutput):
             the foreground probability is `logits.softmax(1)[:, 1]`.
         image_embeddings ([`Sam3DImageEmbeddings`]): pass back as `image_embeddings=` to decode new clicks without
             running the encoder again.
+        hidden_states (`tuple[torch.FloatTensor]`, *optional*, with `output_hidden_states=True`): the encoder's token
+            grids `(batch, D/4, H/4, W/4, hidden_size)`: the input of block 0 (patch + position embeddings), then the
+            output of every block (`num_hidden_layers + 1` tensors). Empty when `image_embeddings` were passed.
+        attentions (`tuple[torch.FloatTensor]`, *optional*, with `output_attentions=True` and the `"eager"` attention
+            implementation): per encoder block, the softmaxed window attention `(batch * windows, heads, N, N)` with
+            `N = wd * wh * ww` tokens per window, windows in (depth, height, width) raster order of the padded and (in
+            shifted blocks) rolled grid. SDPA does not return weights: load with `attn_implementation="eager"`.
     """
 
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
     image_embeddings: Sam3DImageEmbeddings | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
+class Sam3DVisionModelOutput(ModelOutput):
+    """Output of [`Sam3DVisionModel`].
+
+    Args:
+        last_hidden_state (`torch.FloatTensor` of shape `(batch, D/4, H/4, W/4, hidden_size)`): the tokens after the
+            last block (channels last).
+        feature_maps (`tuple[torch.FloatTensor]` of 4 tensors `(batch, output_channels, D/4, H/4, W/4)`): the neck
+            outputs after the blocks of `feature_indexes` (what the decoder and prompt encoder use).
+        hidden_states, attentions: as in [`Sam3DSegmentationOutput`].
+    """
+
+    last_hidden_state: torch.FloatTensor | None = None
+    feature_maps: tuple[torch.FloatTensor, ...] | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 @functools.lru_cache(maxsize=8)
@@ -144,6 +192,26 @@ def relative_position_table(table: torch.Tensor, window: int) -> torch.Tensor:
     return table[coords[:, None] - coords[None, :] + window - 1]
 
 
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain attention: `softmax(q kᵀ * scaling + attention_mask) v`; returns the output `(B, N, heads, head_dim)` and
+    the weights `(B, heads, N, N)` (transformers' attention-interface contract)."""
+    weights = (query @ key.transpose(-2, -1)) * scaling
+    if attention_mask is not None:
+        weights = weights + attention_mask
+    weights = weights.softmax(dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = F.dropout(weights, p=dropout, training=module.training)
+    return (weights @ value).transpose(1, 2).contiguous(), weights
+
+
 class Sam3DWindowAttention(nn.Module):
     """Multi-head attention inside 3D windows with decomposed relative positions along depth, height and width."""
 
@@ -162,6 +230,7 @@ class Sam3DWindowAttention(nn.Module):
         # The official per-block scale `lr` of the relative-position terms: 1.0 and frozen when trained here, but an
         # imported checkpoint's stored value is used as it is, so it is state, not a hyper-parameter.
         self.register_buffer("rel_pos_scale", torch.ones(()))
+        self.is_causal = False  # transformers' SDPA wrapper assumes causal attention unless told otherwise
 
     def relative_position_bias(self, query: torch.Tensor, window_mask: torch.Tensor | None) -> torch.Tensor:
         """`rel_pos_scale * (q·Rd + q·Rh + q·Rw) + window_mask` of shape `(windows, heads, N, N)` from the unscaled
@@ -178,25 +247,39 @@ class Sam3DWindowAttention(nn.Module):
             bias += window_mask[:, None].to(bias.dtype)  # in place: the sum's backward does not need its output
         return bias
 
-    def forward(self, windows: torch.Tensor, window_mask: torch.Tensor | None) -> torch.Tensor:
-        """`windows (B*nW, N, C)`; `window_mask (nW, N, N)` additive (shift and padding), shared by every image."""
+    def forward(
+        self, windows: torch.Tensor, window_mask: torch.Tensor | None, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`windows (B*nW, N, C)`; `window_mask (nW, N, N)` additive (shift and padding), shared by every image.
+
+        Returns the output `(B*nW, N, C)` and, with the eager implementation, the attention weights
+        `(B*nW, heads, N, N)` (`None` otherwise). The relative-position terms and the mask are passed to the attention
+        implementation as its additive float mask; windows are processed in chunks to bound that mask's memory,
+        except with `output_attentions` (the weights of every window are kept then anyway, and one call makes the
+        returned weights the very tensor the output is computed from, so gradients reach them)."""
         num_windows, tokens, channels = windows.shape
-        outputs = []
-        for start in range(0, num_windows, self.config.attention_chunk_size):
-            chunk = windows[start : start + self.config.attention_chunk_size]
+        attention: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        chunk_size = num_windows if output_attentions else self.config.attention_chunk_size
+        outputs, weights = [], []
+        for start in range(0, num_windows, chunk_size):
+            chunk = windows[start : start + chunk_size]
             qkv = self.qkv(chunk).reshape(chunk.shape[0], tokens, 3, self.num_heads, self.head_dim)
             query, key, value = qkv.permute(2, 0, 3, 1, 4)  # each (chunk, heads, N, head_dim)
             mask = None
             if window_mask is not None:
                 mask = window_mask[torch.arange(start, start + chunk.shape[0], device=chunk.device) % len(window_mask)]
             bias = self.relative_position_bias(query, mask)
-            if self.config._attn_implementation == "eager":
-                attn = (query * self.scale) @ key.transpose(-2, -1) + bias
-                out = attn.softmax(dim=-1) @ value
-            else:
-                out = F.scaled_dot_product_attention(query, key, value, attn_mask=bias)
-            outputs.append(out.transpose(1, 2).reshape(chunk.shape[0], tokens, channels))
-        return self.proj(torch.cat(outputs))
+            out, chunk_weights = attention(
+                self, query, key, value, attention_mask=bias, dropout=0.0, scaling=self.scale, is_causal=False
+            )
+            outputs.append(out.reshape(chunk.shape[0], tokens, channels))
+            weights.append(chunk_weights)
+        attention_weights = weights[0] if len(weights) == 1 else None
+        if len(weights) > 1 and all(w is not None for w in weights):
+            attention_weights = torch.cat(weights)
+        return self.proj(torch.cat(outputs)), attention_weights
 
 
 class Sam3DMLP(nn.Module):
@@ -264,7 +347,7 @@ class Sam3DVisionLayer(GradientCheckpointingLayer):
         self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = Sam3DMLP(config)
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, output_attentions: bool = False) -> torch.Tensor:
         if self.adapter is not None:
             hidden_states = self.adapter(hidden_states)
         depth, height, width = hidden_states.shape[1:4]
@@ -275,7 +358,8 @@ class Sam3DVisionLayer(GradientCheckpointingLayer):
         if self.shift is not None:
             x = torch.roll(x, [-s for s in self.shift], dims=(1, 2, 3))
         mask = window_masks((depth, height, width), self.window, self.shift, x.device)
-        x = merge_windows(self.attn(partition_windows(x, self.window), mask), self.window, padded)
+        x, _ = self.attn(partition_windows(x, self.window), mask, output_attentions)
+        x = merge_windows(x, self.window, padded)
         if self.shift is not None:
             x = torch.roll(x, list(self.shift), dims=(1, 2, 3))
         hidden_states = shortcut + x[:, :depth, :height, :width]
@@ -339,15 +423,18 @@ class Sam3DVisionEncoder(nn.Module):
             column = F.interpolate(column, size=depth, mode="linear", align_corners=False)
         return plane.permute(0, 2, 3, 1)[:, None] + column.permute(0, 2, 1)[:, :, None, None]
 
-    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(
+        self, pixel_values: torch.Tensor, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """Returns the last block's tokens `(B, D', H', W', C)` and the four level maps."""
         hidden_states = self.patch_embed(pixel_values)  # (B, D', H', W', C)
         hidden_states = hidden_states + self.position_embeddings(tuple(hidden_states.shape[1:4]))
         levels = []
         for index, layer in enumerate(self.layers):
-            hidden_states = layer(hidden_states)
+            hidden_states = layer(hidden_states, output_attentions)
             if index in self.config.feature_indexes:
                 levels.append(self.necks[len(levels)](hidden_states))
-        return tuple(levels)
+        return hidden_states, tuple(levels)
 
 
 class Sam3DAttention(nn.Module):
@@ -362,6 +449,7 @@ class Sam3DAttention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, inner)
         self.v_proj = nn.Linear(config.hidden_size, inner)
         self.out_proj = nn.Linear(inner, config.hidden_size)
+        self.is_causal = False
 
     def forward(self, query, key, value, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         """`query (B, Nq, C)`, `key`/`value (B, Nk, C)`; `key_padding_mask (B, Nk)` is True for keys to ignore."""
@@ -375,14 +463,12 @@ class Sam3DAttention(nn.Module):
         if key_padding_mask is not None:
             mask = torch.zeros(key_padding_mask.shape, dtype=q.dtype, device=q.device)
             mask = mask.masked_fill(key_padding_mask, float("-inf"))[:, None, None, :]
-        if self.config._attn_implementation == "eager":
-            attn = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
-            if mask is not None:
-                attn = attn + mask
-            out = attn.softmax(-1) @ v
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.out_proj(out.transpose(1, 2).reshape(batch, query.shape[1], -1))
+        attention: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        scaling = q.shape[-1] ** -0.5
+        out, _ = attention(self, q, k, v, attention_mask=mask, dropout=0.0, scaling=scaling, is_causal=False)
+        return self.out_proj(out.reshape(batch, query.shape[1], -1))
 
 
 class Sam3DPromptEncoderMLP(nn.Module):
@@ -505,6 +591,13 @@ class Sam3DPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["Sam3DVisionLayer"]
     supports_gradient_checkpointing = True
     _supports_sdpa = True
+    _supports_attention_backend = True
+    # transformers' output capturing: `output_hidden_states` records every encoder block's tokens (and the input of
+    # the first), `output_attentions` every block's window attention weights (eager only: SDPA returns none).
+    _can_record_outputs = {
+        "hidden_states": Sam3DVisionLayer,
+        "attentions": OutputRecorder(Sam3DWindowAttention, index=1),
+    }
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -532,8 +625,91 @@ class Sam3DPreTrainedModel(PreTrainedModel):
             init.normal_(module.global_query, std=std)
 
 
+def check_pixel_values(pixel_values, config: Sam3DVisionConfig, check_values: bool = True) -> None:
+    """Validate `pixel_values (batch, channels, D, H, W)`: type, shape, sizes multiple of the token stride, and (with
+    `check_values`) finiteness."""
+    if not isinstance(pixel_values, torch.Tensor):
+        raise TypeError(f"pixel_values must be a torch.Tensor (B, 1, D, H, W), got {type(pixel_values).__name__}")
+    channels = config.num_channels
+    if pixel_values.ndim != 5 or pixel_values.shape[1] != channels:
+        raise ValueError(
+            f"pixel_values must have shape (batch, {channels}, depth, height, width), got "
+            f"{tuple(pixel_values.shape)}; add the channel axis with pixel_values[:, None] for (B, D, H, W) volumes"
+        )
+    stride = config.token_stride
+    bad = [name for name, s in zip("DHW", pixel_values.shape[2:], strict=True) if s % stride or s == 0]
+    if bad:
+        raise ValueError(
+            f"pixel_values spatial size {tuple(pixel_values.shape[2:])} must be positive multiples of {stride} "
+            f"(the token stride) along every axis; {', '.join(bad)} is not. Crop or pad the patch."
+        )
+    if check_values and pixel_values.is_floating_point() and not torch.isfinite(pixel_values).all():
+        nan, inf = int(torch.isnan(pixel_values).sum()), int(torch.isinf(pixel_values).sum())
+        raise ValueError(
+            f"pixel_values holds {nan} NaN and {inf} infinite values; the model needs finite intensities. Fill or "
+            "mask them before normalisation (e.g. torch.nan_to_num with the background intensity)."
+        )
+
+
+def check_keyword_arguments(kwargs: dict, accepted: tuple[str, ...], method: str) -> None:
+    """`TypeError` for keyword arguments outside `accepted` (typos such as `input_label=` must not pass silently)."""
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        raise TypeError(f"{method} got unexpected keyword arguments {unknown}; it accepts only {list(accepted)}")
+
+
+class Sam3DVisionModel(Sam3DPreTrainedModel):
+    """The 3D image encoder alone (patch embedding, adapted ViT blocks, the four necks), for users who want the 3D
+    features without prompts, as `SamVisionModel` stands beside `SamModel`. Its weights are the `vision_encoder.*`
+    entries of a [`Sam3DForPromptableSegmentation`] checkpoint.
+
+    Example:
+    ```python
+    >>> import torch
+    >>> from sam3d_hf import Sam3DVisionConfig, Sam3DVisionModel
+    >>> config = Sam3DVisionConfig(hidden_size=48, num_hidden_layers=4, num_attention_heads=2, mlp_dim=96,
+    ...     adapter_dim=16, output_channels=32, image_size=32)
+    >>> model = Sam3DVisionModel(config).eval()
+    >>> outputs = model(torch.randn(1, 1, 32, 32, 32))  # (batch, channel, depth, height, width)
+    >>> outputs.last_hidden_state.shape, outputs.feature_maps[3].shape
+    (torch.Size([1, 8, 8, 8, 48]), torch.Size([1, 32, 8, 8, 8]))
+    ```
+    """
+
+    config_class = Sam3DVisionConfig
+    config: Sam3DVisionConfig
+
+    def __init__(self, config: Sam3DVisionConfig):
+        super().__init__(config)
+        self.vision_encoder = Sam3DVisionEncoder(config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.vision_encoder.patch_embed
+
+    @capture_outputs(tie_last_hidden_states=False)
+    def forward(self, pixel_values: torch.Tensor, **kwargs) -> Sam3DVisionModelOutput:
+        r"""Encode CT patches.
+
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(batch, 1, D, H, W)`): normalised patches, sizes multiples of
+                4; other dtypes (float64, integers) are cast to the model's dtype.
+            kwargs: only transformers' `output_hidden_states`, `output_attentions` and `return_dict`.
+        """
+        check_keyword_arguments(kwargs, OUTPUT_FLAG_KEYS, f"{type(self).__name__}.forward")
+        check_pixel_values(pixel_values, self.config, check_values=not torch.compiler.is_compiling())
+        output_attentions = kwargs.get("output_attentions", self.config.output_attentions)
+        last_hidden_state, feature_maps = self.vision_encoder(pixel_values.to(self.dtype), bool(output_attentions))
+        return Sam3DVisionModelOutput(last_hidden_state=last_hidden_state, feature_maps=feature_maps)
+
+
 class Sam3DForPromptableSegmentation(Sam3DPreTrainedModel):
     """3DSAM-adapter: a CT patch and a few clicks in, 2-class logits on the patch out.
+
+    Input checks: [`validate_inputs`] runs at the start of `forward`. Its checks of values (NaN/inf, click labels and
+    bounds, label values) need the data and are skipped while `torch.compile` traces the model (so that
+    `fullgraph=True` compiles); call `model.validate_inputs(**inputs)` yourself before a compiled call if the inputs
+    are untrusted.
 
     Example:
     ```python
@@ -553,10 +729,20 @@ class Sam3DForPromptableSegmentation(Sam3DPreTrainedModel):
 
     def __init__(self, config: Sam3DConfig):
         super().__init__(config)
+        # The sub-modules are plain modules reading their sub-config: give each the resolved implementation (as
+        # `SamModel` does for its decoder) unless one was requested for it; `set_attn_implementation` updates all.
+        for sub_config in (config.vision_config, config.prompt_encoder_config, config.mask_decoder_config):
+            if sub_config._attn_implementation is None:
+                sub_config._attn_implementation = config._attn_implementation
         self.vision_encoder = Sam3DVisionEncoder(config.vision_config)
         self.prompt_encoder = Sam3DPromptEncoder(config.prompt_encoder_config)
         self.mask_decoder = Sam3DMaskDecoder(config.mask_decoder_config, config.vision_config.output_channels)
         self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        """The patch embedding (as `SamModel`), so `enable_input_require_grads` works (peft with reentrant
+        checkpointing needs gradients at its output)."""
+        return self.vision_encoder.patch_embed
 
     @classmethod
     def from_sam_pretrained(
@@ -569,37 +755,26 @@ class Sam3DForPromptableSegmentation(Sam3DPreTrainedModel):
         model, _ = load_sam_checkpoint(path_or_repo_id, config=config, **kwargs)
         return model
 
-    def _check_pixel_values(self, pixel_values) -> None:
-        if not isinstance(pixel_values, torch.Tensor):
-            raise TypeError(f"pixel_values must be a torch.Tensor (B, 1, D, H, W), got {type(pixel_values).__name__}")
-        channels = self.config.vision_config.num_channels
-        if pixel_values.ndim != 5 or pixel_values.shape[1] != channels:
-            raise ValueError(
-                f"pixel_values must have shape (batch, {channels}, depth, height, width), got "
-                f"{tuple(pixel_values.shape)}; add the channel axis with pixel_values[:, None] for (B, D, H, W) volumes"
-            )
-        stride = self.config.vision_config.token_stride
-        bad = [name for name, s in zip("DHW", pixel_values.shape[2:], strict=True) if s % stride or s == 0]
-        if bad:
-            raise ValueError(
-                f"pixel_values spatial size {tuple(pixel_values.shape[2:])} must be positive multiples of {stride} "
-                f"(the token stride) along every axis; {', '.join(bad)} is not. Crop or pad the patch."
-            )
-
     def get_image_embeddings(self, pixel_values: torch.Tensor) -> Sam3DImageEmbeddings:
         """Run the encoder (and the prompt-independent part of the decoder) once for a patch.
 
         Args:
-            pixel_values (`torch.FloatTensor` of shape `(batch, 1, D, H, W)`): normalised CT patches.
+            pixel_values (`torch.FloatTensor` of shape `(batch, 1, D, H, W)`): normalised CT patches; other dtypes
+                (float64, integers) are cast to the model's dtype.
 
         Returns:
             [`Sam3DImageEmbeddings`]: pass it to `forward(image_embeddings=...)` with any clicks.
         """
-        self._check_pixel_values(pixel_values)
-        feature_maps = self.vision_encoder(pixel_values)
+        check_pixel_values(pixel_values, self.config.vision_config, check_values=not torch.compiler.is_compiling())
+        return self._image_embeddings(pixel_values, output_attentions=False)
+
+    def _image_embeddings(self, pixel_values: torch.Tensor, output_attentions: bool) -> Sam3DImageEmbeddings:
+        pixel_values = pixel_values.to(self.dtype)
+        _, feature_maps = self.vision_encoder(pixel_values, output_attentions)
         context = self.mask_decoder.context(feature_maps, pixel_values)
         return Sam3DImageEmbeddings(feature_maps=feature_maps, decoder_context=context)
 
+    @capture_outputs
     def forward(
         self,
         pixel_values: torch.FloatTensor | None = None,
@@ -607,58 +782,90 @@ class Sam3DForPromptableSegmentation(Sam3DPreTrainedModel):
         input_labels: torch.LongTensor | None = None,
         image_embeddings: Sam3DImageEmbeddings | None = None,
         labels: torch.LongTensor | None = None,
-        return_dict: bool | None = None,
         **kwargs,
-    ) -> Sam3DSegmentationOutput | tuple:
-        r"""Segment the object(s) the clicks point at.
+    ) -> Sam3DSegmentationOutput:
+        r"""Segment the object the clicks point at.
 
         Args:
             pixel_values (`torch.FloatTensor` of shape `(batch, 1, D, H, W)`, *optional*): normalised CT patches;
-                every size a multiple of 4. Give either this or `image_embeddings`.
+                every size a multiple of 4; other dtypes (float64, integers) are cast to the model's dtype; NaN/inf
+                are refused. Give either this or `image_embeddings`.
             input_points (`torch.FloatTensor` of shape `(batch, num_points, 3)`): clicks as patch voxel coordinates
-                `(z, y, x)` = `(depth, row, column)`, each in `[0, size - 1]`.
+                `(z, y, x)` = `(depth, row, column)`, each in `[0, size - 1]`, finite.
             input_labels (`torch.LongTensor` of shape `(batch, num_points)`, *optional*): 1 positive, 0 negative,
                 -1 padding (ignored entirely, so prompt sets of different lengths can share a batch). Defaults to all
-                1. Without `use_point_labels` in the config, positive and negative clicks are treated alike.
+                1. Every prompt set needs a positive click. Negative clicks need a model built with
+                `prompt_encoder_config.use_point_labels=True` (the official model, and every conversion of it, cannot
+                tell them from positive ones: they are refused with a `ValueError`).
             image_embeddings ([`Sam3DImageEmbeddings`], *optional*): from [`get_image_embeddings`]; skips the
                 encoder. A batch of 1 is broadcast over the prompt batch (one patch, several prompt sets).
             labels (`torch.LongTensor` of shape `(batch, D, H, W)` or `(batch, 1, D, H, W)`, *optional*): 0/1 ground
-                truth; gives the DiceCE loss (MONAI `DiceCELoss`, softmax, background excluded, 0.5/0.5).
-            return_dict (`bool`, *optional*): return a [`Sam3DSegmentationOutput`] (default) or a tuple.
-            kwargs: the geometry entries of a [`Sam3DProcessor`] output (`patch_origins`, `original_affine`, ...), so
-                that `model(**inputs)` works; they are not used here.
+                truth (integers or booleans; a float tensor only if every value is exactly 0 or 1); gives the DiceCE
+                loss ([`segmentation_loss`]).
+            kwargs: exactly the geometry entries of a [`Sam3DProcessor`] output ([`PROCESSOR_GEOMETRY_KEYS`]), so
+                that `model(**inputs)` works (not used here), and transformers' `output_hidden_states`,
+                `output_attentions` and `return_dict`. Anything else is a `TypeError`.
+
+        Returns:
+            [`Sam3DSegmentationOutput`] (a tuple with `return_dict=False`).
         """
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        self.validate_inputs(
+            pixel_values=pixel_values,
+            input_points=input_points,
+            input_labels=input_labels,
+            image_embeddings=image_embeddings,
+            labels=labels,
+            **kwargs,
+        )
+        if pixel_values is not None:
+            output_attentions = kwargs.get("output_attentions", self.config.output_attentions)
+            image_embeddings = self._image_embeddings(pixel_values, bool(output_attentions))
+        feature_maps, context = image_embeddings.feature_maps, image_embeddings.decoder_context
+        patch_size = tuple(2 * s for s in context.shape[2:])
+        if input_labels is None:
+            input_labels = torch.ones(input_points.shape[:2], dtype=torch.long, device=input_points.device)
+        batch = input_points.shape[0]
+        level3 = feature_maps[3]
+        if level3.shape[0] != batch:  # one patch, several prompt sets
+            level3, context = level3.expand(batch, -1, -1, -1, -1), context.expand(batch, -1, -1, -1, -1)
+        prompted = self.prompt_encoder(level3, input_points, input_labels.long(), patch_size)
+        logits = self.mask_decoder(context, prompted)
+        loss = None if labels is None else self.segmentation_loss(logits, labels)
+        return Sam3DSegmentationOutput(loss=loss, logits=logits, image_embeddings=image_embeddings)
+
+    def validate_inputs(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_points: torch.Tensor | None = None,
+        input_labels: torch.Tensor | None = None,
+        image_embeddings: Sam3DImageEmbeddings | None = None,
+        labels: torch.Tensor | None = None,
+        **kwargs,
+    ) -> None:
+        """Check `forward`'s inputs; raise `TypeError`/`ValueError` saying what is wrong and how to fix it.
+
+        Types, shapes and keyword names are always checked. The checks that read values (NaN/inf in `pixel_values`
+        or clicks, click labels and bounds, 0/1 `labels`) are skipped while `torch.compile` traces (they would break
+        `fullgraph=True`): call this method eagerly on untrusted inputs before a compiled call.
+        """
+        check_keyword_arguments(kwargs, PROCESSOR_GEOMETRY_KEYS + OUTPUT_FLAG_KEYS, f"{type(self).__name__}.forward")
         if (pixel_values is None) == (image_embeddings is None):
             raise ValueError(
                 "Give exactly one of pixel_values (B, 1, D, H, W) or image_embeddings (from get_image_embeddings), "
                 f"got {'both' if pixel_values is not None else 'neither'}"
             )
+        check_values = not torch.compiler.is_compiling()
         if pixel_values is not None:
-            image_embeddings = self.get_image_embeddings(pixel_values)
+            check_pixel_values(pixel_values, self.config.vision_config, check_values=check_values)
+            image_batch, patch_size = pixel_values.shape[0], tuple(pixel_values.shape[2:])
         elif not isinstance(image_embeddings, Sam3DImageEmbeddings):
             raise TypeError(
                 "image_embeddings must be the Sam3DImageEmbeddings returned by get_image_embeddings, got "
                 f"{type(image_embeddings).__name__}"
             )
-        feature_maps, context = image_embeddings.feature_maps, image_embeddings.decoder_context
-        patch_size = tuple(2 * s for s in context.shape[2:])
-        input_points, input_labels = self._check_prompts(input_points, input_labels, patch_size, context.shape[0])
-        batch = input_points.shape[0]
-        level3 = feature_maps[3]
-        if level3.shape[0] != batch:  # one patch, several prompt sets
-            level3, context = level3.expand(batch, -1, -1, -1, -1), context.expand(batch, -1, -1, -1, -1)
-        prompted = self.prompt_encoder(level3, input_points, input_labels, patch_size)
-        logits = self.mask_decoder(context, prompted)
-
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits, labels)
-        if not return_dict:
-            return tuple(v for v in (loss, logits, image_embeddings) if v is not None)
-        return Sam3DSegmentationOutput(loss=loss, logits=logits, image_embeddings=image_embeddings)
-
-    def _check_prompts(self, input_points, input_labels, patch_size, image_batch):
+        else:
+            context = image_embeddings.decoder_context
+            image_batch, patch_size = context.shape[0], tuple(2 * s for s in context.shape[2:])
         if input_points is None:
             raise ValueError("input_points is required: a (batch, num_points, 3) tensor of (z, y, x) patch voxels")
         if not isinstance(input_points, torch.Tensor):
@@ -675,24 +882,52 @@ class Sam3DForPromptableSegmentation(Sam3DPreTrainedModel):
                 f"input_points has batch {input_points.shape[0]} but the image batch is {image_batch}; give one "
                 "prompt set per image, or a single image to share across prompt sets"
             )
+        if input_labels is not None:
+            if not isinstance(input_labels, torch.Tensor):
+                raise TypeError(
+                    f"input_labels must be a torch.Tensor (batch, num_points), got {type(input_labels).__name__}"
+                )
+            if input_labels.shape != input_points.shape[:2]:
+                raise ValueError(
+                    f"input_labels shape {tuple(input_labels.shape)} must match input_points' (batch, num_points) "
+                    f"{tuple(input_points.shape[:2])}"
+                )
+        if labels is not None:
+            if not isinstance(labels, torch.Tensor):
+                raise TypeError(f"labels must be a torch.Tensor (batch, D, H, W), got {type(labels).__name__}")
+            expected = (input_points.shape[0], *patch_size)
+            if tuple(labels.shape) not in (expected, (expected[0], 1, *expected[1:])):
+                raise ValueError(
+                    f"labels must have shape (batch, D, H, W) = {expected} or {(expected[0], 1, *expected[1:])}, got "
+                    f"{tuple(labels.shape)}"
+                )
+        if not check_values:
+            return
+        if not torch.isfinite(input_points).all():
+            raise ValueError(
+                f"input_points holds NaN or infinite coordinates: {input_points.tolist()}; clicks must be finite "
+                "(z, y, x) patch voxels (mark unused slots as padding with label -1 and any finite coordinate)"
+            )
         if input_labels is None:
             input_labels = torch.ones(input_points.shape[:2], dtype=torch.long, device=input_points.device)
-        if not isinstance(input_labels, torch.Tensor):
-            raise TypeError(
-                f"input_labels must be a torch.Tensor (batch, num_points), got {type(input_labels).__name__}"
-            )
-        if input_labels.shape != input_points.shape[:2]:
-            raise ValueError(
-                f"input_labels shape {tuple(input_labels.shape)} must match input_points' (batch, num_points) "
-                f"{tuple(input_points.shape[:2])}"
-            )
-        if not torch.isin(input_labels, torch.tensor([-1, 0, 1], device=input_labels.device)).all():
+        known = (input_labels == -1) | (input_labels == 0) | (input_labels == 1)
+        if not known.all():
             raise ValueError(
                 f"input_labels must be 1 (positive), 0 (negative) or -1 (padding), got {input_labels.unique().tolist()}"
             )
-        if (input_labels < 0).all(dim=1).any():
+        if not self.config.prompt_encoder_config.use_point_labels and (input_labels == 0).any():
+            where = (input_labels == 0).nonzero().tolist()
             raise ValueError(
-                "every prompt set needs at least one real point; a row of input_labels is all -1 (padding)"
+                f"input_labels has negative clicks (label 0) at (batch, point) {where}, but this model cannot use "
+                "them: its prompt_encoder_config.use_point_labels is False (as in the official model and every "
+                "conversion of it), so a negative click would act exactly like a positive one. Drop the negative "
+                "clicks, or use a model trained with use_point_labels=True."
+            )
+        no_positive = (~(input_labels == 1).any(dim=1)).nonzero().flatten().tolist()
+        if no_positive:
+            raise ValueError(
+                f"every prompt set needs at least one positive click (label 1); input_labels rows {no_positive} have "
+                "none (only negative clicks or -1 padding). Add a click on the object, or drop those rows."
             )
         real = input_labels >= 0
         upper = torch.tensor(patch_size, device=input_points.device, dtype=input_points.dtype) - 1
@@ -703,11 +938,24 @@ class Sam3DForPromptableSegmentation(Sam3DPreTrainedModel):
                 f"input_points[{batch_index}, {point_index}] = {input_points[batch_index, point_index].tolist()} lies "
                 f"outside the patch: (z, y, x) must be within [0, {[int(s) - 1 for s in patch_size]}] (patch voxels)"
             )
-        return input_points, input_labels.long()
+        if labels is not None:
+            binary = (labels == 0) | (labels == 1)
+            if labels.dtype == torch.bool:
+                pass
+            elif not binary.all():
+                found = labels.unique()
+                shown = found[:10].tolist()
+                raise ValueError(
+                    f"labels must be 0/1 (background/foreground) integers or booleans, found values {shown}"
+                    f"{' ...' if len(found) > 10 else ''}; binarise with labels == target_label or set the "
+                    "processor's target_label"
+                )
 
-    def loss_function(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def segmentation_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """MONAI `DiceCELoss(include_background=False, softmax=True, to_onehot_y=True, lambda_dice=0.5,
-        lambda_ce=0.5)` on `logits (B, 2, D, H, W)` and 0/1 `labels (B, D, H, W)` or `(B, 1, D, H, W)`."""
+        lambda_ce=0.5)` on `logits (B, 2, D, H, W)` and 0/1 `labels (B, D, H, W)` or `(B, 1, D, H, W)`.
+
+        (Named so as not to shadow `PreTrainedModel.loss_function`, transformers' loss registry.)"""
         from monai.losses import DiceCELoss
 
         if labels.ndim == 4:
@@ -723,8 +971,12 @@ class Sam3DForPromptableSegmentation(Sam3DPreTrainedModel):
 
 
 __all__ = [
+    "OUTPUT_FLAG_KEYS",
+    "PROCESSOR_GEOMETRY_KEYS",
     "Sam3DForPromptableSegmentation",
     "Sam3DImageEmbeddings",
     "Sam3DPreTrainedModel",
     "Sam3DSegmentationOutput",
+    "Sam3DVisionModel",
+    "Sam3DVisionModelOutput",
 ]

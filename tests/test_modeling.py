@@ -85,10 +85,12 @@ def test_several_points_all_matter(tiny_model, tiny_inputs):
     assert_close(two[1], one[1])  # the second row had only one real click anyway
 
 
-def test_point_labels_are_ignored_without_use_point_labels(tiny_model, tiny_inputs):
-    positive = logits_of(tiny_model, **tiny_inputs)
-    negative = logits_of(tiny_model, **{**tiny_inputs, "input_labels": torch.tensor([[0, 1], [0, -1]])})
-    assert torch.equal(positive, negative)  # the official model has no labels
+def test_negative_clicks_are_refused_without_use_point_labels(tiny_model, tiny_inputs):
+    # The official model has no labels: a negative click would silently act as a positive one.
+    negative = {**tiny_inputs, "input_labels": torch.tensor([[0, 1], [1, -1]])}
+    match = r"negative clicks \(label 0\) at \(batch, point\) \[\[0, 0\]\].*use_point_labels"
+    with pytest.raises(ValueError, match=match):
+        tiny_model(**negative)
 
 
 def test_point_labels_extension_distinguishes_clicks(tiny_inputs):
@@ -97,8 +99,11 @@ def test_point_labels_extension_distinguishes_clicks(tiny_inputs):
     )
     model = randomize(Sam3DForPromptableSegmentation(config)).eval()
     positive = logits_of(model, **tiny_inputs)
-    negative = logits_of(model, **{**tiny_inputs, "input_labels": torch.tensor([[0, 1], [0, -1]])})
-    assert (positive - negative).abs().max() > 1e-3
+    negative = logits_of(model, **{**tiny_inputs, "input_labels": torch.tensor([[0, 1], [1, -1]])})
+    assert (positive - negative)[:1].abs().max() > 1e-3
+    assert torch.equal(positive[1:], negative[1:])
+    with pytest.raises(ValueError, match=r"at least one positive click \(label 1\); input_labels rows \[1\]"):
+        model(**{**tiny_inputs, "input_labels": torch.tensor([[0, 1], [0, -1]])})
 
 
 def test_cached_embeddings_equal_full_forward(tiny_model, tiny_inputs):
@@ -450,7 +455,7 @@ def test_larger_sam_presets_build_on_meta():
         ({"input_points": torch.zeros(3, 1, 3)}, ValueError, "batch 3 but the image batch is 2"),
         ({"input_labels": torch.ones(2, 3, dtype=torch.long)}, ValueError, r"input_labels shape \(2, 3\) must match"),
         ({"input_labels": torch.tensor([[1, 2], [1, 1]])}, ValueError, r"1 \(positive\), 0 \(negative\) or -1"),
-        ({"input_labels": torch.tensor([[1, 1], [-1, -1]])}, ValueError, "at least one real point"),
+        ({"input_labels": torch.tensor([[1, 1], [-1, -1]])}, ValueError, r"rows \[1\] have none"),
         ({"pixel_values": None}, ValueError, "Give exactly one of pixel_values.*neither"),
         ({"labels": torch.zeros(2, 40, 24, 40, dtype=torch.long)}, ValueError, r"labels must have shape"),
         ({"labels": torch.zeros(2, 2, 40, 24, 44, dtype=torch.long)}, ValueError, r"got \(2, 2, 40, 24, 44\)"),
