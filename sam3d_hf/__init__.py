@@ -14,6 +14,7 @@ from .convert_sam3d import (
     save_converted,
     to_official_state_dicts,
 )
+from .hub import push_to_hub, render_model_card
 from .image_processing_sam3d import (
     SAM3D_PRESETS,
     Sam3DDatasetPreset,
@@ -80,6 +81,8 @@ __all__ = [
     "load_sam_checkpoint",
     "load_volume",
     "lora_config",
+    "push_to_hub",
+    "render_model_card",
     "save_converted",
     "save_mask_nifti",
     "to_official_state_dicts",

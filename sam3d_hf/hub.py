@@ -83,7 +83,7 @@ TRAINING_FIELDS = (
     ("epochs", ("num_epochs", "epochs", "num_train_epochs", "max_epoch")),
     ("batch size", ("batch_size", "train_batch_size", "per_device_train_batch_size")),
     ("gradient accumulation", ("gradient_accumulation_steps",)),
-    ("patch", ("patch_size", "rand_crop_size")),
+    ("training patch", ("patch_size", "rand_crop_size")),
     ("mixed precision", ("mixed_precision",)),
     ("seed", ("seed",)),
     ("trainable parameters", ("trainable_parameters", "trainable_params", "num_trainable_parameters")),
