@@ -23,6 +23,16 @@ from .image_processing_sam3d import (
     compute_intensity_statistics,
     load_volume,
 )
+from .metrics import (
+    CLICK_PROTOCOLS,
+    correction_click,
+    dice_score,
+    evaluate_case,
+    markdown_table,
+    normalized_surface_dice,
+    simulate_clicks,
+    summarize,
+)
 from .modeling_sam3d import (
     Sam3DForPromptableSegmentation,
     Sam3DImageEmbeddings,
@@ -50,6 +60,7 @@ Sam3DConfig.register_for_auto_class()
 Sam3DForPromptableSegmentation.register_for_auto_class("AutoModel")
 
 __all__ = [
+    "CLICK_PROTOCOLS",
     "DEFAULT_LORA_MODULES_TO_SAVE",
     "DEFAULT_LORA_TARGET_MODULES",
     "MODEL_INPUT_KEYS",
@@ -75,15 +86,22 @@ __all__ = [
     "convert_official_state_dicts",
     "convert_sam_checkpoint",
     "convert_sam_state_dict",
+    "correction_click",
+    "dice_score",
     "enable_full_finetuning",
+    "evaluate_case",
     "get_adapter_model",
     "load_official_checkpoint",
     "load_sam_checkpoint",
     "load_volume",
     "lora_config",
+    "markdown_table",
+    "normalized_surface_dice",
     "push_to_hub",
     "render_model_card",
     "save_converted",
     "save_mask_nifti",
+    "simulate_clicks",
+    "summarize",
     "to_official_state_dicts",
 ]
