@@ -18,6 +18,11 @@ Evaluation summary (read only by [`load_evaluation_summary`]), a JSON file or di
                            "n": 30, "tolerance_mm": 5.0}, ...}}
 ```
 
+or what `sam3d_hf.metrics.summarize(records)` returns (`{row: {dataset: {"dice_mean", "dice_std", "nsd_mean",
+"nsd_std", "n", ...}}}`), bare or wrapped as `{"summary": ..., "tolerance_mm": 5.0, "split": "test"}`: its rows
+("3DSAM-adapter, 1 click (uniform)") become the protocols, the card's dataset picks the column, and the NSD tolerance
+is the wrapper's or else the metrics' default.
+
 Training arguments ([`load_training_args`]): the training run's arguments as one flat JSON object; the card shows the
 recipe keys it knows (optimiser, learning rate, steps, batch, patch, PEFT scheme, trainable parameters, ...; see
 `TRAINING_FIELDS`) in a table and every other key in a list below it.
@@ -26,7 +31,9 @@ recipe keys it knows (optimiser, learning rate, steps, batch, patch, PEFT scheme
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -37,6 +44,7 @@ from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, Mo
 from huggingface_hub.utils import HFValidationError, filter_repo_objects, validate_repo_id
 from safetensors import safe_open
 
+from .metrics import evaluate_case
 from .peft_sam3d import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, Sam3DAdapterConfig
 from .processing_sam3d import Sam3DProcessor
 
@@ -161,15 +169,51 @@ def _number(value: Any, where: str) -> float:
     return float(value)
 
 
-def load_evaluation_summary(source: str | os.PathLike | Mapping) -> dict[str, Any]:
-    """Read and check an evaluation summary (format in the module docstring). Returns `{"dataset", "split",
-    "protocols": {name: {"dice": {"mean", "std"}, "nsd": {"mean", "std"}, "n", "tolerance_mm"}}}` with floats."""
+def _from_metrics_summary(data: Mapping[str, Any], dataset: str | None) -> dict[str, Any]:
+    """The `protocols` format from `sam3d_hf.metrics.summarize(records)` output (`{row: {dataset: stats}}`), bare or
+    wrapped as `{"summary": ..., "tolerance_mm": ..., "split": ...}`; the card's dataset picks the column."""
+    summary = data.get("summary", data)
+    columns = sorted({column for row in summary.values() for column in row})
+    if dataset in columns:
+        column = dataset
+    elif columns == ["all"]:
+        column = "all"
+    else:
+        raise ValueError(
+            f"the evaluation summary has results for datasets {columns}, none of them {dataset!r}; summarize records "
+            "whose 'dataset' is the card's dataset, or pass the card's dataset"
+        )
+    # `summarize` does not record the NSD tolerance: the metrics' default applies unless the wrapper names one.
+    tolerance = data.get("tolerance_mm", inspect.signature(evaluate_case).parameters["tolerance_mm"].default)
+    protocols = {
+        row: {
+            "dice": {"mean": stats.get("dice_mean"), "std": stats.get("dice_std")},
+            "nsd": {"mean": stats.get("nsd_mean"), "std": stats.get("nsd_std")},
+            "n": stats.get("n"),
+            "tolerance_mm": tolerance,
+        }
+        for row, per_dataset in summary.items()
+        if isinstance(stats := per_dataset.get(column), dict)
+    }
+    return {"dataset": None if column == "all" else column, "split": data.get("split"), "protocols": protocols}
+
+
+def load_evaluation_summary(source: str | os.PathLike | Mapping, dataset: str | None = None) -> dict[str, Any]:
+    """Read and check an evaluation summary: the `protocols` format of the module docstring, or the output of
+    `sam3d_hf.metrics.summarize(records)` (bare or as `{"summary": ..., "tolerance_mm": ..., "split": ...}`; its rows
+    become the protocols and `dataset` picks its column). Returns `{"dataset", "split", "protocols": {name: {"dice":
+    {"mean", "std"}, "nsd": {"mean", "std"}, "n", "tolerance_mm"}}}` with floats (a std is NaN for one case)."""
     summary = _load_json(source, "evaluation summary")
+    inner = summary.get("summary", summary)
+    if "protocols" not in summary and isinstance(inner, dict) and inner:
+        if all(isinstance(row, dict) and all(isinstance(v, dict) for v in row.values()) for row in inner.values()):
+            summary = _from_metrics_summary(summary, dataset)
     protocols = summary.get("protocols")
     if not isinstance(protocols, dict) or not protocols:
         raise ValueError(
             "evaluation summary needs a non-empty 'protocols' object, e.g. {'1 click': {'dice': {'mean': 0.7, "
-            f"'std': 0.2}}, 'nsd': {{...}}, 'n': 30, 'tolerance_mm': 5.0}}; got {protocols!r}"
+            f"'std': 0.2}}, 'nsd': {{...}}, 'n': 30, 'tolerance_mm': 5.0}} (or give sam3d_hf.metrics.summarize's "
+            f"output); got {protocols!r}"
         )
     checked = {}
     for name, values in protocols.items():
@@ -196,6 +240,12 @@ def load_evaluation_summary(source: str | os.PathLike | Mapping) -> dict[str, An
 def load_training_args(source: str | os.PathLike | Mapping) -> dict[str, Any]:
     """Read the training run's arguments (one flat JSON object)."""
     return _load_json(source, "training arguments")
+
+
+def _mean_std_text(stats: Mapping[str, float]) -> str:
+    """`mean ± std` with 4 decimals; the mean alone when the std is undefined (one case)."""
+    text = f"{stats['mean']:.4f}"
+    return text if math.isnan(stats["std"]) else f"{text} ± {stats['std']:.4f}"
 
 
 def _training_rows(args: Mapping[str, Any]) -> list[tuple[str, str]]:
@@ -398,7 +448,7 @@ def render_model_card(
         raise ValueError(f"license must be a Hub licence id such as 'apache-2.0', got {license!r}")
 
     model_name = model_name or (repo_id.split("/")[1] if repo_id else f"sam3d-{facts['key']}")
-    summary = None if evaluation is None else load_evaluation_summary(evaluation)
+    summary = None if evaluation is None else load_evaluation_summary(evaluation, facts["key"])
     if summary is not None and summary["dataset"] not in (None, facts["key"]):
         raise ValueError(
             f"the evaluation summary is for dataset {summary['dataset']!r}, the card for {facts['key']!r}; pass the "
@@ -433,10 +483,8 @@ def render_model_card(
             rows.append(
                 {
                     "protocol": protocol,
-                    "dice_mean": values["dice"]["mean"],
-                    "dice_std": values["dice"]["std"],
-                    "nsd_mean": values["nsd"]["mean"],
-                    "nsd_std": values["nsd"]["std"],
+                    "dice": _mean_std_text(values["dice"]),
+                    "nsd": _mean_std_text(values["nsd"]),
                     "tolerance_mm": values["tolerance_mm"],
                     "n": values["n"],
                 }

@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import re
+import statistics
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from huggingface_hub import HfApi
 
 from sam3d_hf import Sam3DAdapterConfig, Sam3DConfig, Sam3DForPromptableSegmentation, Sam3DProcessor, get_adapter_model
 from sam3d_hf.hub import load_evaluation_summary, push_to_hub, render_model_card, upload_plan
+from sam3d_hf.metrics import summarize
 
 REPO = Path(__file__).resolve().parent.parent
 SUMMARY = {
@@ -217,6 +219,42 @@ def test_card_metadata_carries_dice_and_nsd_per_protocol(model_folder, tmp_path)
         assert _numbers(dice) == [values["dice"]["mean"], values["dice"]["std"]]
         assert _numbers(nsd) == [values["nsd"]["mean"], values["nsd"]["std"]]
         assert float(tolerance) == values["tolerance_mm"] and int(n) == values["n"]
+
+
+def test_card_reads_the_metrics_summarize_output(model_folder):
+    # (dice, nsd) per case, by number of clicks; 10 clicks has a single case (no standard deviation)
+    scores = {1: [(0.61, 0.55), (0.83, 0.74), (0.47, 0.52)], 3: [(0.66, 0.58), (0.88, 0.79), (0.52, 0.6)]}
+    scores[10] = [(0.9, 0.8)]
+    records = [
+        {"dice": dice, "nsd": nsd, "num_clicks": clicks, "dataset": "kits21"}
+        for clicks, pairs in scores.items()
+        for dice, nsd in pairs
+    ]
+    records.append({"dice": 0.1, "nsd": 0.2, "num_clicks": 1, "dataset": "lits17"})  # another column, not this card's
+    wrapped = {"summary": summarize(records), "tolerance_mm": 2.0, "split": "test"}
+    card = str(render_model_card(model_folder[0], evaluation=wrapped))
+    results = _front_matter(card)["model-index"][0]["results"]
+    values = {(m["config"], m["type"]): m for r in results for m in r["metrics"]}
+    assert len(values) == 2 * len(scores)
+    for clicks, pairs in scores.items():
+        row = f"3DSAM-adapter, {clicks} click{'s' if clicks > 1 else ''} (uniform)"
+        dice, nsd = [p[0] for p in pairs], [p[1] for p in pairs]
+        assert values[(row, "dice")]["value"] == pytest.approx(statistics.mean(dice), abs=1e-12)
+        assert values[(row, "nsd")]["value"] == pytest.approx(statistics.mean(nsd), abs=1e-12)
+        assert values[(row, "nsd")]["args"]["tolerance_mm"] == 2.0
+        dice_cell, nsd_cell, tolerance, n = _table_row(card, row)
+        if len(pairs) > 1:
+            assert _numbers(dice_cell) == [round(statistics.mean(dice), 4), round(statistics.stdev(dice), 4)]
+            assert _numbers(nsd_cell) == [round(statistics.mean(nsd), 4), round(statistics.stdev(nsd), 4)]
+        else:  # one case: no standard deviation
+            assert _numbers(dice_cell) == [dice[0]] and _numbers(nsd_cell) == [nsd[0]]
+        assert float(tolerance) == 2.0 and int(n) == len(pairs)
+    bare = _front_matter(str(render_model_card(model_folder[0], evaluation=summarize(records))))
+    metrics = [m for r in bare["model-index"][0]["results"] for m in r["metrics"]]
+    tolerances = {m["args"]["tolerance_mm"] for m in metrics if m["type"] == "nsd"}
+    assert tolerances == {5.0}  # the metrics module's default
+    with pytest.raises(ValueError, match=r"results for datasets \['lits17'\], none of them 'kits21'"):
+        render_model_card(model_folder[0], evaluation=summarize([r for r in records if r["dataset"] == "lits17"]))
 
 
 @pytest.mark.parametrize(
