@@ -230,7 +230,7 @@ def test_card_reads_the_metrics_summarize_output(model_folder):
         for clicks, pairs in scores.items()
         for dice, nsd in pairs
     ]
-    records.append({"dice": 0.1, "nsd": 0.2, "num_clicks": 1, "dataset": "lits17"})  # another column, not this card's
+    records.append({"dice": 0.1, "nsd": 0.2, "num_clicks": 1, "dataset": "flare22"})  # sorts first, not this card's
     wrapped = {"summary": summarize(records), "tolerance_mm": 2.0, "split": "test"}
     card = str(render_model_card(model_folder[0], evaluation=wrapped))
     results = _front_matter(card)["model-index"][0]["results"]
@@ -253,8 +253,8 @@ def test_card_reads_the_metrics_summarize_output(model_folder):
     metrics = [m for r in bare["model-index"][0]["results"] for m in r["metrics"]]
     tolerances = {m["args"]["tolerance_mm"] for m in metrics if m["type"] == "nsd"}
     assert tolerances == {5.0}  # the metrics module's default
-    with pytest.raises(ValueError, match=r"results for datasets \['lits17'\], none of them 'kits21'"):
-        render_model_card(model_folder[0], evaluation=summarize([r for r in records if r["dataset"] == "lits17"]))
+    with pytest.raises(ValueError, match=r"results for datasets \['flare22'\], none of them 'kits21'"):
+        render_model_card(model_folder[0], evaluation=summarize([r for r in records if r["dataset"] == "flare22"]))
 
 
 @pytest.mark.parametrize(
