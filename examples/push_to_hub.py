@@ -65,8 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     # 2. The files taken from the folder (the card, and with --adapter-only the adapter config naming the base, are
     #    uploaded from memory).
     print(f"files for {args.repo_id}:")
-    for path in upload_plan(args.folder, adapter_only=args.adapter_only):
-        print(f"  {path}")
+    for path_in_repo, local in upload_plan(args.folder, adapter_only=args.adapter_only).items():
+        print(f"  {path_in_repo}  <-  {local}")
     print("  README.md (the card)" + ("\n  adapter_config.json (base set)" if args.adapter_only else ""))
     if args.dry_run:
         return 0

@@ -23,9 +23,10 @@ or what `sam3d_hf.metrics.summarize(records)` returns (`{row: {dataset: {"dice_m
 ("3DSAM-adapter, 1 click (uniform)") become the protocols, the card's dataset picks the column, and the NSD tolerance
 is the wrapper's or else the metrics' default.
 
-Training arguments ([`load_training_args`]): the training run's arguments as one flat JSON object; the card shows the
-recipe keys it knows (optimiser, learning rate, steps, batch, patch, PEFT scheme, trainable parameters, ...; see
-`TRAINING_FIELDS`) in a table and every other key in a list below it.
+Training arguments ([`load_training_args`]): the training run's arguments as one flat JSON object (examples/train.py
+writes them to `<output_dir>/logs/config.json`); the card shows the recipe keys it knows (optimiser, learning rate,
+steps, batch, patch, PEFT scheme, trainable parameters, ...; see `TRAINING_FIELDS`) in a table and every other key but
+local paths (`*_dir`, `*_file`, `*_path`) in a list below it.
 """
 
 from __future__ import annotations
@@ -49,7 +50,6 @@ from .peft_sam3d import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, Sam3DAdapterC
 from .processing_sam3d import Sam3DProcessor
 
 __all__ = [
-    "ADAPTER_UPLOAD_FILES",
     "TRAINING_FIELDS",
     "UPLOAD_IGNORE_PATTERNS",
     "load_dataset_card_data",
@@ -62,8 +62,9 @@ __all__ = [
 
 TEMPLATE_NAME = "modelcard_template.md"
 PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
-# What `adapter_only=True` publishes from the folder (besides the card): the adapter and the preprocessing.
-ADAPTER_UPLOAD_FILES = (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, *PROCESSOR_FILES)
+# Where adapter files may be: the folder itself, or the `adapter/` subfolder that examples/train.py writes next to the
+# merged model and the processor.
+ADAPTER_SUBFOLDERS = (".", "adapter")
 # Never uploaded from a full model folder: training checkpoints and logs (accelerate's `checkpoint_*`, `step_*`,
 # `epoch_*` folders), hidden files (half-written `.name.*` temporaries, `.git`), the user's own README (replaced by the
 # rendered card) and medical images (predicted masks or scans next to the weights are patient data).
@@ -83,7 +84,7 @@ UPLOAD_IGNORE_PATTERNS = [
 ]
 # Recipe rows of the card: (label, keys accepted in the training arguments, first found wins).
 TRAINING_FIELDS = (
-    ("PEFT scheme", ("peft_scheme", "peft", "finetuning", "method")),
+    ("PEFT scheme", ("peft_scheme", "peft", "finetune", "finetuning", "method")),
     ("optimiser", ("optimizer", "optimiser", "optim")),
     ("learning rate", ("learning_rate", "lr")),
     ("weight decay", ("weight_decay",)),
@@ -260,7 +261,8 @@ def _training_rows(args: Mapping[str, Any]) -> list[tuple[str, str]]:
                 value = f"{value:,}"
             rows.append((label, str(value)))
             used.add(key)
-    others = {k: v for k, v in args.items() if k not in used}
+    # Local paths (data, output, cache folders) mean nothing to a reader of the card and may name private places.
+    others = {k: v for k, v in args.items() if k not in used and not k.endswith(("_dir", "_file", "_path"))}
     if others:
         rows.append(("other arguments", ", ".join(f"`{k}={json.dumps(v)}`" for k, v in sorted(others.items()))))
     return rows
@@ -296,11 +298,14 @@ def _parameter_count(files: list[Path]) -> int:
     return total
 
 
-def _folder_kind(folder: Path) -> tuple[list[Path], bool]:
-    """(model weight files, has adapter files) of a folder."""
+def _folder_kind(folder: Path) -> tuple[list[Path], Path | None]:
+    """(model weight files, the folder holding the adapter files or None) of a trained folder."""
     model_files = sorted(folder.glob("model*.safetensors")) if (folder / "config.json").is_file() else []
-    has_adapter = (folder / ADAPTER_CONFIG_NAME).is_file() and (folder / ADAPTER_WEIGHTS_NAME).is_file()
-    return model_files, has_adapter
+    adapter_dirs = [folder / sub for sub in ADAPTER_SUBFOLDERS]
+    adapter_dir = next(
+        (d for d in adapter_dirs if (d / ADAPTER_CONFIG_NAME).is_file() and (d / ADAPTER_WEIGHTS_NAME).is_file()), None
+    )
+    return model_files, adapter_dir
 
 
 def _check_repo_id(repo_id: Any, what: str) -> str:
@@ -394,10 +399,10 @@ def render_model_card(
         folder = Path(source)
         if not folder.is_dir():
             raise ValueError(f"{folder} is not a folder; give the folder written by save_pretrained")
-        model_files, has_adapter = _folder_kind(folder)
+        model_files, adapter_dir = _folder_kind(folder)
         if adapter is None:
-            adapter = has_adapter and not model_files
-        if adapter and not has_adapter:
+            adapter = adapter_dir is not None and not model_files
+        if adapter and adapter_dir is None:
             raise ValueError(
                 f"adapter card asked for, but {folder} has no {ADAPTER_CONFIG_NAME} + {ADAPTER_WEIGHTS_NAME}"
             )
@@ -413,8 +418,8 @@ def render_model_card(
             )
         processor = Sam3DProcessor.from_pretrained(folder)
         if adapter:
-            adapter_config = Sam3DAdapterConfig.from_pretrained(folder)
-            weight_files = [folder / ADAPTER_WEIGHTS_NAME]
+            adapter_config = Sam3DAdapterConfig.from_pretrained(adapter_dir)
+            weight_files = [adapter_dir / ADAPTER_WEIGHTS_NAME]
         else:
             weight_files = model_files
     else:
@@ -529,16 +534,24 @@ def render_model_card(
 # ----------------------------------------------------------------------------------------------------------------------
 # Upload
 # ----------------------------------------------------------------------------------------------------------------------
-def upload_plan(folder: str | os.PathLike, adapter_only: bool = False) -> list[str]:
-    """Paths (relative, `/`-separated) of the folder's files that [`push_to_hub`] uploads as they are; the card
-    `README.md` (and, with `adapter_only`, a rewritten `adapter_config.json`) come on top."""
+def upload_plan(folder: str | os.PathLike, adapter_only: bool = False) -> dict[str, Path]:
+    """`{path in the repo: local file}` of what [`push_to_hub`] uploads as it is; the card `README.md` (and, with
+    `adapter_only`, the `adapter_config.json` naming the base) come on top, from memory.
+
+    Full model: every file of the folder but `UPLOAD_IGNORE_PATTERNS`. `adapter_only`: the adapter weights (from the
+    folder or its `adapter/` subfolder) and the processor config, both at the top of the repo.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise ValueError(f"{folder} is not a folder; give the folder written by save_pretrained")
-    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
     if adapter_only:
-        return [f for f in files if f in ADAPTER_UPLOAD_FILES and f != ADAPTER_CONFIG_NAME]
-    return list(filter_repo_objects(files, ignore_patterns=UPLOAD_IGNORE_PATTERNS))
+        plan = {name: folder / name for name in PROCESSOR_FILES if (folder / name).is_file()}
+        adapter_dir = _folder_kind(folder)[1]
+        if adapter_dir is not None:
+            plan[ADAPTER_WEIGHTS_NAME] = adapter_dir / ADAPTER_WEIGHTS_NAME
+        return dict(sorted(plan.items()))
+    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    return {name: folder / name for name in filter_repo_objects(files, ignore_patterns=UPLOAD_IGNORE_PATTERNS)}
 
 
 def push_to_hub(
@@ -560,11 +573,13 @@ def push_to_hub(
 
     Full model (default): every file of the folder except checkpoints, logs, hidden files, medical images and the
     folder's own README (`UPLOAD_IGNORE_PATTERNS`; see [`upload_plan`]). `adapter_only=True`: only
-    `adapter_config.json` (its `base_model_name_or_path` set to `base_model_id`), `adapter_model.safetensors` and the
-    processor config, against the named base model (also the card's `base_model`). The folder is not modified.
+    `adapter_config.json` (its `base_model_name_or_path` set to `base_model_id`), `adapter_model.safetensors` (from
+    the folder or its `adapter/` subfolder, as examples/train.py writes it) and the processor config, at the top of
+    the repo, against the named base model (also the card's `base_model`). The folder is not modified.
 
     Args:
-        folder: folder written by `save_pretrained` of the model (or adapter) and of the [`Sam3DProcessor`].
+        folder: folder written by `save_pretrained` of the model (or adapter, also in an `adapter/` subfolder) and of
+            the [`Sam3DProcessor`].
         repo_id: target repository `owner/name`, created (as a model repo) if missing.
         adapter_only: publish the adapter files only; needs `base_model_id` and adapter files in `folder`.
         base_model_id: Hub id of the base model (required with `adapter_only`; else optional), recorded in the card.
@@ -582,14 +597,14 @@ def push_to_hub(
             f"folder {folder} does not exist or is not a folder; give the folder written by save_pretrained"
         )
     _check_repo_id(repo_id, "repo_id")
-    model_files, has_adapter = _folder_kind(folder)
+    model_files, adapter_dir = _folder_kind(folder)
     if adapter_only:
         if base_model_id is None:
             raise ValueError(
                 "adapter_only=True needs base_model_id, the Hub id of the model the adapter goes on (e.g. "
                 "'my-lab/sam3d-vit-b'), so that users can rebuild the model"
             )
-        if not has_adapter:
+        if adapter_dir is None:
             raise ValueError(
                 f"adapter_only=True but {folder} has no {ADAPTER_CONFIG_NAME} + {ADAPTER_WEIGHTS_NAME}; save the "
                 "adapter with Sam3DAdapterModel.save_pretrained(folder)"
@@ -597,7 +612,7 @@ def push_to_hub(
     elif not model_files:
         hint = (
             "it holds adapter files: pass adapter_only=True with base_model_id"
-            if has_adapter
+            if adapter_dir is not None
             else "save the model with model.save_pretrained(folder)"
         )
         raise ValueError(f"{folder} has no model files (config.json + model.safetensors); {hint}")
@@ -615,11 +630,13 @@ def push_to_hub(
         license=license,
     )
     operations = [
-        CommitOperationAdd(path_in_repo=p, path_or_fileobj=str(folder / p)) for p in upload_plan(folder, adapter_only)
+        CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path))
+        for name, path in upload_plan(folder, adapter_only).items()
     ]
     operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=str(card).encode("utf-8")))
     if adapter_only:
-        config = dataclasses.replace(Sam3DAdapterConfig.from_pretrained(folder), base_model_name_or_path=base_model_id)
+        config = Sam3DAdapterConfig.from_pretrained(adapter_dir)
+        config = dataclasses.replace(config, base_model_name_or_path=base_model_id)
         text = json.dumps(config.to_dict(), indent=2, sort_keys=True)
         operations.append(CommitOperationAdd(path_in_repo=ADAPTER_CONFIG_NAME, path_or_fileobj=text.encode("utf-8")))
 

@@ -170,7 +170,7 @@ def test_full_model_uploads_exactly_the_model_processor_and_card(model_folder, h
     assert hub[1][2]["revision"] is None
     assert info.commit_url.startswith("https://huggingface.co/my-lab/sam3d-kits21")
     assert _snapshot(folder) == before  # nothing written into the user's folder
-    assert upload_plan(folder) == sorted(set(files) - {"README.md"})
+    assert upload_plan(folder) == {name: folder / name for name in sorted(set(files) - {"README.md"})}
 
 
 def test_adapter_only_uploads_adapter_processor_and_card_against_the_base(adapter_folder, hub):
@@ -185,6 +185,60 @@ def test_adapter_only_uploads_adapter_processor_and_card_against_the_base(adapte
     metadata = _front_matter(files["README.md"].decode())
     assert metadata["base_model"] == "my-lab/sam3d-vit-b"
     assert "library_name" not in metadata  # not loadable by transformers alone
+
+
+@pytest.fixture(scope="module")
+def train_output_folder(tmp_path_factory):
+    """The layout examples/train.py writes (`final_model/`): the model with its adapters, the processor, the adapter
+    files in `adapter/`, `training_info.json`; here with its run's `logs/` and a checkpoint left inside as well."""
+    folder = tmp_path_factory.mktemp("train") / "final_model"
+    model = Sam3DForPromptableSegmentation(Sam3DConfig(**TINY))
+    trainee = get_adapter_model(model, Sam3DAdapterConfig(adapter_dim=16))
+    trainee.save_pretrained(folder / "adapter")
+    model.save_pretrained(folder)
+    Sam3DProcessor.from_preset("msd_colon").save_pretrained(folder)
+    (folder / "training_info.json").write_text(json.dumps({"global_step": 12, "best_validation_dice": 0.5}))
+    (folder / "logs").mkdir()
+    args = {
+        "finetune": "adapter",
+        "learning_rate": 0.0001,
+        "train_batch_size": 1,
+        "max_train_steps": 12,
+        "patch_size": [40, 24, 44],
+        "seed": 0,
+        "adam_beta1": 0.9,
+        "data_dir": "/hospital/scans",
+        "output_dir": "/home/me/run",
+        "split_file": "/home/me/split.json",
+    }
+    (folder / "logs" / "config.json").write_text(json.dumps(args))
+    (folder / "checkpoints" / "checkpoint_0").mkdir(parents=True)
+    (folder / "checkpoints" / "checkpoint_0" / "model.safetensors").write_bytes(b"state")
+    return folder
+
+
+def test_train_script_output_pushes_as_model_or_as_adapter(train_output_folder, hub):
+    folder = train_output_folder
+    push_to_hub(folder, "my-lab/colon-adapter", adapter_only=True, base_model_id="my-lab/sam3d-vit-b")
+    files = _uploaded(hub)
+    assert set(files) == {"adapter_config.json", "adapter_model.safetensors", "processor_config.json", "README.md"}
+    assert files["adapter_model.safetensors"] == (folder / "adapter" / "adapter_model.safetensors").read_bytes()
+    local_config = json.loads((folder / "adapter" / "adapter_config.json").read_text())
+    assert json.loads(files["adapter_config.json"]) == {**local_config, "base_model_name_or_path": "my-lab/sam3d-vit-b"}
+    assert "Adapter: width 16" in files["README.md"].decode()
+
+    hub.clear()
+    push_to_hub(folder, "my-lab/colon", training_args=folder / "logs" / "config.json")
+    files = _uploaded(hub)
+    model_files = {p.name for p in folder.iterdir() if p.is_file()}
+    assert set(files) == {*model_files, "adapter/adapter_config.json", "adapter/adapter_model.safetensors", "README.md"}
+    assert "training_info.json" in files and "config.json" in files
+    card = files["README.md"].decode()
+    assert _table_row(card, "PEFT scheme") == ["adapter"]
+    assert float(_table_row(card, "learning rate")[0]) == 0.0001
+    assert int(_table_row(card, "batch size")[0]) == 1
+    assert _numbers(_table_row(card, "training patch")[0]) == [40, 24, 44]
+    assert "adam_beta1=0.9" in card and "/hospital" not in card and "/home/me" not in card
 
 
 def test_revision_creates_the_branch_and_commits_to_it(model_folder, hub):
