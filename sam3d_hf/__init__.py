@@ -51,6 +51,7 @@ from .peft_sam3d import (
     get_adapter_model,
     lora_config,
 )
+from .pipeline import Sam3DSegmentationPipeline
 from .processing_sam3d import MODEL_INPUT_KEYS, Sam3DProcessor, cluster_points, save_mask_nifti
 from .synthetic import SYNTHETIC_PROCESSOR_KWARGS, generate_case, generate_dataset
 
@@ -86,6 +87,7 @@ __all__ = [
     "Sam3DProcessor",
     "Sam3DPromptEncoderConfig",
     "Sam3DSegmentationOutput",
+    "Sam3DSegmentationPipeline",
     "Sam3DVisionConfig",
     "Sam3DVisionModel",
     "Sam3DVisionModelOutput",

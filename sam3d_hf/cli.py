@@ -1,4 +1,8 @@
-"""The `sam3d` command line: `sam3d <command> --help` for each command."""
+"""The `sam3d` command line: `sam3d <command> --help` for each command.
+
+A user mistake is one line on stderr (`sam3d <command>: error: ...`) and a non-zero exit status, never a traceback;
+every file is written under a temporary name and moved into place, so a failure leaves nothing half-written.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,9 @@ import argparse
 import os
 import sys
 from pathlib import Path
+
+import nibabel as nib
+import numpy as np
 
 from . import __version__
 
@@ -75,10 +82,297 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors (`sam3d <command>: error: ...`, exit status 2), like the other errors."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _examples_dir() -> Path:
+    """`examples/` of the source checkout this package runs from; a wheel install has none."""
+    folder = Path(__file__).resolve().parents[1] / "examples"
+    if not (folder / "train.py").is_file() or not (folder / "evaluate.py").is_file():
+        raise ValueError(
+            f"this command runs the example scripts, which are not installed with the package (looked in {folder}); "
+            "clone the sam3d-hf repository and `pip install -e .` from it"
+        )
+    return folder
+
+
+def _load_example(name: str):
+    """Import `examples/<name>.py` of the checkout as a module (its `main(argv)` is the shared code path)."""
+    import importlib.util
+
+    path = _examples_dir() / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"sam3d_example_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _parse_example_args(module, argv: list[str], command: str):
+    """The example's own `parse_args`, its usage errors reduced to one line (`sam3d <command>: error: ...`)."""
+    import contextlib
+    import io
+
+    stderr = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(stderr):
+            return module.parse_args(argv)
+    except SystemExit as exit_info:
+        if exit_info.code in (0, None):  # --help
+            raise
+        lines = stderr.getvalue().strip().splitlines() or ["invalid arguments"]
+        raise ValueError(lines[-1].split("error: ", 1)[-1]) from None
+
+
+def _triple(text: str) -> list[float]:
+    """`i,j,k` -> three numbers (argparse type of --point/--negative)."""
+    parts = text.replace(" ", "").split(",")
+    try:
+        values = [float(p) for p in parts]
+    except ValueError:
+        values = []
+    if len(values) != 3 or not all(np.isfinite(values)):
+        raise argparse.ArgumentTypeError(f"expected three numbers i,j,k (e.g. 60,48,20), got {text!r}")
+    return values
+
+
+def _load_model_and_processor(name: str, preset: str | None):
+    """A model folder/Hub id and its processor (`processor_config.json` next to it, else `--preset`)."""
+    import torch
+
+    from .modeling_sam3d import Sam3DForPromptableSegmentation
+    from .processing_sam3d import Sam3DProcessor
+
+    path = Path(name).expanduser()
+    looks_local = name.startswith((".", "/", "~")) or name.count("/") != 1
+    if not path.exists() and looks_local:
+        raise ValueError(f"--model {name!r}: no such folder; give a model folder (save_pretrained) or a Hub id")
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise ValueError(f"--model {name!r} has no config.json; give the folder written by save_pretrained")
+    try:
+        model = Sam3DForPromptableSegmentation.from_pretrained(name, dtype=torch.float32)
+        processor = Sam3DProcessor.from_preset(preset) if preset else Sam3DProcessor.from_pretrained(name)
+    except OSError as error:
+        message = str(error).splitlines()[0]
+        raise ValueError(f"--model {name!r} could not be loaded: {message}") from None
+    return model, processor
+
+
+def _segment(args: argparse.Namespace) -> int:
+    """`sam3d segment`: clicks on one scan -> a NIfTI mask in the scan's geometry (and an optional overlay PNG)."""
+    from .image_processing_sam3d import load_volume
+    from .inference import Sam3DPredictor
+    from .processing_sam3d import save_mask_nifti
+
+    if not args.output.endswith((".nii", ".nii.gz")):
+        raise ValueError(f"--output must end in .nii or .nii.gz, got {args.output!r}")
+    if args.overlay and not args.overlay.endswith(".png"):
+        raise ValueError(f"--overlay must end in .png, got {args.overlay!r}")
+    for target in filter(None, (args.output, args.overlay)):
+        if not Path(target).resolve().parent.is_dir():
+            raise ValueError(f"cannot write {target!r}: its folder does not exist")
+    volume = load_volume(args.image)  # reports a missing/unreadable scan before the model is loaded
+    points = [*args.point, *args.negative]
+    labels = [1] * len(args.point) + [0] * len(args.negative)
+    model, processor = _load_model_and_processor(args.model, args.preset)
+    if args.negative and not model.config.prompt_encoder_config.use_point_labels:
+        raise ValueError(
+            "--negative needs a model trained with point labels (prompt_encoder_config.use_point_labels=True); "
+            "this model treats every click as positive: drop --negative"
+        )
+    predictor = Sam3DPredictor(model, processor)
+    print(f"segmenting {args.image} from {len(args.point)} positive and {len(args.negative)} negative click(s)")
+    predictor.set_image(volume.nifti if volume.nifti is not None else args.image)
+    prediction = predictor.predict(points, labels, points_in=args.points_in, threshold=args.threshold)
+    mask = prediction.mask.numpy()
+    save_mask_nifti(mask, volume.nifti if volume.nifti is not None else args.image, args.output)
+    if args.overlay:
+        voxels = np.asarray(points, dtype=float)
+        if args.points_in == "world":  # RAS mm -> stored voxel indices, for drawing
+            voxels = nib.affines.apply_affine(np.linalg.inv(volume.affine), voxels)
+        save_overlay(args.overlay, volume.data, mask, voxels, np.asarray(labels), volume.affine, processor)
+    scores = ", ".join(f"{s:.3f}" for s in prediction.scores.tolist())
+    spacing = np.prod(volume.spacing)
+    print(f"wrote {args.output}: {int(mask.sum())} voxels ({mask.sum() * spacing / 1000:.2f} ml), scores [{scores}]")
+    if args.overlay:
+        print(f"wrote {args.overlay}")
+    return 0
+
+
+def save_overlay(path, image, mask, points, labels, affine, processor) -> None:
+    """Three orthogonal slices (shown in RAS) through the mask's centre (the first click's if empty): the mask's
+    outline in red, clicks within 2 slices as x (yellow positive, cyan negative). Written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .data import _atomic_write
+
+    orientation = nib.orientations.io_orientation(affine)
+    image, mask = (nib.orientations.apply_orientation(a, orientation) for a in (image, mask))
+    shape = np.asarray(image.shape)
+    shown = np.zeros((len(points), 3))
+    for stored_axis, (axis, flip) in enumerate(orientation.astype(int)):  # stored voxel -> RAS display voxel
+        shown[:, axis] = points[:, stored_axis] if flip > 0 else shape[axis] - 1 - points[:, stored_axis]
+    centre = np.rint(np.argwhere(mask).mean(0) if mask.any() else shown[0]).astype(int).clip(0, shape - 1)
+    window = processor.image_processor.window or (float(image.min()), float(image.max()))
+    figure, axes = plt.subplots(1, 3, figsize=(10, 3.6))
+    for panel, (name, axis, (horizontal, vertical)) in zip(
+        axes, (("axial", 2, (0, 1)), ("coronal", 1, (0, 2)), ("sagittal", 0, (1, 2)))
+    ):
+        index = [slice(None)] * 3
+        index[axis] = centre[axis]
+        panel.imshow(image[tuple(index)].T, cmap="gray", origin="lower", vmin=window[0], vmax=window[1])
+        if mask[tuple(index)].any():
+            panel.contour(mask[tuple(index)].T.astype(float), levels=[0.5], colors="red", linewidths=1)
+        near = np.abs(shown[:, axis] - centre[axis]) <= 2
+        for value, colour in ((1, "yellow"), (0, "cyan")):
+            chosen = near & (labels == value)
+            panel.scatter(shown[chosen, horizontal], shown[chosen, vertical], s=30, c=colour, marker="x")
+        panel.set_title(f"{name} slice {centre[axis]}", fontsize=9)
+        panel.set_axis_off()
+    figure.tight_layout()
+    _atomic_write(Path(path), lambda tmp: figure.savefig(tmp, format="png", dpi=90))
+    plt.close(figure)
+
+
+def _evaluate(argv: list[str]) -> int:
+    """`sam3d evaluate ...`: examples/evaluate.py's `main` with the same arguments."""
+    module = _load_example("evaluate")
+    _parse_example_args(module, argv, "evaluate")
+    module.main(argv)
+    return 0
+
+
+def _train_command(argv: list[str], accelerate_config: str | None) -> list[str]:
+    """`accelerate launch [--config_file C] examples/train.py ARGV` for this Python."""
+    launcher = ["--config_file", accelerate_config] if accelerate_config else []
+    script = _examples_dir() / "train.py"
+    return [sys.executable, "-m", "accelerate.commands.launch", *launcher, os.fspath(script), *argv]
+
+
+def _train(argv: list[str]) -> int:
+    """`sam3d train [--accelerate_config FILE] ...`: examples/train.py through `accelerate launch`, in a subprocess."""
+    import subprocess
+
+    accelerate_config = None
+    if "--accelerate_config" in argv:
+        at = argv.index("--accelerate_config")
+        if at + 1 >= len(argv):
+            raise ValueError("--accelerate_config needs a file")
+        accelerate_config = argv[at + 1]
+        argv = argv[:at] + argv[at + 2 :]
+        if not Path(accelerate_config).is_file():
+            raise ValueError(f"--accelerate_config {accelerate_config!r}: no such file")
+    _parse_example_args(_load_example("train"), argv, "train")  # argument mistakes: one line, before launching
+    result = subprocess.run(_train_command(argv, accelerate_config))
+    if result.returncode:
+        raise SystemExit(f"sam3d train: error: training failed (exit status {result.returncode}; see above)")
+    return 0
+
+
+def _push(args: argparse.Namespace) -> int:
+    """`sam3d push`: one commit with the folder's files and a rendered model card (`hub.push_to_hub`)."""
+    from .hub import push_to_hub, render_model_card, upload_plan
+
+    if args.adapter_only and not args.base_model_id:
+        raise ValueError("--adapter-only needs --base-model-id: the Hub id of the model the adapter goes on")
+    card_kwargs = {"dataset": args.dataset, "evaluation": args.evaluation, "training_args": args.training_args}
+    card = render_model_card(
+        args.folder, repo_id=args.repo_id, base_model=args.base_model_id, adapter=args.adapter_only or None,
+        license=args.license, **card_kwargs,
+    )  # fmt: skip
+    print(f"files for {args.repo_id}:")
+    for path_in_repo, local in upload_plan(args.folder, adapter_only=args.adapter_only).items():
+        print(f"  {path_in_repo}  <-  {local}")
+    print("  README.md (the model card, " + f"{len(str(card))} characters)")
+    if args.dry_run:
+        return 0
+    info = push_to_hub(
+        args.folder, args.repo_id, adapter_only=args.adapter_only, base_model_id=args.base_model_id,
+        license=args.license, private=args.private, revision=args.revision, token=args.token, **card_kwargs,
+    )  # fmt: skip
+    print(f"pushed: {info.commit_url}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(args.output_dir, quick=args.quick, overwrite=args.overwrite, seed=args.seed)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sam3d", description=__doc__)
+    parser = _Parser(prog="sam3d", description=__doc__)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    demo = commands.add_parser(
+        "demo",
+        help="generate synthetic CT, fine-tune a small model on the CPU, evaluate it, write everything to a folder",
+        description="Offline, on the CPU: generates synthetic CT scans with lesions (sam3d_hf.synthetic), fine-tunes "
+        "a small configuration through examples/train.py (Accelerate), evaluates 1/3/10-click and correction-round "
+        "Dice and NSD on held-out cases (examples/evaluate.py) and writes the model, processor, adapter, predictions "
+        "(NIfTI), overlays, metrics table and model card into --output-dir. Needs the source checkout (examples/).",
+    )
+    demo.add_argument("--output-dir", default="sam3d-demo", help="folder to write (default ./sam3d-demo)")
+    demo.add_argument("--quick", action="store_true", help="a 1-2 minute run: fewer cases and steps, no Dice target")
+    demo.add_argument("--overwrite", action="store_true", help="replace an existing --output-dir")
+    demo.add_argument("--seed", type=int, default=0, help="data, training and click seed")
+    demo.set_defaults(func=_demo)
+
+    segment = commands.add_parser(
+        "segment",
+        help="segment a scan from clicks and write the mask as NIfTI",
+        description="Clicks are voxel indices i,j,k of the scan's stored axes (what nib.load(scan).get_fdata()[i, j, "
+        "k] reads; ITK-SNAP/3D Slicer show them as IJK), or RAS world mm with --points-in world. The mask is written "
+        "in the scan's own geometry (same shape and affine), atomically.",
+    )
+    segment.add_argument("--model", required=True, help="model folder (save_pretrained) or Hub id")
+    segment.add_argument("--image", required=True, help="the scan: NIfTI (.nii/.nii.gz), NRRD or a DICOM folder")
+    segment.add_argument("--point", action="append", type=_triple, required=True, metavar="I,J,K",
+                         help="a positive click (repeat for several)")  # fmt: skip
+    segment.add_argument("--negative", action="append", type=_triple, default=[], metavar="I,J,K",
+                         help="a negative click (repeat; needs a model trained with point labels)")  # fmt: skip
+    segment.add_argument("--points-in", choices=["voxel", "world"], default="voxel",
+                         help="voxel: stored i,j,k (default); world: RAS mm (--point=-9,4,8 if negative)")  # fmt: skip
+    segment.add_argument("--output", required=True, help="mask to write (.nii or .nii.gz)")
+    segment.add_argument("--overlay", help="also draw three orthogonal slices with the mask's outline (.png)")
+    segment.add_argument("--threshold", type=float, default=0.5, help="foreground probability threshold (0-1)")
+    segment.add_argument("--preset", help="processor preset when the model folder has no processor_config.json")
+    segment.set_defaults(func=_segment)
+
+    for name, help_text in (
+        ("evaluate", "evaluate a model on a test set (examples/evaluate.py: Dice/NSD per click protocol)"),
+        ("train", "fine-tune through `accelerate launch examples/train.py` (--accelerate_config FILE optional)"),
+    ):
+        # Their options are the example scripts' own: `sam3d train --help` prints them.
+        commands.add_parser(name, help=help_text, add_help=False)
+
+    push = commands.add_parser(
+        "push",
+        help="publish a trained folder to the Hugging Face Hub with a rendered model card",
+        description="One commit: the folder's model (or adapter) and processor files plus README.md, the model card "
+        "rendered from the processor, --evaluation and --training-args.",
+    )
+    push.add_argument("folder", help="folder written by save_pretrained (model or adapter, and the processor)")
+    push.add_argument("--repo-id", required=True, help="target repository, 'owner/name'")
+    push.add_argument("--adapter-only", action="store_true", help="publish only the adapter files (needs a base)")
+    push.add_argument("--base-model-id", help="Hub id of the base model the adapter goes on")
+    push.add_argument("--dataset", help="hub_cards dataset key or your own .yaml (default: from the processor)")
+    push.add_argument("--evaluation", help="evaluation summary JSON (sam3d evaluate's summary.json)")
+    push.add_argument("--training-args", help="the training run's arguments JSON (logs/config.json)")
+    push.add_argument("--license", default="apache-2.0", help="licence of the weights (default: SAM's apache-2.0)")
+    push.add_argument("--private", action="store_true", help="create the repository private")
+    push.add_argument("--revision", help="branch to commit to (created if missing)")
+    push.add_argument("--token", help="Hub token (default: the logged-in user's)")
+    push.add_argument("--dry-run", action="store_true", help="render the card and list the files; upload nothing")
+    push.set_defaults(func=_push)
+
     summary = commands.add_parser("summary", help="print the model's parameter counts for a SAM size")
     summary.add_argument("--preset", choices=["vit_b", "vit_l", "vit_h"], default="vit_b")
     summary.set_defaults(func=_summary)
@@ -113,8 +407,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+PASS_THROUGH = {"evaluate": _evaluate, "train": None}
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # "Loading weights" bars on stderr would bury the one-line errors
+    if argv and argv[0] in PASS_THROUGH:  # the example scripts parse their own arguments
+        command, rest = argv[0], argv[1:]
+        if command == "train" and {"-h", "--help"} & set(rest):
+            print("usage: sam3d train [--accelerate_config FILE] TRAIN_ARGS...  (runs: accelerate launch "
+                  "[--config_file FILE] examples/train.py TRAIN_ARGS)\n")  # fmt: skip
+        try:
+            return _evaluate(rest) if command == "evaluate" else _train(rest)
+        except (ValueError, TypeError, OSError) as error:
+            print(f"sam3d {command}: error: {' '.join(str(error).split())}", file=sys.stderr)
+            return 1
+    args = parser.parse_args(argv)
     try:
         return args.func(args)
     # The library's messages say what was expected and how to fix it; OSError covers what the system refuses

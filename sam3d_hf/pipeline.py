@@ -1,0 +1,118 @@
+"""`pipeline("sam3d-segmentation", model=...)`: a scan and clicks in, the mask in the scan's geometry out.
+
+The pipeline wraps [`Sam3DPredictor`] (the scan is preprocessed once per call, each patch encoded once) and returns the
+mask in the original geometry: the data's stored axis order, voxel for voxel, with the scan's affine, so
+`nib.Nifti1Image(out["mask"], out["affine"])` lies exactly on the scan.
+
+Coordinates. `points` index the original data's stored axes (NIfTI `(i, j, k)`, i.e.
+`nib.load(path).get_fdata()[i, j, k]`), or are RAS world mm with `points_in="world"`, as for [`Sam3DProcessor`].
+
+Importing `sam3d_hf` registers the task with transformers' `PIPELINE_REGISTRY`; `Sam3DSegmentationPipeline.
+save_pretrained` also records it under `custom_pipelines` in the saved `config.json` (with the code), so a Hub repo
+made from that folder serves `pipeline("sam3d-segmentation", model=repo, trust_remote_code=True)` without this
+package installed.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+from transformers import AutoModel, Pipeline
+from transformers.pipelines import PIPELINE_REGISTRY
+
+from .image_processing_sam3d import load_volume
+from .inference import Sam3DPredictor
+from .processing_sam3d import Sam3DProcessor
+
+__all__ = ["Sam3DSegmentationPipeline"]
+
+TASK = "sam3d-segmentation"
+
+
+class Sam3DSegmentationPipeline(Pipeline):
+    """Point-prompted 3D segmentation of one scan.
+
+    Example:
+    ```python
+    import sam3d_hf  # registers the task
+    from transformers import pipeline
+
+    segmenter = pipeline("sam3d-segmentation", model="path/to/model")  # folder with processor_config.json
+    out = segmenter("ct.nii.gz", points=[[120, 85, 40]])  # NIfTI (i, j, k) voxel indices
+    nib.save(nib.Nifti1Image(out["mask"], out["affine"]), "mask.nii.gz")
+    ```
+
+    Call arguments:
+        inputs: a NIfTI path, a nibabel image, or a numpy array with `spacing`/`affine` (see `load_volume`).
+        points: `(N, 3)` clicks, stored voxel indices `(i, j, k)` (fractional allowed) or RAS mm with
+            `points_in="world"`.
+        labels: `(N,)` 1 positive / 0 negative (default all positive; negatives need a model with
+            `prompt_encoder_config.use_point_labels=True`).
+        points_in: `"voxel"` (default) or `"world"`.
+        threshold: foreground probability threshold, strictly between 0 and 1 (default 0.5).
+        spacing, affine: geometry of array inputs.
+
+    Returns:
+        `dict` with `mask` (uint8 `np.ndarray` of the scan's stored shape), `affine` (`(4, 4)` voxel -> RAS mm, the
+        scan's), `scores` (`list[float]`, one per click cluster: mean foreground probability inside its mask) and
+        `probabilities` (float32, the scan's stored shape).
+    """
+
+    _load_processor = False
+    _load_image_processor = False
+    _load_feature_extractor = False
+    _load_tokenizer = False
+
+    def __init__(self, model, processor: Sam3DProcessor | None = None, **kwargs):
+        if processor is None:
+            source = getattr(model, "name_or_path", None)
+            if not source or not os.path.isfile(os.path.join(source, "processor_config.json")):
+                raise ValueError(
+                    f"the model {source!r} has no processor_config.json: pass processor=Sam3DProcessor(...) "
+                    "(e.g. Sam3DProcessor.from_preset('kits21')) to pipeline(...)"
+                )
+            processor = Sam3DProcessor.from_pretrained(source)
+        if not isinstance(processor, Sam3DProcessor):
+            raise TypeError(f"`processor` must be a Sam3DProcessor, got {type(processor).__name__}")
+        super().__init__(model=model, **kwargs)
+        self.sam3d_processor = processor
+        self.predictor = Sam3DPredictor(self.model, processor)
+
+    def _sanitize_parameters(self, points=None, labels=None, points_in=None, threshold=None, spacing=None, affine=None):
+        preprocess = {k: v for k, v in (("spacing", spacing), ("affine", affine)) if v is not None}
+        forward = {"points": points, "labels": labels}
+        forward.update({k: v for k, v in (("points_in", points_in), ("threshold", threshold)) if v is not None})
+        return preprocess, forward, {}
+
+    def preprocess(self, inputs: Any, spacing=None, affine=None) -> dict[str, Any]:
+        volume = load_volume(inputs, spacing=spacing, affine=affine)
+        # The image processor reads the already validated volume again through nibabel/arrays; an array keeps the
+        # affine it was given.
+        image = volume.nifti if volume.nifti is not None else volume.data
+        self.predictor.set_image(image, affine=None if volume.nifti is not None else volume.affine)
+        return {"affine": volume.affine}
+
+    def _forward(self, model_inputs: dict[str, Any], points=None, labels=None, points_in="voxel", threshold=0.5):
+        if points is None:
+            raise ValueError("give the clicks: segmenter(scan, points=[[i, j, k], ...]) (stored voxel indices)")
+        prediction = self.predictor.predict(points, labels, points_in=points_in, threshold=threshold)
+        return {"prediction": prediction, "affine": model_inputs["affine"]}
+
+    def postprocess(self, model_outputs: dict[str, Any]) -> dict[str, Any]:
+        prediction = model_outputs["prediction"]
+        return {
+            "mask": prediction.mask.numpy().astype(np.uint8),
+            "affine": np.asarray(model_outputs["affine"], dtype=np.float64),
+            "scores": [float(s) for s in prediction.scores],
+            "probabilities": prediction.probabilities.numpy().astype(np.float32),
+        }
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
+        """Model, processor and this pipeline's code; `config.json` gets `custom_pipelines` for `trust_remote_code`."""
+        super().save_pretrained(save_directory, **kwargs)
+        self.sam3d_processor.save_pretrained(save_directory)
+
+
+PIPELINE_REGISTRY.register_pipeline(TASK, pipeline_class=Sam3DSegmentationPipeline, pt_model=AutoModel, type="image")
