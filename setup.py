@@ -25,12 +25,17 @@ setup(
         "nibabel~=5.4.2",
         "peft~=0.21.2",
         "scipy>=1.11",
+        # `sam3d demo` (the README's first command) and `sam3d segment --overlay` draw PNG overlays.
+        "matplotlib>=3.8",
     ],
     extras_require={
         "io": ["pynrrd>=1.0", "pydicom>=2.4"],
         # examples/evaluate.py draws overlays and curves.
         "eval": ["matplotlib>=3.8"],
-        "dev": ["pytest>=8", "ruff>=0.6", "parameterized>=0.9", "pynrrd>=1.0", "pydicom>=2.4", "segment-anything==1.0", "matplotlib>=3.8"],
+        "dev": [
+            "pytest>=8", "ruff>=0.6", "parameterized>=0.9", "pynrrd>=1.0", "pydicom>=2.4", "segment-anything==1.0",
+            "matplotlib>=3.8",
+        ],  # fmt: skip
     },
     entry_points={"console_scripts": ["sam3d=sam3d_hf.cli:main"]},
 )
