@@ -182,7 +182,9 @@ class Sam3DPredictor:
         origins = inputs["patch_origins"].tolist()
         with torch.inference_mode(), self._autocast():
             rows = [self._embeddings(tuple(o), inputs["pixel_values"][b : b + 1]) for b, o in enumerate(origins)]
-            embeddings = Sam3DImageEmbeddings(
+            # The class the model returned: with `trust_remote_code` the model and this module may come from two
+            # copies of modeling_sam3d, and the model checks the type of its embeddings.
+            embeddings = type(rows[0])(
                 feature_maps=tuple(torch.cat(level) for level in zip(*(row.feature_maps for row in rows))),
                 decoder_context=torch.cat([row.decoder_context for row in rows]),
             )
