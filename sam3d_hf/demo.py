@@ -2,8 +2,9 @@
 
 1. Generate synthetic CT scans with lesions (`sam3d_hf.synthetic.generate_dataset`) and a split whose held-out
    cases all hold a lesion.
-2. Fine-tune a small configuration (examples/train.py's tiny config, every weight trained since there are no SAM
-   weights offline) through `accelerate launch examples/train.py`: the one training loop of the project.
+2. Fine-tune a small configuration (examples/train.py's tiny config, spatial adapters as in the paper; offline
+   there are no SAM weights, so the frozen ViT weights are random) through `accelerate launch examples/train.py`:
+   the one training loop of the project.
 3. Evaluate 1/3/10 clicks and correction rounds (Dice, NSD at 5 mm) on the held-out cases with examples/evaluate.py's
    `main` (cases.csv, summary.json, table.md, overlays/).
 4. Write 1-click predictions of the held-out cases as NIfTI (the scans' own geometry) and the model card.
@@ -17,7 +18,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
+import sys
+import threading
 import tempfile
 import time
 from pathlib import Path
@@ -37,7 +41,7 @@ DEMO_SETTINGS = {
 PATCH_SIZE = (32, 32, 32)
 TARGET_SPACING = (1.5, 1.5, 1.5)
 TRAIN_ARGS = [
-    "--model_config", "tiny", "--finetune", "full", "--train_batch_size", "2", "--learning_rate", "2e-3",
+    "--model_config", "tiny", "--finetune", "adapter", "--train_batch_size", "2", "--learning_rate", "2e-3",
     "--lr_warmup_steps", "20", "--num_positive_points", "6", "--num_background_points", "3",
     "--num_negative_points", "1", "--validation_steps", "0", "--report_to", "jsonl",
 ]  # fmt: skip
@@ -83,6 +87,9 @@ def run_demo(output_dir: str | os.PathLike = "sam3d-demo", quick: bool = False, 
         raise ValueError(f"{output_dir} already exists and is not empty; pass --overwrite or choose --output-dir")
     _examples_dir()  # says clearly when the checkout's examples/ are missing, before any work
     output_dir.parent.mkdir(parents=True, exist_ok=True)
+    # `kill` (SIGTERM) ends Python without unwinding; as an exception it reaches the clean-up below.
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     work = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
     started = time.perf_counter()
     try:
