@@ -1,8 +1,9 @@
 """Weight conversion into this package's layout, from two sources:
 
 - Meta's SAM 2D checkpoints (the paper's initialisation): the original `segment_anything` `.pth` (`image_encoder.*`
-  keys) or a transformers `SamModel` folder / Hub id / `.safetensors` file (`vision_encoder.*` keys), inflated to 3D as
-  docs/design.md "Initialisation from SAM" says: [`load_sam_checkpoint`], [`convert_sam_state_dict`];
+  keys) or a transformers `SamModel` folder / Hub id / `.safetensors` file (`vision_encoder.*` keys), inflated to 3D
+  as docs/design.md "Initialisation from SAM and what is trained" says: [`load_sam_checkpoint`],
+  [`convert_sam_state_dict`];
 - official 3DSAM-adapter training snapshots (`*.pth.tar`): [`load_official_checkpoint`],
   [`convert_official_state_dicts`].
 
@@ -521,7 +522,8 @@ def _sam_preset(architecture: dict) -> str | None:
 def convert_sam_state_dict(
     state_dict: dict[str, torch.Tensor], config: Sam3DConfig | None = None, **config_kwargs
 ) -> tuple[Sam3DForPromptableSegmentation, ConversionReport]:
-    """Initialise a model from a SAM 2D state dict, as the paper does (docs/design.md "Initialisation from SAM").
+    """Initialise a model from a SAM 2D state dict, as the paper does (docs/design.md "Initialisation from SAM and
+    what is trained").
 
     Args:
         state_dict (`dict[str, torch.Tensor]`): SAM's weights with either key style: the original `segment_anything`

@@ -225,6 +225,9 @@ def _check_adapter_tensors(
 ) -> None:
     """Raise unless `tensors` are exactly the trained parameters (`config.trainable_groups`) with the shapes the
     model will have."""
+    not_tensors = sorted(name for name, tensor in tensors.items() if not isinstance(tensor, torch.Tensor))
+    if not_tensors:
+        raise TypeError(f"adapter_state_dict values must be tensors; {not_tensors[:5]} are not")
     groups = set(config.trainable_groups)
     wanted = {name for name in shapes if parameter_group(name) in groups}
     missing, unexpected = sorted(wanted - set(tensors)), sorted(set(tensors) - wanted)

@@ -1,12 +1,14 @@
 """Weight conversion: SAM 2D -> 3D initialisation, official snapshots -> from_pretrained folders, and their errors."""
 
 import argparse
+import importlib
 import json
 import os
 import re
 import stat
 import sys
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -632,3 +634,24 @@ def test_atomic_write_leaves_the_old_file_on_failure(tmp_path):
     with pytest.raises(RuntimeError, match="interrupted"):
         convert.atomic_write(tmp_path / "note.txt", fail)
     assert [p.name for p in tmp_path.iterdir()] == ["note.txt"] and (tmp_path / "note.txt").read_text() == "old"
+
+
+def test_design_document_matches_the_code():
+    """docs/design.md ships with the package's source: every section the code cites exists, and every class or
+    function its map names exists in the module it names."""
+    root = Path(__file__).resolve().parents[1]
+    design = (root / "docs" / "design.md").read_text()
+    headings = set(re.findall(r"^#+ (.+)$", design, flags=re.M))
+    sources = [*(root / "sam3d_hf").glob("*.py"), *(root / "tests").glob("*.py"), root / "README.md"]
+    quoted = r"docs/design\.md\s*[\"']([A-Z][\w\s]+)[\"']"  # a cited section, in quotes after the path
+    cited = {" ".join(m.split()) for path in sources for m in re.findall(quoted, path.read_text())}
+    assert cited and cited <= headings, cited - headings
+    table = design.split("## Where each part lives")[1]
+    checked = 0
+    for module, names in re.findall(r"^\| [^|]+ \| `(\w+)\.py`[^|]* \| (.+) \|$", table, flags=re.M):
+        imported = importlib.import_module(f"sam3d_hf.{module}")
+        for name in re.findall(r"`(\w+(?:\.\w+)?)`", names):
+            owner, _, attribute = name.partition(".")
+            assert hasattr(imported, owner) and (not attribute or hasattr(getattr(imported, owner), attribute)), name
+            checked += 1
+    assert checked >= 30

@@ -1,5 +1,6 @@
 """The paper's spatial-adapter scheme (own API, peft-shaped files) and the LoRA / full fine-tuning baselines (peft)."""
 
+import dataclasses
 import json
 import logging
 import os
@@ -205,6 +206,22 @@ def test_config_round_trip_and_errors(tmp_path):
         Sam3DAdapterConfig.from_pretrained(tmp_path)
 
 
+def test_adapter_state_dict_is_checked_before_the_model_changes(tiny_inputs):
+    trained = get_adapter_model(base_model(seed=1), Sam3DAdapterConfig(adapter_dim=8))
+    tensors = trained.adapter_state_dict()
+    fresh = base_model(seed=2)
+    before = snapshot(fresh)
+    with pytest.raises(TypeError, match=r"adapter_state_dict must be a dict of tensors, got list"):
+        Sam3DAdapterModel(fresh, Sam3DAdapterConfig(adapter_dim=8), list(tensors.values()))
+    with pytest.raises(TypeError, match=r"values must be tensors; \['mask_decoder.fuse.0.weight'\] are not"):
+        Sam3DAdapterModel(fresh, Sam3DAdapterConfig(adapter_dim=8), {**tensors, "mask_decoder.fuse.0.weight": 1.0})
+    with pytest.raises(ValueError, match=r"shape mismatch .*\(8, 48\), \(16, 48\)"):
+        Sam3DAdapterModel(fresh, Sam3DAdapterConfig(), tensors)
+    assert_unchanged(fresh, before)
+    loaded = Sam3DAdapterModel(fresh, Sam3DAdapterConfig(adapter_dim=8), tensors)
+    assert torch.equal(logits(loaded, tiny_inputs), logits(trained, tiny_inputs))
+
+
 def test_block_indices_are_checked_against_the_model(tiny_model):
     with pytest.raises(ValueError, match=r"block indices \[4\] outside \[0, 4\)"):
         get_adapter_model(tiny_model, Sam3DAdapterConfig(adapter_layers=[0, 4]))
@@ -278,7 +295,7 @@ def test_save_replaces_only_the_adapter_files(tiny_inputs, tmp_path, caplog):
 
 def test_interrupted_save_keeps_the_earlier_files(tmp_path, monkeypatch):
     """Weights go first, the config last, each through a temporary file: a save that fails while writing the
-    weights leaves the earlier weights and config in place and no temporary file."""
+    weights leaves the earlier weights and the earlier config (not the new one) in place, and no temporary file."""
     wrapped = get_adapter_model(base_model(seed=1), Sam3DAdapterConfig(trainable_groups=["adapters", "mask_decoder"]))
     wrapped.save_pretrained(tmp_path)
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
@@ -293,6 +310,7 @@ def test_interrupted_save_keeps_the_earlier_files(tmp_path, monkeypatch):
     monkeypatch.setattr(peft_sam3d, "save_file", failing_save_file)
     with torch.no_grad():
         wrapped.model.mask_decoder.fuse[3].weight.add_(1)
+    wrapped.adapter_config = dataclasses.replace(wrapped.adapter_config, base_model_name_or_path="another-base")
     with pytest.raises(OSError, match="disk full"):
         wrapped.save_pretrained(tmp_path)
     assert len(written) == 1 and written[0] != str(tmp_path / ADAPTER_WEIGHTS_NAME)
