@@ -1,6 +1,7 @@
 """3DSAM-adapter (Gong et al.): SAM's 2D ViT turned into a 3D point-promptable segmenter.
 
-The computation follows `ARCHITECTURE.md` exactly. Conventions used throughout:
+The computation is the official one, to float32 rounding; `docs/design.md` describes it with its shapes.
+Conventions used throughout:
 - volumes are `(batch, channel, depth, height, width)`; token grids are `(batch, D', H', W', channels)` with
   `D' = D / 4` etc.;
 - points are continuous voxel coordinates `(z, y, x)` = `(d, h, w)` inside the input patch.
