@@ -1,0 +1,902 @@
+"""Training data for Sam3D: index datasets on disk, split, validate, cache preprocessed volumes, sample patches.
+
+Pipeline: [`index_dataset`] (a `datasets.Dataset` of `case_id`, `image` path, `label` path) -> [`load_or_create_split`]
+(70/10/20 by seed, kept in a JSON file) -> [`validate_dataset`] (bad data stops before the first training step) ->
+[`Sam3DTrainingDataset`] (a torch `Dataset` of augmented patches with click prompts) -> `DataLoader(...,
+collate_fn=sam3d_collate)`.
+
+Preprocessing is the image processor's own (`Sam3DImageProcessor.preprocess`: reorientation to the canonical
+`(D, H, W)` axes, windowing, resampling, z-scoring), so training and inference see the same voxels.
+[`PreprocessedCache`] stores its output once per (file contents, processor configuration) as safetensors, so an
+epoch does not resample every scan again.
+
+Conventions: volumes are `(D, H, W)` on the processor's resampled canonical grid (default: depth towards Superior,
+height towards Anterior, width towards Right, 1 mm); points are **patch voxel indices `(z, y, x)` = `(d, h, w)`**
+float32, the model-level convention; point labels are 1 (positive), 0 (negative) and -1 (padding).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import tempfile
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import datasets
+import nibabel as nib
+import numpy as np
+import torch
+from monai import transforms as mt
+from safetensors import safe_open
+from safetensors.numpy import save_file
+from scipy import ndimage
+
+from .image_processing_sam3d import NIFTI_SUFFIXES, NRRD_SUFFIXES, Sam3DImageProcessor, load_volume
+
+__all__ = [
+    "LAYOUTS",
+    "PreprocessedCache",
+    "Sam3DTrainingDataset",
+    "default_cache_dir",
+    "index_dataset",
+    "load_or_create_split",
+    "sam3d_collate",
+    "sample_points",
+    "validate_dataset",
+]
+
+logger = logging.getLogger(__name__)
+
+LAYOUTS = ("auto", "msd", "kits21", "lits17", "folder")
+SPLITS = ("train", "validation", "test")
+IMAGE_SUFFIXES = NIFTI_SUFFIXES + NRRD_SUFFIXES
+CACHE_FORMAT = "sam3d-hf-preprocessed-v1"
+_LAYOUT_HELP = (
+    "Expected one of: an MSD task folder (dataset.json, imagesTr/, labelsTr/), KiTS21 (case_XXXXX/imaging.nii.gz and "
+    "aggregated_MAJ_seg.nii.gz, under the root or root/data), LiTS17 (volume-N.nii and segmentation-N.nii), or a "
+    "folder with images/ and labels/ holding files of matching names."
+)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Small helpers
+# ----------------------------------------------------------------------------------------------------------------------
+def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """`write(tmp)` to a temporary file next to `path`, then `os.replace` it there, with umask permissions."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    text = json.dumps(obj, indent=2) + "\n"
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    _atomic_write(path, write)
+
+
+def _strip_suffix(name: str) -> str | None:
+    """File name without its image suffix, or None when it is not an image file we read."""
+    lower = name.lower()
+    for suffix in sorted(IMAGE_SUFFIXES, key=len, reverse=True):
+        if lower.endswith(suffix):
+            return name[: -len(suffix)]
+    return None
+
+
+def _image_files(folder: Path) -> dict[str, Path]:
+    """`{case_id: path}` of the image files in `folder` (hidden files such as macOS `._x.nii.gz` skipped).
+
+    nnU-Net's channel suffix `_0000` is dropped from the case id; files of other channels (`_0001`, ...) are skipped.
+    """
+    files: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        stem = _strip_suffix(path.name)
+        if stem is None or path.name.startswith(".") or not path.is_file():
+            continue
+        channel = re.fullmatch(r"(.+)_(\d{4})", stem)
+        if channel:
+            if channel.group(2) != "0000":
+                continue
+            stem = channel.group(1)
+        files[stem] = path
+    return files
+
+
+def _image_processor(processor: Any) -> Sam3DImageProcessor:
+    ip = getattr(processor, "image_processor", processor)
+    if not isinstance(ip, Sam3DImageProcessor):
+        raise TypeError(f"`processor` must be a Sam3DProcessor or Sam3DImageProcessor, got {type(processor).__name__}.")
+    if ip.target_label is None:
+        raise ValueError(
+            "The processor's `target_label` is None, but training needs a binary target: set it to the label value of "
+            "the structure to segment, e.g. Sam3DImageProcessor.from_preset('kits21') (tumour = 2) or "
+            "Sam3DImageProcessor(..., target_label=2)."
+        )
+    return ip
+
+
+def _rows(dataset: datasets.Dataset | Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    rows = [dict(row) for row in dataset]
+    for row in rows:
+        missing = {"case_id", "image", "label"} - set(row)
+        if missing:
+            raise ValueError(
+                f"Each row needs the keys case_id, image and label (as index_dataset returns); a row lacks "
+                f"{sorted(missing)}: {row}."
+            )
+        for key in ("image", "label"):
+            if row[key] is not None and not isinstance(row[key], (str, os.PathLike)):
+                raise TypeError(
+                    f"Case {row['case_id']!r}: `{key}` must be a file path (str), got {type(row[key]).__name__}. "
+                    "Keep index_dataset's string columns (do not cast them to datasets.Nifti before training)."
+                )
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Indexing
+# ----------------------------------------------------------------------------------------------------------------------
+def _index_msd(root: Path) -> list[dict[str, Any]]:
+    meta_path = root / "dataset.json"
+    if meta_path.exists():
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            entries = meta["training"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise ValueError(f"{meta_path} is not an MSD dataset.json with a 'training' list ({err!r}).") from err
+        rows = []
+        for entry in entries:
+            if not isinstance(entry, Mapping) or "image" not in entry:
+                raise ValueError(f"{meta_path}: each 'training' entry needs 'image' and 'label', got {entry!r}.")
+            image = root / entry["image"]
+            label = entry.get("label")
+            # dataset.json names one file per case; nnU-Net-converted folders hold it as NAME_0000.nii.gz
+            if not image.exists():
+                stem = _strip_suffix(image.name)
+                alternative = image.with_name(f"{stem}_0000{image.name[len(stem) :]}") if stem else image
+                image = alternative if alternative.exists() else image
+            case_id = _strip_suffix(Path(entry["image"]).name) or Path(entry["image"]).name
+            rows.append(
+                {"case_id": case_id, "image": str(image), "label": None if label is None else str(root / label)}
+            )
+        return rows
+    images, labels = _image_files(root / "imagesTr"), _image_files(root / "labelsTr")
+    return [
+        {"case_id": cid, "image": str(path), "label": str(labels[cid]) if cid in labels else None}
+        for cid, path in images.items()
+    ]
+
+
+def _index_kits21(root: Path) -> list[dict[str, Any]]:
+    base = root / "data" if not any(root.glob("case_*")) and (root / "data").is_dir() else root
+    rows = []
+    for case in sorted(p for p in base.glob("case_*") if p.is_dir()):
+        image = case / "imaging.nii.gz"
+        if not image.exists():
+            continue
+        # KiTS21 majority-vote labels; KiTS19/KiTS23 call the file segmentation.nii.gz
+        label = next(
+            (case / n for n in ("aggregated_MAJ_seg.nii.gz", "segmentation.nii.gz") if (case / n).exists()), None
+        )
+        rows.append({"case_id": case.name, "image": str(image), "label": None if label is None else str(label)})
+    return rows
+
+
+def _lits_files(root: Path, prefix: str) -> dict[int, Path]:
+    found = {}
+    for path in sorted(root.rglob(f"{prefix}-*")):
+        match = re.fullmatch(rf"{prefix}-(\d+)\.nii(\.gz)?", path.name)
+        if match and path.is_file():
+            found[int(match.group(1))] = path
+    return found
+
+
+def _index_lits17(root: Path) -> list[dict[str, Any]]:
+    volumes, segmentations = _lits_files(root, "volume"), _lits_files(root, "segmentation")
+    return [
+        {
+            "case_id": f"volume-{n}",
+            "image": str(path),
+            "label": str(segmentations[n]) if n in segmentations else None,
+        }
+        for n, path in sorted(volumes.items())
+    ]
+
+
+def _index_folder(root: Path) -> list[dict[str, Any]]:
+    if not (root / "images").is_dir():
+        raise ValueError(f"The 'folder' layout needs {root / 'images'} (and labels/ for training); it does not exist.")
+    images = _image_files(root / "images")
+    labels = _image_files(root / "labels") if (root / "labels").is_dir() else {}
+    orphans = sorted(set(labels) - set(images))
+    if orphans:
+        logger.warning("%d label files in %s match no image: %s", len(orphans), root / "labels", orphans[:10])
+    return [
+        {"case_id": cid, "image": str(path), "label": str(labels[cid]) if cid in labels else None}
+        for cid, path in images.items()
+    ]
+
+
+def _detect_layout(root: Path) -> str:
+    if (root / "dataset.json").exists() or (root / "imagesTr").is_dir():
+        return "msd"
+    if any(root.glob("case_*/imaging.nii.gz")) or any(root.glob("data/case_*/imaging.nii.gz")):
+        return "kits21"
+    if any(root.glob("volume-*.nii*")) or any(root.glob("*/volume-*.nii*")):
+        return "lits17"
+    if (root / "images").is_dir():
+        return "folder"
+    raise ValueError(f"Could not recognise the dataset layout of {root}. {_LAYOUT_HELP}")
+
+
+def index_dataset(root: str | os.PathLike, layout: str = "auto") -> datasets.Dataset:
+    """Index a dataset folder as a `datasets.Dataset` of file paths, one row per case.
+
+    Layouts:
+        * `"msd"`: Medical Segmentation Decathlon task folder: `dataset.json`'s `training` list (`image`/`label`
+          relative paths); without `dataset.json`, `imagesTr/` and `labelsTr/` matched by name (nnU-Net's `_0000`
+          channel suffix understood). Case id: the file name without suffix (`pancreas_001`).
+        * `"kits21"`: `case_XXXXX/imaging.nii.gz` with `aggregated_MAJ_seg.nii.gz` (or `segmentation.nii.gz`), under
+          `root` or `root/data` (the KiTS21 repository). Case id: the folder name.
+        * `"lits17"`: `volume-N.nii[.gz]` and `segmentation-N.nii[.gz]` anywhere under `root` (e.g. both "Training
+          Batch" folders). Case id: `volume-N`.
+        * `"folder"`: `root/images/` and `root/labels/` with files of the same name (NIfTI or NRRD). Case id: the
+          file name without suffix.
+        * `"auto"` (default): the first of these that matches.
+
+    Returns:
+        `datasets.Dataset` with string columns `case_id`, `image` (path) and `label` (path, or None when the case has
+        no label file), sorted by case id (numerically for LiTS). The paths are plain strings: to look at the scans,
+        `ds.cast_column("image", datasets.Nifti())` decodes them lazily as nibabel images. Missing or malformed files
+        are reported by [`validate_dataset`].
+
+    Raises:
+        ValueError: unknown layout, unrecognised folder, or no case found.
+    """
+    root = Path(root)
+    if layout not in LAYOUTS:
+        raise ValueError(f"`layout` must be one of {LAYOUTS}, got {layout!r}.")
+    if not root.is_dir():
+        raise ValueError(f"Dataset root {str(root)!r} is not a folder. {_LAYOUT_HELP}")
+    if layout == "auto":
+        layout = _detect_layout(root)
+    rows = {"msd": _index_msd, "kits21": _index_kits21, "lits17": _index_lits17, "folder": _index_folder}[layout](root)
+    if not rows:
+        raise ValueError(f"No case found in {root} with the {layout!r} layout. {_LAYOUT_HELP}")
+    ids = [r["case_id"] for r in rows]
+    duplicates = sorted({c for c in ids if ids.count(c) > 1})
+    if duplicates:
+        raise ValueError(f"Case ids must be unique; {root} has several files for {duplicates[:10]}.")
+    features = datasets.Features(
+        {"case_id": datasets.Value("string"), "image": datasets.Value("string"), "label": datasets.Value("string")}
+    )
+    columns = {key: [r[key] for r in rows] for key in ("case_id", "image", "label")}
+    return datasets.Dataset.from_dict(columns, features=features)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Splits
+# ----------------------------------------------------------------------------------------------------------------------
+def load_or_create_split(
+    case_ids: Sequence[str],
+    split_file: str | os.PathLike | None,
+    seed: int = 0,
+    fractions: Sequence[float] = (0.7, 0.1, 0.2),
+) -> dict[str, list[str]]:
+    """Read the train/validation/test split from `split_file`, or make a deterministic one and write it there.
+
+    A new split shuffles the sorted `case_ids` with `numpy.random.default_rng(seed)` and cuts them into
+    `round(n * fractions[0])` training and `round(n * fractions[1])` validation cases, the rest for testing; it is then
+    written atomically to `split_file` (JSON: `train`, `validation`, `test`, `seed`, `fractions`) so that later runs
+    reuse it. An existing file is authoritative (its seed is not re-applied): it is checked against `case_ids`.
+
+    Args:
+        case_ids: ids of every available case (e.g. `index_dataset(root)["case_id"]`).
+        split_file: JSON path to read or create; `None` makes a split without writing it.
+        seed: shuffle seed of a new split.
+        fractions: `(train, validation, test)` fractions summing to 1.
+
+    Returns:
+        `{"train": [...], "validation": [...], "test": [...]}`.
+
+    Raises:
+        ValueError: duplicated ids, bad fractions, or a split file that is malformed, names a case twice, or names
+            cases that are not in `case_ids` (the message lists them).
+    """
+    case_ids = [str(c) for c in case_ids]
+    duplicates = sorted({c for c in case_ids if case_ids.count(c) > 1})
+    if duplicates:
+        raise ValueError(f"`case_ids` must be unique; repeated: {duplicates[:10]}.")
+    if split_file is not None and Path(split_file).exists():
+        return _read_split(Path(split_file), case_ids)
+
+    fractions = tuple(float(f) for f in fractions)
+    if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1) > 1e-6 or fractions[0] <= 0:
+        raise ValueError(f"`fractions` must be 3 values >= 0 summing to 1 with train > 0, got {fractions}.")
+    if not case_ids:
+        raise ValueError("`case_ids` is empty: there is nothing to split (check the dataset folder).")
+    order = np.random.default_rng(seed).permutation(len(case_ids))
+    shuffled = [sorted(case_ids)[i] for i in order]
+    n_train = max(1, round(len(shuffled) * fractions[0]))
+    n_val = min(round(len(shuffled) * fractions[1]), len(shuffled) - n_train)
+    split = {
+        "train": sorted(shuffled[:n_train]),
+        "validation": sorted(shuffled[n_train : n_train + n_val]),
+        "test": sorted(shuffled[n_train + n_val :]),
+    }
+    if split_file is not None:
+        _write_json(Path(split_file), {**split, "seed": seed, "fractions": list(fractions)})
+    return split
+
+
+def _read_split(path: Path, case_ids: list[str]) -> dict[str, list[str]]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"Split file {path} is not valid JSON ({err}); fix or delete it to make a new split.") from err
+    if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in SPLITS):
+        raise ValueError(
+            f"Split file {path} must be a JSON object with lists 'train', 'validation' and 'test'; got keys "
+            f"{sorted(data) if isinstance(data, dict) else type(data).__name__}."
+        )
+    split = {k: [str(c) for c in data[k]] for k in SPLITS}
+    named = [c for k in SPLITS for c in split[k]]
+    repeated = sorted({c for c in named if named.count(c) > 1})
+    if repeated:
+        raise ValueError(f"Split file {path} names these cases more than once: {repeated[:10]}.")
+    unknown = sorted(set(named) - set(case_ids))
+    if unknown:
+        raise ValueError(
+            f"Split file {path} names {len(unknown)} case(s) that are not in the dataset: {unknown[:10]}. Restore "
+            "those cases, point to the right dataset, or delete the split file to make a new split."
+        )
+    if not split["train"]:
+        raise ValueError(f"Split file {path} has no training case.")
+    unassigned = sorted(set(case_ids) - set(named))
+    if unassigned:
+        logger.warning("%d case(s) are in no split of %s and will not be used: %s", len(unassigned), path, unassigned)
+    return split
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Validation
+# ----------------------------------------------------------------------------------------------------------------------
+def _header(path: str, what: str, case_id: str) -> tuple[tuple[int, ...], np.ndarray]:
+    """Shape and affine of an image file (NIfTI: header only), or a ValueError naming the case."""
+    if not os.path.exists(path):
+        raise ValueError(f"Case {case_id!r}: the {what} file {path} does not exist.")
+    try:
+        if path.lower().endswith(NIFTI_SUFFIXES):
+            img = nib.load(path)
+            shape = tuple(int(n) for n in img.shape)
+            while len(shape) > 3 and shape[-1] == 1:
+                shape = shape[:-1]
+            return shape, np.asarray(img.affine, np.float64)
+        volume = load_volume(path)
+        return volume.data.shape, volume.affine
+    except Exception as err:  # every reader raises its own type; name the case
+        raise ValueError(
+            f"Case {case_id!r}: could not read the {what} file {path} ({type(err).__name__}: {err})."
+        ) from err
+
+
+def validate_dataset(
+    dataset: datasets.Dataset | Iterable[Mapping[str, Any]],
+    processor: Any,
+    case_ids: Sequence[str] | None = None,
+) -> None:
+    """Check a training set before the first step; raise `ValueError` naming the first bad case.
+
+    Checks, per case: the image and label files exist and are readable; the label map has the image's shape and
+    affine (within 1e-3, the processor's own tolerance); and over all cases: the set is not empty, `case_ids` are all
+    in `dataset`, and at least one case holds the processor's `target_label`. A case without the target value is
+    legitimate (it gives background patches) and only logged.
+
+    Reads the NIfTI headers and the label maps (not the images' voxels).
+
+    Args:
+        dataset: rows with `case_id`, `image`, `label` (e.g. from [`index_dataset`]).
+        processor: a `Sam3DProcessor` or `Sam3DImageProcessor` with `target_label` set.
+        case_ids: check only these cases (e.g. the training split); every id must be in `dataset`.
+    """
+    target = _image_processor(processor).target_label
+    rows = {r["case_id"]: r for r in _rows(dataset)}
+    if case_ids is not None:
+        case_ids = [str(c) for c in case_ids]
+        unknown = [c for c in case_ids if c not in rows]
+        if unknown:
+            raise ValueError(
+                f"{len(unknown)} case(s) of the split are not in the dataset: {unknown[:10]} (the split file may "
+                "belong to another dataset, or the files were moved)."
+            )
+        selected = [rows[c] for c in case_ids]
+    else:
+        selected = list(rows.values())
+    if not selected:
+        raise ValueError("The dataset is empty: no case to train on (check the folder and the split file).")
+
+    without_target = []
+    for row in selected:
+        cid = row["case_id"]
+        if row["label"] is None:
+            raise ValueError(f"Case {cid!r} has no label file (image {row['image']}); every training case needs one.")
+        image_shape, image_affine = _header(str(row["image"]), "image", cid)
+        label_shape, label_affine = _header(str(row["label"]), "label", cid)
+        if len(image_shape) != 3:
+            raise ValueError(f"Case {cid!r}: the image {row['image']} has shape {image_shape}; expected a 3D volume.")
+        if label_shape != image_shape:
+            raise ValueError(
+                f"Case {cid!r}: the label map has shape {label_shape} but the image has {image_shape} "
+                f"({row['label']} vs {row['image']}); they must be voxel-aligned."
+            )
+        if not np.allclose(label_affine, image_affine, atol=1e-3):
+            raise ValueError(
+                f"Case {cid!r}: the label map's affine differs from the image's:\n{label_affine.round(4)}\nvs\n"
+                f"{image_affine.round(4)}\nResample the label map onto the image grid ({row['label']})."
+            )
+        path = str(row["label"])
+        labels = np.asanyarray(nib.load(path).dataobj) if path.lower().endswith(NIFTI_SUFFIXES) else None
+        labels = load_volume(path).data if labels is None else labels
+        if not np.any(labels == target):
+            without_target.append(cid)
+    if len(without_target) == len(selected):
+        raise ValueError(
+            f"No case holds the target label value {target} (checked {len(selected)} cases, e.g. "
+            f"{without_target[:5]}): wrong `target_label` for this dataset? Its label maps hold other values."
+        )
+    if without_target:
+        logger.info(
+            "%d of %d cases have no voxel with label %d (they give background patches only): %s",
+            len(without_target),
+            len(selected),
+            target,
+            without_target,
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Preprocessed cache
+# ----------------------------------------------------------------------------------------------------------------------
+def default_cache_dir() -> Path:
+    """`$SAM3D_HF_CACHE`, else `$XDG_CACHE_HOME/sam3d-hf/preprocessed`, else `~/.cache/sam3d-hf/preprocessed`."""
+    if os.environ.get("SAM3D_HF_CACHE"):
+        return Path(os.environ["SAM3D_HF_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "sam3d-hf" / "preprocessed"
+
+
+class PreprocessedCache:
+    """Disk cache of `Sam3DImageProcessor.preprocess` outputs, keyed by file contents and processor configuration.
+
+    One safetensors file per (image bytes, label bytes, processor config) holds `pixel_values`, the label map (as
+    uint8) and the geometry arrays; its metadata records the case id, the source paths and the processor config as
+    JSON. Changing a scan or any processor setting (window, statistics, spacing, target label, ...) gives a new key,
+    so stale entries are never read; they just take space until [`clear`] or `rm -r` of the folder. Entries are
+    written atomically (temporary file + `os.replace`), so DataLoader workers may fill the cache concurrently.
+
+    The SHA-256 of each file is remembered in `cache_dir/file-hashes/` with the file's size and modification time, so
+    a file is read again only when it changed.
+
+    Args:
+        processor: a `Sam3DProcessor` or `Sam3DImageProcessor` with `target_label` set (labels are stored binary).
+        cache_dir: folder of the cache; default [`default_cache_dir`] (`~/.cache/sam3d-hf/preprocessed`, or
+            `$SAM3D_HF_CACHE`).
+    """
+
+    def __init__(self, processor: Any, cache_dir: str | os.PathLike | None = None):
+        self.image_processor = _image_processor(processor)
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        config = self.image_processor.to_dict()
+        self.config_json = json.dumps(config, sort_keys=True, default=list)
+        self._hashes: dict[str, tuple[int, int, str]] = {}
+
+    def file_hash(self, path: str | os.PathLike) -> str:
+        """SHA-256 of a file's bytes, remembered per (path, size, mtime)."""
+        path = os.path.abspath(path)
+        stat = os.stat(path)
+        memo = self._hashes.get(path)
+        if memo is not None and memo[:2] == (stat.st_size, stat.st_mtime_ns):
+            return memo[2]
+        record_path = self.cache_dir / "file-hashes" / (hashlib.sha256(path.encode()).hexdigest()[:32] + ".json")
+        try:
+            record = json.loads(record_path.read_text(encoding="utf-8"))
+            if (record["path"], record["size"], record["mtime_ns"]) == (path, stat.st_size, stat.st_mtime_ns):
+                self._hashes[path] = (stat.st_size, stat.st_mtime_ns, record["sha256"])
+                return record["sha256"]
+        except (OSError, ValueError, KeyError):  # no record yet, or an unreadable one: hash again
+            pass
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                digest.update(block)
+        sha = digest.hexdigest()
+        _write_json(record_path, {"path": path, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": sha})
+        self._hashes[path] = (stat.st_size, stat.st_mtime_ns, sha)
+        return sha
+
+    def entry_path(self, case: Mapping[str, Any]) -> Path:
+        """Cache file of a case (`{case_id, image, label}` row): `<case_id>-<key>.safetensors`."""
+        label = case.get("label")
+        key_source = json.dumps(
+            {
+                "format": CACHE_FORMAT,
+                "image": self.file_hash(case["image"]),
+                "label": None if label is None else self.file_hash(label),
+                "processor": self.config_json,
+            },
+            sort_keys=True,
+        )
+        key = hashlib.sha256(key_source.encode()).hexdigest()[:40]
+        readable = re.sub(r"[^A-Za-z0-9_.-]", "_", str(case["case_id"]))[:64]
+        return self.cache_dir / f"{readable}-{key}.safetensors"
+
+    def get(self, case: Mapping[str, Any]) -> dict[str, Any]:
+        """Preprocessed volume of a case, from the cache or computed (and stored) by the processor.
+
+        Args:
+            case: a row with `case_id`, `image` (path) and `label` (path or None).
+
+        Returns:
+            `{"case_id": str, "pixel_values": float32 (1, D, H, W), "labels": int64 (D, H, W) binary
+            (label == target_label; absent when the case has no label), "geometry": {name: np.ndarray}}` on the
+            processor's resampled canonical grid; `geometry` holds `original_size`, `original_affine`,
+            `canonical_axes`, `canonical_flips`, `canonical_size`, `resampled_size`, `resampled_spacing`,
+            `resampled_affine` (see `Sam3DImageProcessor.preprocess`).
+        """
+        out = self._get(case)
+        if "labels" in out:
+            out["labels"] = out["labels"].astype(np.int64)
+        return out
+
+    def _get(self, case: Mapping[str, Any]) -> dict[str, Any]:
+        """[`get`] with the labels kept as stored (uint8: 8x less memory for whole volumes)."""
+        path = self.entry_path(case)
+        if path.exists():
+            try:
+                return self._read(path, str(case["case_id"]))
+            except Exception as err:  # a damaged entry (disk full, foreign file): recompute it
+                logger.warning("Cache entry %s is unreadable (%s); preprocessing again.", path, err)
+        out = self.image_processor.preprocess(case["image"], segmentation_maps=case.get("label"), return_tensors="np")
+        tensors = {"pixel_values": np.ascontiguousarray(out["pixel_values"][0], dtype=np.float32)}
+        if "labels" in out:
+            tensors["labels"] = np.ascontiguousarray(out["labels"][0], dtype=np.uint8)
+        geometry_keys = [k for k in out if k not in ("pixel_values", "labels")]
+        for key in geometry_keys:
+            tensors[f"geometry.{key}"] = np.ascontiguousarray(out[key])
+        metadata = {
+            "format": CACHE_FORMAT,
+            "case_id": str(case["case_id"]),
+            "image": os.fspath(case["image"]),
+            "label": "" if case.get("label") is None else os.fspath(case["label"]),
+            "processor": self.config_json,
+        }
+        _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+        return self._unpack(tensors, str(case["case_id"]))
+
+    def _read(self, path: Path, case_id: str) -> dict[str, Any]:
+        with safe_open(path, framework="np") as f:
+            if (f.metadata() or {}).get("format") != CACHE_FORMAT:
+                raise ValueError(f"not a {CACHE_FORMAT} file")
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+        return self._unpack(tensors, case_id)
+
+    @staticmethod
+    def _unpack(tensors: dict[str, np.ndarray], case_id: str) -> dict[str, Any]:
+        out = {
+            "case_id": case_id,
+            "pixel_values": tensors["pixel_values"],
+            "geometry": {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("geometry.")},
+        }
+        if "labels" in tensors:
+            out["labels"] = tensors["labels"]
+        return out
+
+    def clear(self) -> int:
+        """Delete this cache folder's entries and file-hash records (nothing else); return the number of entries."""
+        removed = 0
+        if self.cache_dir.is_dir():
+            for path in self.cache_dir.glob("*.safetensors"):
+                path.unlink(missing_ok=True)
+                removed += 1
+            hashes = self.cache_dir / "file-hashes"
+            if hashes.is_dir():
+                for path in hashes.glob("*.json"):
+                    path.unlink(missing_ok=True)
+                if not any(hashes.iterdir()):
+                    hashes.rmdir()
+        self._hashes.clear()
+        return removed
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Click sampling
+# ----------------------------------------------------------------------------------------------------------------------
+def sample_points(
+    labels: np.ndarray,
+    rng: np.random.Generator,
+    num_positive_points: int = 40,
+    num_background_points: int = 10,
+    num_negative_points: int = 3,
+    use_point_labels: bool = True,
+    negative_ring_width: float = 3.0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Sample the click prompts of one training patch, as the paper does, plus negative clicks near the target.
+
+    * Patch with foreground: `num_positive_points` random foreground voxels (with replacement when the target has
+      fewer voxels), label 1; with `use_point_labels`, also `num_negative_points` background voxels within
+      `negative_ring_width` voxels (Euclidean) outside the target's boundary, label 0, so that correction clicks next
+      to a lesion carry meaning.
+    * Patch without foreground: `num_background_points` random voxels of the patch, **label 1**. This is the paper's
+      behaviour ("a click means: look here; the answer may be empty"), and the model needs at least one label-1 point
+      per row. It teaches the model that a click on something that is not a tumour yields an empty mask; with
+      `use_point_labels=True` they could have been label 0, but then the row would have no positive click.
+
+    Args:
+        labels: `(D, H, W)` binary patch labels.
+        rng: the random generator (seeded per sample by the caller).
+
+    Returns:
+        `points` `(N, 3)` float32 patch voxel indices `(z, y, x)` and `labels` `(N,)` int64 (1/0), N as sampled
+        (positive rows: `num_positive_points` + up to `num_negative_points`; empty rows: `num_background_points`).
+    """
+    foreground = labels > 0
+    fg_index = np.argwhere(foreground)
+    if len(fg_index) == 0:
+        flat = rng.choice(labels.size, size=num_background_points, replace=labels.size < num_background_points)
+        points = np.stack(np.unravel_index(flat, labels.shape), axis=1)
+        return points.astype(np.float32), np.ones(len(points), np.int64)
+    chosen = rng.choice(len(fg_index), size=num_positive_points, replace=len(fg_index) < num_positive_points)
+    points, point_labels = [fg_index[chosen]], [np.ones(num_positive_points, np.int64)]
+    if use_point_labels and num_negative_points > 0:
+        ring = _ring(foreground, negative_ring_width)
+        if len(ring):
+            picked = rng.choice(len(ring), size=min(num_negative_points, len(ring)), replace=False)
+            points.append(ring[picked])
+            point_labels.append(np.zeros(len(picked), np.int64))
+    return np.concatenate(points).astype(np.float32), np.concatenate(point_labels)
+
+
+def _ring(foreground: np.ndarray, width: float) -> np.ndarray:
+    """`(M, 3)` indices of background voxels within `width` voxels (Euclidean) of the foreground."""
+    margin = int(np.ceil(width)) + 1
+    lo = np.maximum(np.argwhere(foreground).min(0) - margin, 0)
+    hi = np.minimum(np.argwhere(foreground).max(0) + margin + 1, foreground.shape)
+    box = foreground[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
+    distance = ndimage.distance_transform_edt(~box)
+    return np.argwhere((distance > 0) & (distance <= width)) + lo
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Training dataset
+# ----------------------------------------------------------------------------------------------------------------------
+class Sam3DTrainingDataset(torch.utils.data.Dataset):
+    """Augmented training patches with click prompts, from preprocessed (cached) volumes.
+
+    Each item: the case's cached volume ([`PreprocessedCache`]) -> pad to the crop size (image with the air value
+    `image_processor.pad_value`, labels with 0) -> `RandCropByPosNegLabeld` with foreground : background centres 1 : 1
+    (background centres only inside the body, i.e. above the air value) -> with `augment`, the paper's Table 4:
+    `RandZoomd` [0.9, 1.1] p=0.3 (on a crop `ceil(patch / 0.9)` large, then centre-cropped to the patch, so zooming
+    out never pads), `RandFlipd` on each axis p=0.5, `RandRotate90d` p=0.5 in the `(H, W)` plane (only when
+    `patch[1] == patch[2]`; a quarter turn of a non-square plane would change the shape), `RandShiftIntensityd`
+    offsets 0.1 p=0.5 (in z-score units) -> clicks from [`sample_points`]. A case without the target value gives
+    background patches only.
+
+    Randomness comes from `(seed, epoch, index)` only (`numpy.random.SeedSequence`), never from the global RNG state:
+    the same seed, epoch and index give the same sample in any process, so DataLoader workers are deterministic and a
+    resumed run sees the samples it would have seen. Call [`set_epoch`] before each epoch; with DataLoader workers,
+    create the iterator after `set_epoch` and do not use `persistent_workers=True` (workers hold a copy of the
+    dataset made when the iterator starts).
+
+    Args:
+        dataset: rows with `case_id`, `image`, `label` (a `datasets.Dataset` from [`index_dataset`], or dicts).
+        processor: `Sam3DProcessor` or `Sam3DImageProcessor` with `target_label` set.
+        patch_size: `(D, H, W)` patch in resampled voxels.
+        num_positive_points, num_background_points, num_negative_points, use_point_labels: see [`sample_points`].
+        augment: apply the Table 4 augmentations (the crop is always random).
+        cache_dir: folder of the [`PreprocessedCache`] (default `~/.cache/sam3d-hf/preprocessed`).
+        seed: base seed of every random choice.
+        samples_per_volume: patches per case per epoch (`len = num_cases * samples_per_volume`).
+        negative_ring_width: how far outside the target negative clicks may lie, in voxels.
+
+    Items: `{"pixel_values": float32 (1, D, H, W), "labels": int64 (D, H, W) 0/1, "input_points": float32 (N, 3)
+    patch voxels (z, y, x), "input_labels": int64 (N,) 1/0/-1}` with `N = max(num_positive_points +
+    num_negative_points (when use_point_labels), num_background_points)` for every item (-1 pads).
+    """
+
+    def __init__(
+        self,
+        dataset: datasets.Dataset | Iterable[Mapping[str, Any]],
+        processor: Any,
+        patch_size: Sequence[int] = (128, 128, 128),
+        num_positive_points: int = 40,
+        num_background_points: int = 10,
+        num_negative_points: int = 3,
+        use_point_labels: bool = True,
+        augment: bool = True,
+        cache_dir: str | os.PathLike | None = None,
+        seed: int = 0,
+        samples_per_volume: int = 1,
+        negative_ring_width: float = 3.0,
+    ):
+        self.rows = _rows(dataset)
+        if not self.rows:
+            raise ValueError("The training dataset is empty: no case to sample patches from.")
+        for row in self.rows:
+            if row["label"] is None:
+                raise ValueError(f"Case {row['case_id']!r} has no label file; every training case needs one.")
+        self.image_processor = _image_processor(processor)
+        self.patch_size = tuple(int(p) for p in patch_size)
+        if len(self.patch_size) != 3 or min(self.patch_size) <= 0:
+            raise ValueError(f"`patch_size` must be 3 positive ints (D, H, W), got {tuple(patch_size)}.")
+        if num_positive_points < 1 or num_background_points < 1 or num_negative_points < 0:
+            raise ValueError(
+                "Need num_positive_points >= 1, num_background_points >= 1 and num_negative_points >= 0 (every row "
+                f"needs a positive click); got {num_positive_points}, {num_background_points}, {num_negative_points}."
+            )
+        if samples_per_volume < 1:
+            raise ValueError(f"`samples_per_volume` must be >= 1, got {samples_per_volume}.")
+        self.num_positive_points = int(num_positive_points)
+        self.num_background_points = int(num_background_points)
+        self.num_negative_points = int(num_negative_points)
+        self.use_point_labels = bool(use_point_labels)
+        self.negative_ring_width = float(negative_ring_width)
+        self.num_points = max(
+            self.num_positive_points + (self.num_negative_points if self.use_point_labels else 0),
+            self.num_background_points,
+        )
+        self.augment = bool(augment)
+        self.seed = int(seed)
+        self.samples_per_volume = int(samples_per_volume)
+        self.epoch = 0
+        self.cache = PreprocessedCache(self.image_processor, cache_dir)
+        self.pad, self.transform = self._build_transforms()
+        self._last: tuple[int, dict[str, Any]] | None = None  # consecutive samples of one case load it once
+
+    def _build_transforms(self) -> tuple[mt.Compose, mt.Compose]:
+        """(padding to the crop size, random crop + augmentations)."""
+        patch = self.patch_size
+        crop = tuple(int(np.ceil(p / 0.9)) for p in patch) if self.augment else patch
+        pad_value = self.image_processor.pad_value
+        keys = ["image", "label"]
+        pad = mt.Compose(
+            [
+                mt.SpatialPadd(keys="image", spatial_size=crop, value=pad_value),
+                mt.SpatialPadd(keys="label", spatial_size=crop, value=0),
+            ]
+        )
+        steps: list[Any] = [
+            # centres from indices computed in __getitem__ (see _crop_centre_indices), 1 : 1 foreground : background
+            mt.RandCropByPosNegLabeld(
+                keys=keys,
+                label_key="label",
+                spatial_size=crop,
+                pos=1.0,
+                neg=1.0,
+                num_samples=1,
+                fg_indices_key="fg_indices",
+                bg_indices_key="bg_indices",
+            ),
+        ]
+        if self.augment:
+            steps += [
+                mt.RandZoomd(
+                    keys=keys, prob=0.3, min_zoom=0.9, max_zoom=1.1, mode=("trilinear", "nearest"), keep_size=False
+                ),
+                mt.CenterSpatialCropd(keys=keys, roi_size=patch),
+                mt.RandFlipd(keys=keys, prob=0.5, spatial_axis=0),
+                mt.RandFlipd(keys=keys, prob=0.5, spatial_axis=1),
+                mt.RandFlipd(keys=keys, prob=0.5, spatial_axis=2),
+            ]
+            if patch[1] == patch[2]:
+                steps.append(mt.RandRotate90d(keys=keys, prob=0.5, max_k=3, spatial_axes=(1, 2)))
+            steps.append(mt.RandShiftIntensityd(keys="image", offsets=0.1, prob=0.5))
+        return pad, mt.Compose(steps)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose samples `__getitem__` returns (part of every sample's seed)."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.rows) * self.samples_per_volume
+
+    def _volume(self, case_index: int) -> dict[str, Any]:
+        if self._last is None or self._last[0] != case_index:
+            volume = self.cache._get(self.rows[case_index])
+            padded = self.pad({"image": volume["pixel_values"], "label": volume["labels"][None]})
+            self._last = (case_index, {k: np.asarray(torch.as_tensor(padded[k])) for k in ("image", "label")})
+        return self._last[1]
+
+    def _crop_centre_indices(self, volume: dict[str, np.ndarray], rng: np.random.Generator) -> tuple[np.ndarray, ...]:
+        """Flat indices of candidate crop centres: every foreground voxel, and background voxels in the body.
+
+        Background candidates are voxels drawn uniformly (4096 draws) and kept when they are background and above
+        the air value, which is a uniform draw from the same set MONAI's `image_threshold` would give, without
+        listing every background voxel of a large volume per sample. All of them are listed only when no draw
+        lands in the body.
+        """
+        label, image = volume["label"].reshape(-1), volume["image"].reshape(-1)
+        threshold = self.image_processor.pad_value + 1e-3  # background centres in the body, not in air or padding
+        fg_indices = np.flatnonzero(label)
+        draws = rng.integers(0, label.size, size=4096)
+        bg_indices = draws[(label[draws] == 0) & (image[draws] > threshold)]
+        if len(bg_indices) == 0:
+            bg_indices = np.flatnonzero((label == 0) & (image > threshold))
+        if len(bg_indices) == 0 and len(fg_indices) == 0:  # nothing but air: any centre
+            bg_indices = draws
+        return fg_indices, bg_indices
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"Index {index} out of range for {len(self)} samples.")
+        volume = self._volume(index // self.samples_per_volume)
+        transform_seed, centre_seed, click_seed = np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(
+            3
+        )
+        fg_indices, bg_indices = self._crop_centre_indices(volume, np.random.default_rng(centre_seed))
+        self.transform.set_random_state(seed=int(transform_seed))
+        with warnings.catch_warnings():
+            # a case without the target value: MONAI warns that it can only sample background centres
+            warnings.filterwarnings("ignore", message="Num foregrounds 0")
+            out = self.transform({**volume, "fg_indices": fg_indices, "bg_indices": bg_indices})
+        out = out[0] if isinstance(out, list) else out
+        image = torch.as_tensor(out["image"]).as_subclass(torch.Tensor).float().contiguous()
+        labels = torch.as_tensor(out["label"]).as_subclass(torch.Tensor)[0].round().long().contiguous()
+        points, point_labels = sample_points(
+            labels.numpy(),
+            np.random.default_rng(click_seed),
+            self.num_positive_points,
+            self.num_background_points,
+            self.num_negative_points,
+            self.use_point_labels,
+            self.negative_ring_width,
+        )
+        input_points = torch.zeros(self.num_points, 3)
+        input_labels = torch.full((self.num_points,), -1, dtype=torch.long)
+        input_points[: len(points)] = torch.from_numpy(points)
+        input_labels[: len(points)] = torch.from_numpy(point_labels)
+        return {"pixel_values": image, "labels": labels, "input_points": input_points, "input_labels": input_labels}
+
+
+def sam3d_collate(batch: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Stack samples into a batch; points are padded to the longest row with `(0, 0, 0)` and label -1.
+
+    Returns:
+        `pixel_values` `(B, 1, D, H, W)`, `labels` `(B, D, H, W)`, `input_points` `(B, N, 3)` float32 patch voxels
+        `(z, y, x)`, `input_labels` `(B, N)` int64; other keys (e.g. strings) as lists.
+    """
+    if not batch:
+        raise ValueError("`batch` is empty.")
+    num_points = max(len(item["input_points"]) for item in batch)
+    points = torch.zeros(len(batch), num_points, 3)
+    point_labels = torch.full((len(batch), num_points), -1, dtype=torch.long)
+    for b, item in enumerate(batch):
+        n = len(item["input_points"])
+        points[b, :n] = torch.as_tensor(item["input_points"], dtype=torch.float32)
+        point_labels[b, :n] = torch.as_tensor(item["input_labels"], dtype=torch.long)
+    out: dict[str, Any] = {"input_points": points, "input_labels": point_labels}
+    for key in batch[0]:
+        if key in out:
+            continue
+        values = [item[key] for item in batch]
+        out[key] = torch.stack([torch.as_tensor(v) for v in values]) if torch.is_tensor(values[0]) else values
+    return out
