@@ -504,7 +504,9 @@ def test_a_batch_trains_the_tiny_model(tmp_path, msd_root, processor):
     torch.manual_seed(0)
     # The dataset gives negative clicks (use_point_labels=True, as models this package trains); a model without
     # point labels would refuse them.
-    config = Sam3DConfig(**{**TINY, "prompt_encoder_config": {**TINY["prompt_encoder_config"], "use_point_labels": True}})
+    config = Sam3DConfig(
+        **{**TINY, "prompt_encoder_config": {**TINY["prompt_encoder_config"], "use_point_labels": True}}
+    )
     model = Sam3DForPromptableSegmentation(config)
     out = model(**batch)
     assert torch.isfinite(out.loss)
