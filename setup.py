@@ -7,7 +7,10 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
-    packages=find_packages(include=["sam3d_hf", "sam3d_hf.*"]),
+    # The model-card files have one home, the top-level hub_cards/ folder; the wheel installs it as sam3d_hf/hub_cards.
+    packages=[*find_packages(include=["sam3d_hf", "sam3d_hf.*"]), "sam3d_hf.hub_cards"],
+    package_dir={"sam3d_hf.hub_cards": "hub_cards"},
+    package_data={"sam3d_hf.hub_cards": ["*.md", "*.yaml"]},
     python_requires=">=3.10",
     # The versions these were verified with (see ECOSYSTEM_NOTES); torch is installed first, from the CPU wheel.
     install_requires=[

@@ -14,6 +14,7 @@ from .convert_sam3d import (
     save_converted,
     to_official_state_dicts,
 )
+from .hub import push_to_hub, render_model_card
 from .image_processing_sam3d import (
     SAM3D_PRESETS,
     Sam3DDatasetPreset,
@@ -108,6 +109,8 @@ __all__ = [
     "lora_config",
     "markdown_table",
     "normalized_surface_dice",
+    "push_to_hub",
+    "render_model_card",
     "save_converted",
     "save_mask_nifti",
     "simulate_clicks",

@@ -1,0 +1,647 @@
+"""Model cards and Hub uploads for trained Sam3D folders.
+
+Where the card files live: one copy, the repository's top-level `hub_cards/` folder (the Jinja template
+`modelcard_template.md` and one YAML file of dataset facts per dataset). setup.py installs that same folder as the
+package data `sam3d_hf/hub_cards/` (a `package_dir` mapping), so an installed wheel finds it next to this module and a
+source checkout one level up. Dataset files hold only what the processor does not know (name, labels, data licence,
+links, citation): every preprocessing number in a card is read from the processor pushed with the weights.
+
+The user's folder is never written to: the rendered `README.md` (and, for `adapter_only`, the `adapter_config.json`
+that names the base on the Hub) are uploaded from memory; every other file is uploaded from the folder as it is. Write
+a local copy of the card with `render_model_card(folder, ...).save(path)` if you want one.
+
+Evaluation summary (read only by [`load_evaluation_summary`]), a JSON file or dict:
+
+```
+{"dataset": "kits21", "split": "test",            # split optional
+ "protocols": {"1 click": {"dice": {"mean": 0.71, "std": 0.22}, "nsd": {"mean": 0.66, "std": 0.23},
+                           "n": 30, "tolerance_mm": 5.0}, ...}}
+```
+
+or what `sam3d_hf.metrics.summarize(records)` returns (`{row: {dataset: {"dice_mean", "dice_std", "nsd_mean",
+"nsd_std", "n", ...}}}`), bare or wrapped as `{"summary": ..., "tolerance_mm": 5.0, "split": "test"}`: its rows
+("3DSAM-adapter, 1 click (uniform)") become the protocols, the card's dataset picks the column, and the NSD tolerance
+is the wrapper's or else the metrics' default.
+
+Training arguments ([`load_training_args`]): the training run's arguments as one flat JSON object (examples/train.py
+writes them to `<output_dir>/logs/config.json`); the card shows the recipe keys it knows (optimiser, learning rate,
+steps, batch, patch, PEFT scheme, trainable parameters, ...; see `TRAINING_FIELDS`) in a table and every other key but
+local paths (`*_dir`, `*_file`, `*_path`) in a list below it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData
+from huggingface_hub.utils import HFValidationError, filter_repo_objects, validate_repo_id
+from safetensors import safe_open
+
+from .metrics import evaluate_case
+from .peft_sam3d import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, Sam3DAdapterConfig
+from .processing_sam3d import Sam3DProcessor
+
+__all__ = [
+    "TRAINING_FIELDS",
+    "UPLOAD_IGNORE_PATTERNS",
+    "load_dataset_card_data",
+    "load_evaluation_summary",
+    "load_training_args",
+    "push_to_hub",
+    "render_model_card",
+    "upload_plan",
+]
+
+TEMPLATE_NAME = "modelcard_template.md"
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
+# Where adapter files may be: the folder itself, or the `adapter/` subfolder that examples/train.py writes next to the
+# merged model and the processor.
+ADAPTER_SUBFOLDERS = (".", "adapter")
+# Never uploaded from a full model folder: training checkpoints and logs (accelerate's `checkpoint_*`, `step_*`,
+# `epoch_*` folders), hidden files (half-written `.name.*` temporaries, `.git`), the user's own README (replaced by the
+# rendered card) and medical images (predicted masks or scans next to the weights are patient data).
+UPLOAD_IGNORE_PATTERNS = [
+    *(
+        p
+        for name in ("checkpoint_*", "checkpoints", "step_*", "epoch_*", "logs", "runs", "__pycache__", ".*")
+        for p in (f"{name}", f"{name}/*", f"*/{name}", f"*/{name}/*")
+    ),
+    "*.log",
+    "*.nii",
+    "*.nii.gz",
+    "*.nrrd",
+    "*.nhdr",
+    "*.dcm",
+    "README.md",
+]
+# Recipe rows of the card: (label, keys accepted in the training arguments, first found wins).
+TRAINING_FIELDS = (
+    ("PEFT scheme", ("peft_scheme", "peft", "finetune", "finetuning", "method")),
+    ("optimiser", ("optimizer", "optimiser", "optim")),
+    ("learning rate", ("learning_rate", "lr")),
+    ("weight decay", ("weight_decay",)),
+    ("steps", ("max_steps", "steps", "num_steps", "max_train_steps")),
+    ("epochs", ("num_epochs", "epochs", "num_train_epochs", "max_epoch")),
+    ("batch size", ("batch_size", "train_batch_size", "per_device_train_batch_size")),
+    ("gradient accumulation", ("gradient_accumulation_steps",)),
+    ("training patch", ("patch_size", "rand_crop_size")),
+    ("mixed precision", ("mixed_precision",)),
+    ("seed", ("seed",)),
+    ("trainable parameters", ("trainable_parameters", "trainable_params", "num_trainable_parameters")),
+)
+DATASET_KEYS = ("key", "name", "full_name", "presets", "modality", "structure", "labels", "data_license", "links")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Inputs of the card
+# ----------------------------------------------------------------------------------------------------------------------
+def cards_dir() -> Path:
+    """The `hub_cards` folder: installed next to this module, or at the top of a source checkout."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "hub_cards", here.parent / "hub_cards"):
+        if (candidate / TEMPLATE_NAME).is_file():
+            return candidate
+    raise FileNotFoundError(f"no hub_cards/{TEMPLATE_NAME} next to {here} or in {here.parent}; reinstall sam3d-hf")
+
+
+def _dataset_files() -> dict[str, Path]:
+    return {path.stem: path for path in sorted(cards_dir().glob("*.yaml"))}
+
+
+def load_dataset_card_data(dataset: str | os.PathLike) -> dict[str, Any]:
+    """Dataset facts for a card: a key of `hub_cards/` (`kits21`, `msd_pancreas`, `lits17`, `msd_colon`, `synthetic`,
+    `generic`) or the path of your own YAML file in the same format (copy `hub_cards/generic.yaml`)."""
+    files = _dataset_files()
+    if isinstance(dataset, str) and dataset in files:
+        path = files[dataset]
+    elif isinstance(dataset, (str, os.PathLike)) and str(dataset).endswith((".yaml", ".yml")):
+        path = Path(dataset)
+        if not path.is_file():
+            raise ValueError(f"dataset file {path} does not exist")
+    else:
+        raise ValueError(
+            f"unknown dataset {dataset!r}; expected one of {sorted(files)} or the path of a .yaml file written like "
+            f"{files['generic']}"
+        )
+    values = yaml.safe_load(path.read_text(encoding="utf-8"))
+    missing = [key for key in DATASET_KEYS if not isinstance(values, dict) or key not in values]
+    if missing:
+        raise ValueError(f"dataset file {path} lacks the keys {missing}; see {files['generic']} for the format")
+    values.setdefault("citation", None)
+    return values
+
+
+def _dataset_for_preset(preset: str | None) -> str:
+    """The `hub_cards` dataset whose `presets` list the processor's preset; `generic` for custom processors."""
+    for key, path in _dataset_files().items():
+        if preset in (yaml.safe_load(path.read_text(encoding="utf-8")).get("presets") or []):
+            return key
+    return "generic"
+
+
+def _load_json(source: str | os.PathLike | Mapping, what: str) -> dict[str, Any]:
+    if isinstance(source, Mapping):
+        return dict(source)
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(f"{what} must be a path to a JSON file or a dict, got {type(source).__name__}")
+    path = Path(source)
+    if not path.is_file():
+        raise ValueError(f"{what} file {path} does not exist")
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{what} file {path} is not valid JSON: {error}") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{what} file {path} must hold a JSON object, got {type(values).__name__}")
+    return values
+
+
+def _number(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"evaluation summary: {where} must be a number, got {value!r}")
+    return float(value)
+
+
+def _from_metrics_summary(data: Mapping[str, Any], dataset: str | None) -> dict[str, Any]:
+    """The `protocols` format from `sam3d_hf.metrics.summarize(records)` output (`{row: {dataset: stats}}`), bare or
+    wrapped as `{"summary": ..., "tolerance_mm": ..., "split": ...}`; the card's dataset picks the column."""
+    summary = data.get("summary", data)
+    columns = sorted({column for row in summary.values() for column in row})
+    if dataset in columns:
+        column = dataset
+    elif columns == ["all"]:
+        column = "all"
+    else:
+        raise ValueError(
+            f"the evaluation summary has results for datasets {columns}, none of them {dataset!r}; summarize records "
+            "whose 'dataset' is the card's dataset, or pass the card's dataset"
+        )
+    # `summarize` does not record the NSD tolerance: the metrics' default applies unless the wrapper names one.
+    tolerance = data.get("tolerance_mm", inspect.signature(evaluate_case).parameters["tolerance_mm"].default)
+    protocols = {
+        row: {
+            "dice": {"mean": stats.get("dice_mean"), "std": stats.get("dice_std")},
+            "nsd": {"mean": stats.get("nsd_mean"), "std": stats.get("nsd_std")},
+            "n": stats.get("n"),
+            "tolerance_mm": tolerance,
+        }
+        for row, per_dataset in summary.items()
+        if isinstance(stats := per_dataset.get(column), dict)
+    }
+    return {"dataset": None if column == "all" else column, "split": data.get("split"), "protocols": protocols}
+
+
+def load_evaluation_summary(source: str | os.PathLike | Mapping, dataset: str | None = None) -> dict[str, Any]:
+    """Read and check an evaluation summary: the `protocols` format of the module docstring, or the output of
+    `sam3d_hf.metrics.summarize(records)` (bare or as `{"summary": ..., "tolerance_mm": ..., "split": ...}`; its rows
+    become the protocols and `dataset` picks its column). Returns `{"dataset", "split", "protocols": {name: {"dice":
+    {"mean", "std"}, "nsd": {"mean", "std"}, "n", "tolerance_mm"}}}` with floats (a std is NaN for one case)."""
+    summary = _load_json(source, "evaluation summary")
+    inner = summary.get("summary", summary)
+    if "protocols" not in summary and isinstance(inner, dict) and inner:
+        if all(isinstance(row, dict) and all(isinstance(v, dict) for v in row.values()) for row in inner.values()):
+            summary = _from_metrics_summary(summary, dataset)
+    protocols = summary.get("protocols")
+    if not isinstance(protocols, dict) or not protocols:
+        raise ValueError(
+            "evaluation summary needs a non-empty 'protocols' object, e.g. {'1 click': {'dice': {'mean': 0.7, "
+            f"'std': 0.2}}, 'nsd': {{...}}, 'n': 30, 'tolerance_mm': 5.0}} (or give sam3d_hf.metrics.summarize's "
+            f"output); got {protocols!r}"
+        )
+    checked = {}
+    for name, values in protocols.items():
+        if not isinstance(values, dict):
+            raise ValueError(f"evaluation summary: protocol {name!r} must be an object, got {values!r}")
+        entry = {}
+        for metric in ("dice", "nsd"):
+            stats = values.get(metric)
+            if not isinstance(stats, dict) or "mean" not in stats or "std" not in stats:
+                raise ValueError(
+                    f"evaluation summary: protocol {name!r} needs '{metric}': {{'mean': ..., 'std': ...}}, "
+                    f"got {stats!r}"
+                )
+            entry[metric] = {k: _number(stats[k], f"{name}.{metric}.{k}") for k in ("mean", "std")}
+        n = values.get("n")
+        if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+            raise ValueError(f"evaluation summary: protocol {name!r} needs 'n', the number of cases (>0), got {n!r}")
+        entry["n"] = n
+        entry["tolerance_mm"] = _number(values.get("tolerance_mm"), f"{name}.tolerance_mm")
+        checked[str(name)] = entry
+    return {"dataset": summary.get("dataset"), "split": summary.get("split"), "protocols": checked}
+
+
+def load_training_args(source: str | os.PathLike | Mapping) -> dict[str, Any]:
+    """Read the training run's arguments (one flat JSON object)."""
+    return _load_json(source, "training arguments")
+
+
+def _mean_std_text(stats: Mapping[str, float]) -> str:
+    """`mean ± std` with 4 decimals; the mean alone when the std is undefined (one case)."""
+    text = f"{stats['mean']:.4f}"
+    return text if math.isnan(stats["std"]) else f"{text} ± {stats['std']:.4f}"
+
+
+def _training_rows(args: Mapping[str, Any]) -> list[tuple[str, str]]:
+    rows, used = [], set()
+    for label, keys in TRAINING_FIELDS:
+        key = next((k for k in keys if args.get(k) is not None), None)
+        if key is not None:
+            value = args[key]
+            if isinstance(value, (list, tuple)):
+                value = " × ".join(str(v) for v in value)
+            elif isinstance(value, int) and not isinstance(value, bool) and label == "trainable parameters":
+                value = f"{value:,}"
+            rows.append((label, str(value)))
+            used.add(key)
+    # Local paths (data, output, cache folders) mean nothing to a reader of the card and may name private places.
+    others = {k: v for k, v in args.items() if k not in used and not k.endswith(("_dir", "_file", "_path"))}
+    if others:
+        rows.append(("other arguments", ", ".join(f"`{k}={json.dumps(v)}`" for k, v in sorted(others.items()))))
+    return rows
+
+
+def _preprocessing(processor: Sam3DProcessor) -> dict[str, Any]:
+    """Every preprocessing value the card shows, taken from the processor object (nothing typed by hand)."""
+    image = processor.image_processor
+    return {
+        "preset": image.preset,
+        "window": list(image.window),
+        "intensity_mean": image.intensity_mean,
+        "intensity_std": image.intensity_std,
+        "target_spacing": list(image.target_spacing),
+        "anisotropy_threshold": image.anisotropy_threshold,
+        "axis_order": image.axis_order,
+        "target_label": image.target_label,
+        "patch_size": list(processor.patch_size),
+        "cluster_margin": processor.cluster_margin,
+    }
+
+
+def _parameter_count(files: list[Path]) -> int:
+    """Number of values in safetensors files, from their headers (nothing is loaded)."""
+    total = 0
+    for path in files:
+        with safe_open(path, framework="pt") as handle:
+            for name in handle.keys():
+                count = 1
+                for size in handle.get_slice(name).get_shape():
+                    count *= size
+                total += count
+    return total
+
+
+def _folder_kind(folder: Path) -> tuple[list[Path], Path | None]:
+    """(model weight files, the folder holding the adapter files or None) of a trained folder."""
+    model_files = sorted(folder.glob("model*.safetensors")) if (folder / "config.json").is_file() else []
+    adapter_dirs = [folder / sub for sub in ADAPTER_SUBFOLDERS]
+    adapter_dir = next(
+        (d for d in adapter_dirs if (d / ADAPTER_CONFIG_NAME).is_file() and (d / ADAPTER_WEIGHTS_NAME).is_file()), None
+    )
+    return model_files, adapter_dir
+
+
+def _check_repo_id(repo_id: Any, what: str) -> str:
+    if not isinstance(repo_id, str):
+        raise TypeError(f"{what} must be a string 'owner/name', got {type(repo_id).__name__}")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise ValueError(f"{what} {repo_id!r} is not a valid Hub repo id: {error}") from None
+    if repo_id.count("/") != 1:
+        raise ValueError(f"{what} must be 'owner/name' (e.g. 'my-lab/sam3d-kits21'), got {repo_id!r}")
+    return repo_id
+
+
+def _usage(repo_id: str, base_model: str | None, adapter: bool) -> str:
+    if adapter:
+        return "\n".join(
+            [
+                "import torch",
+                "from huggingface_hub import snapshot_download",
+                "from sam3d_hf import Sam3DAdapterModel, Sam3DForPromptableSegmentation, Sam3DProcessor, "
+                "save_mask_nifti",
+                "",
+                f'adapter = snapshot_download("{repo_id}")',
+                f'base = Sam3DForPromptableSegmentation.from_pretrained("{base_model}", dtype=torch.float32)',
+                "model = Sam3DAdapterModel.from_pretrained(base, adapter).merge_and_unload().eval()",
+                "processor = Sam3DProcessor.from_pretrained(adapter)",
+                "",
+                "# One click inside the lesion, as the voxel index (i, j, k) ITK-SNAP / 3D Slicer show for ct.nii.gz",
+                'inputs = processor(images="ct.nii.gz", input_points=[[120, 85, 40]])',
+                "with torch.inference_mode():",
+                "    logits = model(**inputs).logits",
+                'save_mask_nifti(processor.post_process_masks(logits, inputs), "ct.nii.gz", "ct_mask.nii.gz")',
+            ]
+        )
+    return "\n".join(
+        [
+            "import torch",
+            "from sam3d_hf import Sam3DForPromptableSegmentation, Sam3DProcessor, save_mask_nifti",
+            "",
+            f'model = Sam3DForPromptableSegmentation.from_pretrained("{repo_id}", dtype=torch.float32).eval()',
+            f'processor = Sam3DProcessor.from_pretrained("{repo_id}")',
+            "",
+            "# One click inside the lesion, as the voxel index (i, j, k) ITK-SNAP / 3D Slicer show for ct.nii.gz",
+            'inputs = processor(images="ct.nii.gz", input_points=[[120, 85, 40]])',
+            "with torch.inference_mode():",
+            "    logits = model(**inputs).logits",
+            'save_mask_nifti(processor.post_process_masks(logits, inputs), "ct.nii.gz", "ct_mask.nii.gz")',
+        ]
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The card
+# ----------------------------------------------------------------------------------------------------------------------
+def render_model_card(
+    source: str | os.PathLike | Sam3DProcessor,
+    *,
+    dataset: str | os.PathLike | None = None,
+    evaluation: str | os.PathLike | Mapping | None = None,
+    training_args: str | os.PathLike | Mapping | None = None,
+    repo_id: str | None = None,
+    base_model: str | None = None,
+    adapter: bool | None = None,
+    license: str = "apache-2.0",
+    model_name: str | None = None,
+) -> ModelCard:
+    """Render the model card (a `huggingface_hub.ModelCard`; `str(card)` is the README.md) of a trained checkpoint.
+
+    Args:
+        source: a saved folder (model files `config.json` + `model*.safetensors`, or adapter files
+            `adapter_config.json` + `adapter_model.safetensors`; and the processor's `processor_config.json`), or a
+            [`Sam3DProcessor`] object. The preprocessing section is read from the processor, never typed by hand.
+        dataset: a `hub_cards` key (`kits21`, `msd_pancreas`, `lits17`, `msd_colon`, `synthetic`, `generic`) or the path
+            of your own YAML file; default: the dataset whose file lists the processor's preset (`generic` if none).
+        evaluation: evaluation summary, path or dict (format in the module docstring); fills the table and the
+            `model-index` metadata (Dice and NSD per click protocol).
+        training_args: the training run's arguments, path or dict; fills the recipe table.
+        repo_id: `owner/name` the card is written for (used in the usage snippet and the default `model_name`).
+        base_model: Hub id of the base model; required for an adapter (default: the adapter config's
+            `base_model_name_or_path` when that is a Hub id), recorded as `base_model` in the metadata.
+        adapter: describe an adapter repository; default: `True` for a folder with adapter files and no model files.
+        license: licence of the weights (default `apache-2.0`, inherited from SAM's weights); the code's licence
+            (Apache-2.0) and the training data's are recorded separately under `licenses`.
+        model_name: name in the title and `model-index` (default: the repo name, else `sam3d-<dataset>`).
+    """
+    adapter_config, weight_files = None, []
+    if isinstance(source, Sam3DProcessor):
+        processor, adapter = source, bool(adapter)
+    elif isinstance(source, (str, os.PathLike)):
+        folder = Path(source)
+        if not folder.is_dir():
+            raise ValueError(f"{folder} is not a folder; give the folder written by save_pretrained")
+        model_files, adapter_dir = _folder_kind(folder)
+        if adapter is None:
+            adapter = adapter_dir is not None and not model_files
+        if adapter and adapter_dir is None:
+            raise ValueError(
+                f"adapter card asked for, but {folder} has no {ADAPTER_CONFIG_NAME} + {ADAPTER_WEIGHTS_NAME}"
+            )
+        if not adapter and not model_files:
+            raise ValueError(
+                f"{folder} has no model files (config.json + model.safetensors); save the model with "
+                "model.save_pretrained(folder), or describe an adapter folder with adapter=True"
+            )
+        if not any((folder / name).is_file() for name in PROCESSOR_FILES):
+            raise ValueError(
+                f"{folder} has no processor_config.json: the card reads the preprocessing from it; save the processor "
+                "used in training with processor.save_pretrained(folder)"
+            )
+        processor = Sam3DProcessor.from_pretrained(folder)
+        if adapter:
+            adapter_config = Sam3DAdapterConfig.from_pretrained(adapter_dir)
+            weight_files = [adapter_dir / ADAPTER_WEIGHTS_NAME]
+        else:
+            weight_files = model_files
+    else:
+        raise TypeError(f"source must be a folder path or a Sam3DProcessor, got {type(source).__name__}")
+
+    preprocessing = _preprocessing(processor)
+    if dataset is None:
+        dataset = _dataset_for_preset(preprocessing["preset"])
+    facts = load_dataset_card_data(dataset)
+    if facts["presets"] and preprocessing["preset"] not in facts["presets"]:
+        raise ValueError(
+            f"the processor was built with preset {preprocessing['preset']!r} but dataset {facts['key']!r} expects "
+            f"one of {facts['presets']}; pass the dataset the model was trained on, or save the right processor "
+            f"(Sam3DProcessor.from_preset({facts['presets'][0]!r}))"
+        )
+
+    if repo_id is not None:
+        _check_repo_id(repo_id, "repo_id")
+    if adapter and base_model is None and adapter_config is not None:
+        candidate = adapter_config.base_model_name_or_path
+        if candidate and not Path(candidate).exists() and candidate.count("/") == 1:
+            base_model = candidate
+    if adapter and base_model is None:
+        raise ValueError(
+            "an adapter card needs base_model, the Hub id of the model the adapter goes on (e.g. "
+            "'my-lab/sam3d-vit-b'); the adapter config names none (or only a local folder)"
+        )
+    if base_model is not None:
+        _check_repo_id(base_model, "base_model")
+    if not isinstance(license, str) or not license:
+        raise ValueError(f"license must be a Hub licence id such as 'apache-2.0', got {license!r}")
+
+    model_name = model_name or (repo_id.split("/")[1] if repo_id else f"sam3d-{facts['key']}")
+    summary = None if evaluation is None else load_evaluation_summary(evaluation, facts["key"])
+    if summary is not None and summary["dataset"] not in (None, facts["key"]):
+        raise ValueError(
+            f"the evaluation summary is for dataset {summary['dataset']!r}, the card for {facts['key']!r}; pass the "
+            "summary of this model's evaluation or the matching dataset"
+        )
+    eval_results, table = [], None
+    if summary is not None:
+        rows = []
+        for protocol, values in summary["protocols"].items():
+            common = {
+                "task_type": "image-segmentation",
+                "task_name": f"promptable {facts['structure']} segmentation",
+                "dataset_type": facts["key"],
+                "dataset_name": facts["name"],
+                "dataset_split": summary["split"],
+                "metric_config": protocol,
+            }
+            eval_results.append(
+                EvalResult(
+                    metric_type="dice", metric_value=values["dice"]["mean"], metric_name=f"Dice ({protocol})", **common
+                )
+            )
+            eval_results.append(
+                EvalResult(
+                    metric_type="nsd",
+                    metric_value=values["nsd"]["mean"],
+                    metric_name=f"NSD ({protocol}, {values['tolerance_mm']:g} mm)",
+                    metric_args={"tolerance_mm": values["tolerance_mm"]},
+                    **common,
+                )
+            )
+            rows.append(
+                {
+                    "protocol": protocol,
+                    "dice": _mean_std_text(values["dice"]),
+                    "nsd": _mean_std_text(values["nsd"]),
+                    "tolerance_mm": values["tolerance_mm"],
+                    "n": values["n"],
+                }
+            )
+        table = {"rows": rows, "dataset_name": facts["name"], "split": summary["split"]}
+
+    licenses = {
+        "code": "apache-2.0",
+        "weights": license,
+        "training_data": facts["data_license"]["id"] or facts["data_license"]["name"],
+        "training_data_confirmed": bool(facts["data_license"]["verified"]),
+    }
+    card_data = ModelCardData(
+        model_name=model_name,
+        eval_results=eval_results or None,
+        license=license,
+        base_model=base_model,
+        library_name=None if adapter else "transformers",
+        pipeline_tag="image-segmentation",
+        tags=["sam3d-hf", "3dsam-adapter", "medical-imaging", "ct", "tumor-segmentation", "3d", facts["key"]],
+        licenses=licenses,
+    )
+    # huggingface_hub folds model_name / eval_results into `model-index`: pass them again so the body sees them.
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(cards_dir() / TEMPLATE_NAME),
+        model_name=model_name,
+        eval_results=eval_results,
+        dataset=facts,
+        preprocessing=preprocessing,
+        training=None if training_args is None else _training_rows(load_training_args(training_args)),
+        evaluation=table,
+        adapter_mode=bool(adapter),
+        adapter_config=None if adapter_config is None else adapter_config.to_dict(),
+        base_model=base_model,
+        weights_parameters=_parameter_count(weight_files) if weight_files else None,
+        licenses={**licenses, "weights_inherited": license == "apache-2.0"},
+        usage=_usage(repo_id or f"your-name/{model_name}", base_model, bool(adapter)),
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Upload
+# ----------------------------------------------------------------------------------------------------------------------
+def upload_plan(folder: str | os.PathLike, adapter_only: bool = False) -> dict[str, Path]:
+    """`{path in the repo: local file}` of what [`push_to_hub`] uploads as it is; the card `README.md` (and, with
+    `adapter_only`, the `adapter_config.json` naming the base) come on top, from memory.
+
+    Full model: every file of the folder but `UPLOAD_IGNORE_PATTERNS`. `adapter_only`: the adapter weights (from the
+    folder or its `adapter/` subfolder) and the processor config, both at the top of the repo.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"{folder} is not a folder; give the folder written by save_pretrained")
+    if adapter_only:
+        plan = {name: folder / name for name in PROCESSOR_FILES if (folder / name).is_file()}
+        adapter_dir = _folder_kind(folder)[1]
+        if adapter_dir is not None:
+            plan[ADAPTER_WEIGHTS_NAME] = adapter_dir / ADAPTER_WEIGHTS_NAME
+        return dict(sorted(plan.items()))
+    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    return {name: folder / name for name in filter_repo_objects(files, ignore_patterns=UPLOAD_IGNORE_PATTERNS)}
+
+
+def push_to_hub(
+    folder: str | os.PathLike,
+    repo_id: str,
+    *,
+    adapter_only: bool = False,
+    base_model_id: str | None = None,
+    dataset: str | os.PathLike | None = None,
+    evaluation: str | os.PathLike | Mapping | None = None,
+    training_args: str | os.PathLike | Mapping | None = None,
+    license: str = "apache-2.0",
+    private: bool = False,
+    revision: str | None = None,
+    token: str | None = None,
+    commit_message: str = "Upload Sam3D checkpoint with sam3d-hf",
+):
+    """Publish a trained folder to the Hub in one commit, with a rendered model card. Returns the `CommitInfo`.
+
+    Full model (default): every file of the folder except checkpoints, logs, hidden files, medical images and the
+    folder's own README (`UPLOAD_IGNORE_PATTERNS`; see [`upload_plan`]). `adapter_only=True`: only
+    `adapter_config.json` (its `base_model_name_or_path` set to `base_model_id`), `adapter_model.safetensors` (from
+    the folder or its `adapter/` subfolder, as examples/train.py writes it) and the processor config, at the top of
+    the repo, against the named base model (also the card's `base_model`). The folder is not modified.
+
+    Args:
+        folder: folder written by `save_pretrained` of the model (or adapter, also in an `adapter/` subfolder) and of
+            the [`Sam3DProcessor`].
+        repo_id: target repository `owner/name`, created (as a model repo) if missing.
+        adapter_only: publish the adapter files only; needs `base_model_id` and adapter files in `folder`.
+        base_model_id: Hub id of the base model (required with `adapter_only`; else optional), recorded in the card.
+        dataset, evaluation, training_args, license: passed to [`render_model_card`].
+        private: create the repository private (an existing repository keeps its visibility).
+        revision: branch to commit to (created from the default branch if missing).
+        token: Hub token; default: the logged-in user's.
+        commit_message: message of the commit.
+    """
+    folder = Path(folder) if isinstance(folder, (str, os.PathLike)) else folder
+    if not isinstance(folder, Path):
+        raise TypeError(f"folder must be a path, got {type(folder).__name__}")
+    if not folder.is_dir():
+        raise ValueError(
+            f"folder {folder} does not exist or is not a folder; give the folder written by save_pretrained"
+        )
+    _check_repo_id(repo_id, "repo_id")
+    model_files, adapter_dir = _folder_kind(folder)
+    if adapter_only:
+        if base_model_id is None:
+            raise ValueError(
+                "adapter_only=True needs base_model_id, the Hub id of the model the adapter goes on (e.g. "
+                "'my-lab/sam3d-vit-b'), so that users can rebuild the model"
+            )
+        if adapter_dir is None:
+            raise ValueError(
+                f"adapter_only=True but {folder} has no {ADAPTER_CONFIG_NAME} + {ADAPTER_WEIGHTS_NAME}; save the "
+                "adapter with Sam3DAdapterModel.save_pretrained(folder)"
+            )
+    elif not model_files:
+        hint = (
+            "it holds adapter files: pass adapter_only=True with base_model_id"
+            if adapter_dir is not None
+            else "save the model with model.save_pretrained(folder)"
+        )
+        raise ValueError(f"{folder} has no model files (config.json + model.safetensors); {hint}")
+    if base_model_id is not None:
+        _check_repo_id(base_model_id, "base_model_id")
+
+    card = render_model_card(
+        folder,
+        dataset=dataset,
+        evaluation=evaluation,
+        training_args=training_args,
+        repo_id=repo_id,
+        base_model=base_model_id,
+        adapter=adapter_only,
+        license=license,
+    )
+    operations = [
+        CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path))
+        for name, path in upload_plan(folder, adapter_only).items()
+    ]
+    operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=str(card).encode("utf-8")))
+    if adapter_only:
+        config = Sam3DAdapterConfig.from_pretrained(adapter_dir)
+        config = dataclasses.replace(config, base_model_name_or_path=base_model_id)
+        text = json.dumps(config.to_dict(), indent=2, sort_keys=True)
+        operations.append(CommitOperationAdd(path_in_repo=ADAPTER_CONFIG_NAME, path_or_fileobj=text.encode("utf-8")))
+
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    if revision is not None:
+        api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
+    return api.create_commit(repo_id, operations, commit_message=commit_message, revision=revision, repo_type="model")
