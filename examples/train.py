@@ -1,0 +1,607 @@
+#!/usr/bin/env python
+"""Fine-tune 3DSAM-adapter on your own CT scans with point prompts, on one CPU, one GPU, several GPUs or machines.
+
+Launch with Accelerate (configs in `examples/accelerate_configs/`):
+
+    accelerate launch --config_file examples/accelerate_configs/cpu.yaml examples/train.py \
+        --data_dir my_msd_task --output_dir runs/kits --model_config vit_b --sam_checkpoint sam_vit_b_01ec64.pth
+
+Data: an MSD-style folder (`dataset.json`, `imagesTr/`, `labelsTr/`) or anything `sam3d_hf.data.index_dataset` reads;
+the split is written to `<output_dir>/split.json` once and reused. Outputs in `<output_dir>`:
+`checkpoints/checkpoint_<i>/` (`save_state`, only complete ones are resumed), `logs/metrics.jsonl` (and TensorBoard
+when installed), `best_model/` and `final_model/` (`save_pretrained` model + processor, `adapter/` with the adapter
+files, `training_info.json`).
+
+Conventions: model tensors `(batch, channel, depth, height, width)`; training clicks are patch voxels `(z, y, x)`;
+validation clicks are voxel indices of the stored label volume (NIfTI `(i, j, k)`), given to `Sam3DProcessor`.
+"""
+
+import argparse
+import copy
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.tracking import GeneralTracker, on_main_process
+from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, ProjectConfiguration, set_seed
+from scipy import ndimage
+from tqdm.auto import tqdm
+from transformers import get_linear_schedule_with_warmup
+
+from sam3d_hf import (
+    Sam3DAdapterConfig,
+    Sam3DConfig,
+    Sam3DForPromptableSegmentation,
+    Sam3DProcessor,
+    enable_full_finetuning,
+    get_adapter_model,
+    lora_config,
+)
+from sam3d_hf.data import Sam3DTrainingDataset, index_dataset, load_or_create_split, sam3d_collate, validate_dataset
+
+logger = get_logger(__name__)
+
+# A model small enough to train on a CPU in minutes (the test suite's tiny config); every code path still runs.
+TINY_CONFIG = {
+    "vision_config": {
+        "hidden_size": 48,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 2,
+        "mlp_dim": 96,
+        "adapter_dim": 16,
+        "output_channels": 32,
+        "sam_image_size": 256,
+        "sam_window_size": 4,
+        "global_attn_indexes": [1, 3],
+        "depth_embed_size": 8,
+    },
+    "prompt_encoder_config": {"hidden_size": 32, "num_attention_heads": 2, "mlp_dim": 64},
+    "mask_decoder_config": {"hidden_size": 16},
+}
+MODEL_CONFIGS = {"vit_b": {}, "tiny": TINY_CONFIG}  # Sam3DConfig() is the paper's ViT-B
+COMPLETE_MARKER = "checkpoint_complete.json"
+TRAINING_STATE = "training_state.json"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    data = parser.add_argument_group("data")
+    data.add_argument(
+        "--data_dir", required=True, help="Dataset folder (MSD layout: dataset.json, imagesTr, labelsTr)."
+    )
+    data.add_argument(
+        "--split_file", help="JSON split (train/validation/test case ids); default <output_dir>/split.json."
+    )
+    data.add_argument("--preset", default="kits21", help="Processor preset (window, statistics, tumour label).")
+    data.add_argument("--processor", help="A saved Sam3DProcessor folder instead of --preset.")
+    data.add_argument("--patch_size", type=int, nargs=3, default=[128, 128, 128], metavar=("D", "H", "W"))
+    data.add_argument("--num_positive_points", type=int, default=40)
+    data.add_argument("--num_background_points", type=int, default=10)
+    data.add_argument("--num_negative_points", type=int, default=3)
+    data.add_argument("--samples_per_volume", type=int, default=1, help="Random patches per training scan per epoch.")
+    data.add_argument("--no_augment", action="store_true", help="Disable training augmentation.")
+    data.add_argument("--cache_dir", help="Preprocessed-volume cache (default ~/.cache/sam3d-hf/preprocessed).")
+    data.add_argument("--dataloader_num_workers", type=int, default=0)
+    data.add_argument("--max_validation_cases", type=int, help="Validate on the first N validation cases only.")
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--model_config", default="vit_b", help=f"One of {sorted(MODEL_CONFIGS)} or a config JSON file.")
+    init = model.add_mutually_exclusive_group()
+    init.add_argument(
+        "--sam_checkpoint", help="SAM 2D weights (.pth, SamModel folder or Hub id), converted on the fly."
+    )
+    init.add_argument("--init_from", help="A sam3d-hf model folder or Hub id to start from.")
+    model.add_argument("--finetune", choices=["adapter", "lora", "full"], default="adapter")
+    model.add_argument("--adapter_dim", type=int, help="Spatial adapter width (default: the model config's).")
+    model.add_argument("--lora_rank", type=int, default=16)
+    model.add_argument("--gradient_checkpointing", action="store_true", help="Recompute ViT blocks in backward.")
+
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--train_batch_size", type=int, default=1, help="Patches per device per step.")
+    optim.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    optim.add_argument("--learning_rate", type=float, default=1e-4)
+    optim.add_argument("--adam_beta1", type=float, default=0.9)
+    optim.add_argument("--adam_beta2", type=float, default=0.999)
+    optim.add_argument("--weight_decay", type=float, default=1e-5)
+    optim.add_argument("--lr_warmup_steps", type=int, default=0)
+    optim.add_argument("--max_grad_norm", type=float, default=1.0)
+    optim.add_argument("--max_train_steps", type=int, help="Optimiser steps; overrides --num_train_epochs.")
+    optim.add_argument("--num_train_epochs", type=int, default=100)
+    optim.add_argument("--mixed_precision", choices=["no", "bf16", "fp16"], help="Default: the accelerate config's.")
+    optim.add_argument("--seed", type=int, default=0)
+
+    run = parser.add_argument_group("run")
+    run.add_argument("--output_dir", required=True)
+    run.add_argument("--checkpointing_steps", type=int, default=500)
+    run.add_argument("--checkpoints_total_limit", type=int, default=3)
+    run.add_argument("--resume_from_checkpoint", help="'latest' (newest complete checkpoint) or a checkpoint folder.")
+    run.add_argument("--validation_steps", type=int, default=500, help="Validation Dice every N steps (0: never).")
+    run.add_argument("--report_to", choices=["jsonl", "tensorboard", "all"], default="all")
+    run.add_argument("--find_unused_parameters", action="store_true", help="DDP option, for custom trainable sets.")
+    run.add_argument("--save_rank_checksums", action="store_true", help="Write each rank's weight hashes at the end.")
+    args = parser.parse_args(argv)
+
+    # Sanity checks: fail before anything is loaded.
+    if any(p <= 0 or p % 4 for p in args.patch_size):
+        parser.error(f"--patch_size must be three positive multiples of 4 (the token stride), got {args.patch_size}")
+    if args.model_config not in MODEL_CONFIGS and not Path(args.model_config).is_file():
+        parser.error(f"--model_config must be one of {sorted(MODEL_CONFIGS)} or a JSON file, got {args.model_config!r}")
+    for name in ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "samples_per_volume"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.max_train_steps is not None and args.max_train_steps < 1:
+        parser.error(f"--max_train_steps must be >= 1, got {args.max_train_steps}")
+    if args.checkpoints_total_limit < 1:
+        parser.error(f"--checkpoints_total_limit must be >= 1, got {args.checkpoints_total_limit}")
+    if args.learning_rate <= 0 or args.max_grad_norm <= 0:
+        parser.error("--learning_rate and --max_grad_norm must be > 0")
+    if args.finetune != "adapter" and args.adapter_dim is not None:
+        parser.error("--adapter_dim only applies to --finetune adapter")
+    if not Path(args.data_dir).is_dir():
+        parser.error(f"--data_dir {args.data_dir} is not a folder")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Trackers and checkpoints
+# ----------------------------------------------------------------------------------------------------------------------
+class JSONLinesTracker(GeneralTracker):
+    """Appends one JSON object per `accelerator.log` call to `<logging_dir>/metrics.jsonl` (no extra dependency).
+    A resumed run appends again from its checkpoint's step: the last line for a step is the valid one."""
+
+    name = "jsonl"
+    requires_logging_directory = True
+
+    def __init__(self, logging_dir: str | os.PathLike):
+        super().__init__()
+        self.path = Path(logging_dir) / "metrics.jsonl"
+
+    @property
+    def tracker(self):
+        return self.path
+
+    @on_main_process
+    def store_init_configuration(self, values: dict) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.path.with_name("config.json"), json.dumps(values, indent=2, default=str))
+
+    @on_main_process
+    def log(self, values: dict, step: int | None = None, **kwargs) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a", encoding="utf-8") as file:
+            file.write(json.dumps({"step": step, **values}) + "\n")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(handle, "w", encoding="utf-8") as file:
+        file.write(text)
+        file.flush()
+        os.fsync(file.fileno())
+    os.chmod(temporary, 0o666 & ~current_umask())  # mkstemp gives 0600
+    os.replace(temporary, path)
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def checkpoint_index(folder: Path) -> int:
+    return int(folder.name.rsplit("_", 1)[1])
+
+
+def is_complete(folder: Path) -> bool:
+    """A checkpoint is complete when its marker (written last) lists files that all exist with their sizes: a kill
+    during `save_state`, or during Accelerate's deletion of an old checkpoint, leaves a folder that fails this."""
+    marker = folder / COMPLETE_MARKER
+    try:
+        files = json.loads(marker.read_text(encoding="utf-8"))["files"]
+    except (OSError, ValueError, KeyError):
+        return False
+    return all((folder / name).is_file() and (folder / name).stat().st_size == size for name, size in files.items())
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    root = output_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    folders = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("checkpoint_")]
+    return sorted(folders, key=checkpoint_index)
+
+
+def mark_complete(folder: Path, training_state: dict) -> None:
+    atomic_write_text(folder / TRAINING_STATE, json.dumps(training_state, indent=2))
+    files = {p.name: p.stat().st_size for p in folder.iterdir() if p.is_file() and p.name != COMPLETE_MARKER}
+    atomic_write_text(folder / COMPLETE_MARKER, json.dumps({"files": files}, indent=2))
+
+
+def save_model_folder(trainee, processor: Sam3DProcessor, finetune: str, target: Path, info: dict) -> None:
+    """Write a loadable model folder (`save_pretrained` model + processor, `adapter/` files for adapter/LoRA runs)
+    under a temporary name next to `target`, then swap it into place: readers never see a half-written folder."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp gives 0700
+    retired = staging.with_name(staging.name + ".old")
+    try:
+        if finetune == "adapter":
+            trainee.save_pretrained(staging / "adapter")
+            trainee.model.save_pretrained(staging)  # the plain model with its adapters; needs no adapter files
+        elif finetune == "lora":
+            trainee.save_pretrained(staging / "adapter")
+            copy.deepcopy(trainee).merge_and_unload().save_pretrained(staging)
+        else:
+            trainee.save_pretrained(staging)
+        processor.save_pretrained(staging)
+        atomic_write_text(staging / "training_info.json", json.dumps(info, indent=2))
+        if target.exists():
+            os.replace(target, retired)
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(retired, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------------------------------
+def build_config(args) -> Sam3DConfig:
+    if args.model_config in MODEL_CONFIGS:
+        values = copy.deepcopy(MODEL_CONFIGS[args.model_config])
+    else:
+        values = json.loads(Path(args.model_config).read_text(encoding="utf-8"))
+    values.setdefault("vision_config", {})["image_size"] = tuple(args.patch_size)
+    # Models trained here tell positive from negative clicks (the training sampler gives both).
+    values.setdefault("prompt_encoder_config", {})["use_point_labels"] = True
+    if args.finetune == "lora":
+        values["vision_config"]["adapter_layers"] = []  # LoRA baseline: no spatial adapters
+    return Sam3DConfig(**values)
+
+
+def build_model(args):
+    """The trainee (what the optimiser sees) and its plain `Sam3DForPromptableSegmentation` inside."""
+    if args.init_from:
+        model = Sam3DForPromptableSegmentation.from_pretrained(args.init_from, dtype=torch.float32)
+        if args.finetune == "lora" and model.config.vision_config.adapter_layers != []:
+            raise ValueError(
+                f"--finetune lora needs a base without spatial adapters, but {args.init_from} has adapter_layers="
+                f"{model.config.vision_config.adapter_layers}; use --finetune adapter or full, or a SAM-only base"
+            )
+    else:
+        config = build_config(args)
+        if args.sam_checkpoint:
+            model = Sam3DForPromptableSegmentation.from_sam_pretrained(args.sam_checkpoint, config=config)
+        else:
+            model = Sam3DForPromptableSegmentation(config)
+            message = (
+                "NO PRETRAINED WEIGHTS: the model starts from random initialisation (no --sam_checkpoint or "
+                "--init_from). Fine for tests and smoke runs; real fine-tuning starts from SAM."
+            )
+            logger.warning("!" * 20 + " " + message + " " + "!" * 20, main_process_only=True)
+            warnings.warn(message, stacklevel=1)
+    if args.gradient_checkpointing:
+        model.activation_checkpointing_enable()
+    if args.finetune == "adapter":
+        adapter_dim = args.adapter_dim or model.config.vision_config.adapter_dim
+        base_name = args.init_from or args.sam_checkpoint
+        trainee = get_adapter_model(
+            model, Sam3DAdapterConfig(adapter_dim=adapter_dim, base_model_name_or_path=base_name)
+        )
+    elif args.finetune == "lora":
+        import peft
+
+        trainee = peft.get_peft_model(model, lora_config(r=args.lora_rank))
+    else:
+        enable_full_finetuning(model)
+        trainee = model
+    return trainee, model
+
+
+def weight_checksums(model: torch.nn.Module) -> dict[str, str]:
+    return {
+        name: hashlib.sha256(tensor.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()
+        for name, tensor in model.state_dict().items()
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Validation: whole scans through the processor, one click per lesion, Dice in the original geometry
+# ----------------------------------------------------------------------------------------------------------------------
+def lesion_clicks(truth: np.ndarray) -> list[list[int]]:
+    """One click per connected lesion, at its deepest voxel (largest inscribed sphere, Euclidean distance transform);
+    voxel indices `(i, j, k)` of the stored volume."""
+    components, _ = ndimage.label(truth)
+    clicks = []
+    for index, box in enumerate(ndimage.find_objects(components), start=1):
+        lesion = np.pad(components[box] == index, 1)  # pad so that lesions touching the border have an edge there
+        depth = ndimage.distance_transform_edt(lesion)
+        deepest = np.unravel_index(np.argmax(depth), depth.shape)
+        clicks.append([int(d - 1 + s.start) for d, s in zip(deepest, box)])
+    return clicks
+
+
+def dice(prediction: np.ndarray, truth: np.ndarray) -> float:
+    total = prediction.sum() + truth.sum()
+    return 1.0 if total == 0 else float(2 * np.logical_and(prediction, truth).sum() / total)
+
+
+@torch.no_grad()
+def evaluate(model, processor: Sam3DProcessor, rows, accelerator: Accelerator) -> float:
+    """Mean Dice over the validation scans that contain the target structure."""
+    target_label = processor.image_processor.target_label
+    scores = []
+    was_training = model.training
+    model.eval()
+    for row in rows:
+        stored = np.asanyarray(nib.load(row["label"]).dataobj)
+        truth = stored == target_label if target_label is not None else stored > 0
+        clicks = lesion_clicks(truth)
+        if not clicks:
+            continue
+        inputs = processor(images=row["image"], input_points=clicks)
+        logits = []
+        for b in range(len(inputs["pixel_values"])):  # one patch at a time: bounded memory at ViT-B
+            with accelerator.autocast():
+                out = model(
+                    pixel_values=inputs["pixel_values"][b : b + 1].to(accelerator.device),
+                    input_points=inputs["input_points"][b : b + 1].to(accelerator.device),
+                    input_labels=inputs["input_labels"][b : b + 1].to(accelerator.device),
+                )
+            logits.append(out.logits.float().cpu())
+        mask = processor.post_process_masks(torch.cat(logits), inputs).numpy().astype(bool)
+        scores.append(dice(mask, truth))
+    model.train(was_training)
+    return float(np.mean(scores)) if scores else float("nan")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    output_dir = Path(args.output_dir)
+    logging_dir = output_dir / "logs"
+    trackers = [JSONLinesTracker(logging_dir)]
+    if args.report_to in ("tensorboard", "all"):
+        try:
+            import tensorboard  # noqa: F401
+
+            trackers.append("tensorboard")
+        except ImportError:
+            if args.report_to == "tensorboard":
+                raise SystemExit("error: --report_to tensorboard needs `pip install tensorboard`") from None
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        log_with=trackers,
+        project_config=ProjectConfiguration(
+            project_dir=str(output_dir),
+            logging_dir=str(logging_dir),
+            automatic_checkpoint_naming=True,
+            total_limit=args.checkpoints_total_limit,
+        ),
+        # The sampler's order depends only on (seed, epoch): a resumed run sees the same batches.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=args.find_unused_parameters)],
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    logger.info(accelerator.state, main_process_only=False)
+    if not accelerator.is_local_main_process:
+        for name in ("transformers", "datasets"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+    set_seed(args.seed)
+
+    existing = list_checkpoints(output_dir)
+    if existing and not args.resume_from_checkpoint:
+        raise SystemExit(
+            f"error: {output_dir}/checkpoints already holds {len(existing)} checkpoint(s); pass "
+            "--resume_from_checkpoint latest to continue that run, or choose another --output_dir"
+        )
+
+    # Data: index, split once, check every case before the first step.
+    if args.processor:
+        processor = Sam3DProcessor.from_pretrained(args.processor)
+        if tuple(processor.patch_size) != tuple(args.patch_size):
+            processor.patch_size = tuple(args.patch_size)
+    else:
+        # 16 voxels of context around click clusters at 128³, as the processor's default; scaled for small patches.
+        margin = min(args.patch_size) // 8
+        processor = Sam3DProcessor.from_preset(args.preset, patch_size=tuple(args.patch_size), cluster_margin=margin)
+    dataset = index_dataset(args.data_dir)
+    split_file = Path(args.split_file) if args.split_file else output_dir / "split.json"
+    with accelerator.main_process_first():  # the main process writes the split, the others read it
+        split = load_or_create_split(dataset["case_id"], split_file, seed=args.seed)
+    try:
+        validate_dataset(dataset, processor)  # every case, test included: a broken file is reported now
+    except ValueError as err:
+        raise SystemExit(f"error: the dataset in {args.data_dir} is not usable: {err}") from None
+    by_id = {row["case_id"]: row for row in dataset}
+    train_rows = [by_id[c] for c in split["train"]]
+    validation_rows = [by_id[c] for c in split["validation"]][: args.max_validation_cases]
+    if not train_rows:
+        raise SystemExit(f"error: the split {split_file} has no training cases")
+
+    trainee, model = build_model(args)
+    if accelerator.is_main_process and hasattr(trainee, "print_trainable_parameters"):
+        trainee.print_trainable_parameters()
+    train_dataset = Sam3DTrainingDataset(
+        train_rows,
+        processor,
+        patch_size=tuple(args.patch_size),
+        num_positive_points=args.num_positive_points,
+        num_background_points=args.num_background_points,
+        num_negative_points=args.num_negative_points,
+        use_point_labels=model.config.prompt_encoder_config.use_point_labels,
+        augment=not args.no_augment,
+        cache_dir=args.cache_dir,
+        seed=args.seed,
+        samples_per_volume=args.samples_per_volume,
+    )
+    train_dataloader = torch.utils.data.DataLoader(
+        train_dataset,
+        batch_size=args.train_batch_size,
+        shuffle=True,
+        collate_fn=sam3d_collate,
+        num_workers=args.dataloader_num_workers,
+        drop_last=True,  # every step sees full batches: equal work on every rank
+    )
+    if len(train_dataloader) == 0:
+        raise SystemExit(
+            f"error: {len(train_dataset)} training patches per epoch is fewer than --train_batch_size "
+            f"{args.train_batch_size}; lower the batch size or raise --samples_per_volume"
+        )
+
+    parameters = [p for p in trainee.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        parameters, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.weight_decay
+    )
+    updates_per_epoch = math.ceil(len(train_dataloader) / accelerator.num_processes / args.gradient_accumulation_steps)
+    max_train_steps = args.max_train_steps or args.num_train_epochs * updates_per_epoch
+    # The prepared scheduler steps once per process at every optimiser step, hence the factor.
+    lr_scheduler = get_linear_schedule_with_warmup(
+        optimizer,
+        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=max_train_steps * accelerator.num_processes,
+    )
+    trainee, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
+        trainee, optimizer, train_dataloader, lr_scheduler
+    )
+    updates_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
+    num_epochs = math.ceil(max_train_steps / updates_per_epoch)
+    accelerator.init_trackers("sam3d-train", config={k: v for k, v in vars(args).items() if v is not None})
+
+    # Resume: weights, optimiser, scheduler, RNG from the newest *complete* checkpoint; epoch and batch position from
+    # its step count (the sampler order depends only on seed and epoch).
+    global_step, best_dice = 0, -1.0
+    if args.resume_from_checkpoint:
+        complete = [p for p in list_checkpoints(output_dir) if is_complete(p)]
+        if args.resume_from_checkpoint == "latest":
+            path = complete[-1] if complete else None
+        else:
+            path = Path(args.resume_from_checkpoint)
+            if not is_complete(path):
+                raise SystemExit(f"error: {path} is not a complete checkpoint (no valid {COMPLETE_MARKER})")
+        if path is None:
+            logger.warning(f"No complete checkpoint in {output_dir}/checkpoints: starting from scratch.")
+        else:
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:  # incomplete leftovers of a killed save would block the next name
+                for folder in list_checkpoints(output_dir):
+                    if checkpoint_index(folder) > checkpoint_index(path) or not is_complete(folder):
+                        shutil.rmtree(folder)
+            accelerator.wait_for_everyone()
+            logger.info(f"Resuming from {path}")
+            accelerator.load_state(str(path))
+            accelerator.project_configuration.iteration = checkpoint_index(path) + 1
+            state = json.loads((path / TRAINING_STATE).read_text(encoding="utf-8"))
+            global_step, best_dice = state["global_step"], state["best_dice"]
+    batches_done = global_step * args.gradient_accumulation_steps
+    first_epoch, skip_batches = divmod(batches_done, len(train_dataloader))
+
+    total_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    logger.info(
+        f"***** Training *****  {len(train_rows)} training / {len(validation_rows)} validation scans, "
+        f"{len(train_dataset)} patches per epoch, batch {args.train_batch_size} per device x "
+        f"{accelerator.num_processes} processes x {args.gradient_accumulation_steps} accumulation = {total_batch}; "
+        f"{max_train_steps} optimiser steps ({num_epochs} epochs), starting at step {global_step}"
+    )
+    progress = tqdm(
+        range(max_train_steps), initial=global_step, desc="steps", disable=not accelerator.is_local_main_process
+    )
+
+    def checkpoint() -> None:
+        location = Path(accelerator.save_state())
+        accelerator.wait_for_everyone()  # every rank's files are written before the marker
+        if accelerator.is_main_process:
+            mark_complete(location, {"global_step": global_step, "best_dice": best_dice})
+        accelerator.wait_for_everyone()
+
+    def validate() -> None:
+        nonlocal best_dice
+        if accelerator.is_main_process and validation_rows:
+            score = evaluate(accelerator.unwrap_model(trainee), processor, validation_rows, accelerator)
+            accelerator.log({"validation_dice": score}, step=global_step)
+            logger.info(f"step {global_step}: validation Dice {score:.4f} (best {max(best_dice, 0):.4f})")
+            if score > best_dice:
+                best_dice = score
+                info = {"global_step": global_step, "validation_dice": score}
+                save_model_folder(
+                    accelerator.unwrap_model(trainee), processor, args.finetune, output_dir / "best_model", info
+                )
+        best_dice = broadcast_float(accelerator, best_dice)
+
+    if global_step == 0 and args.validation_steps:
+        validate()  # the curve starts at the initial weights
+    trainee.train()
+    running_loss = torch.zeros((), device=accelerator.device)
+    for epoch in range(first_epoch, num_epochs):
+        if global_step >= max_train_steps:  # resumed from the last step's checkpoint: nothing left to do
+            break
+        train_dataset.set_epoch(epoch)  # augmentation and point sampling depend on (seed, epoch, index)
+        train_dataloader.set_epoch(epoch)
+        batches = train_dataloader
+        if epoch == first_epoch and skip_batches:
+            batches = accelerator.skip_first_batches(train_dataloader, skip_batches)
+        for batch in batches:
+            with accelerator.accumulate(trainee):
+                outputs = trainee(**batch)  # `labels` in the batch: the model's DiceCE loss
+                loss = outputs.loss
+                running_loss += loss.detach() / args.gradient_accumulation_steps
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    grad_norm = accelerator.clip_grad_norm_(parameters, args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad()
+            if not accelerator.sync_gradients:
+                continue
+            global_step += 1
+            progress.update(1)
+            step_loss = accelerator.reduce(running_loss, reduction="mean").item()
+            running_loss.zero_()
+            logs = {"train_loss": step_loss, "lr": lr_scheduler.get_last_lr()[0], "grad_norm": float(grad_norm)}
+            accelerator.log(logs, step=global_step)
+            progress.set_postfix(loss=f"{step_loss:.4f}")
+            if args.validation_steps and global_step % args.validation_steps == 0:
+                validate()
+            if global_step % args.checkpointing_steps == 0 or global_step == max_train_steps:
+                checkpoint()
+            if global_step >= max_train_steps:
+                break
+        if global_step >= max_train_steps:
+            break
+    progress.close()
+
+    accelerator.wait_for_everyone()
+    final = accelerator.unwrap_model(trainee)
+    if accelerator.is_main_process:
+        info = {"global_step": global_step, "best_validation_dice": best_dice}
+        save_model_folder(final, processor, args.finetune, output_dir / "final_model", info)
+        logger.info(f"Saved {output_dir / 'final_model'} (best validation Dice {best_dice:.4f} in best_model/)")
+    if args.save_rank_checksums:  # lets a test check that every rank holds the same weights
+        path = output_dir / f"weights_rank{accelerator.process_index}.json"
+        atomic_write_text(path, json.dumps(weight_checksums(model), indent=0, sort_keys=True))
+    accelerator.end_training()
+
+
+def broadcast_float(accelerator: Accelerator, value: float) -> float:
+    """Main process's value on every rank (validation runs on the main process only)."""
+    if accelerator.num_processes == 1:
+        return value
+    from accelerate.utils import broadcast
+
+    return broadcast(torch.tensor([value], dtype=torch.float64, device=accelerator.device)).item()
+
+
+if __name__ == "__main__":
+    main()
