@@ -545,6 +545,8 @@ def main(argv=None) -> None:
     trainee.train()
     running_loss = torch.zeros((), device=accelerator.device)
     for epoch in range(first_epoch, num_epochs):
+        if global_step >= max_train_steps:  # resumed from the last step's checkpoint: nothing left to do
+            break
         train_dataset.set_epoch(epoch)  # augmentation and point sampling depend on (seed, epoch, index)
         train_dataloader.set_epoch(epoch)
         batches = train_dataloader

@@ -736,12 +736,13 @@ def _usual_mode(is_dir: bool) -> int:
     return (0o777 if is_dir else 0o666) & ~umask
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None], suffix: str = ".tmp") -> None:
     """Create or replace the file `path` atomically: `write(temporary)` fills a temporary file in the same folder,
     which gets the usual mode (umask respected) and is then renamed over `path`. A reader sees the old file or the
-    complete new one, never a half-written one; on failure `path` is untouched and the temporary file is removed."""
+    complete new one, never a half-written one; on failure `path` is untouched and the temporary file is removed.
+    `suffix` ends the temporary name, for writers that choose the format by extension (`.nii.gz`)."""
     path = Path(path)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
     os.close(handle)
     try:
         write(temporary)

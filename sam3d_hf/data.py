@@ -622,7 +622,8 @@ class PreprocessedCache:
             if hashes.is_dir():
                 for path in hashes.glob("*.json"):
                     path.unlink(missing_ok=True)
-                hashes.rmdir() if not any(hashes.iterdir()) else None
+                if not any(hashes.iterdir()):
+                    hashes.rmdir()
         self._hashes.clear()
         return removed
 

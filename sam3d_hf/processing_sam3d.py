@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -22,6 +21,7 @@ from transformers.models.auto.processing_auto import AutoProcessor
 from transformers.processing_utils import ProcessorMixin
 
 from .configuration_sam3d import Sam3DConfig
+from .convert_sam3d import atomic_write
 from .image_processing_sam3d import (
     Sam3DImageProcessor,
     _get_preset,
@@ -549,20 +549,8 @@ def save_mask_nifti(
     if header is not None:  # keep the scan's qform/sform codes (the constructor may reset them)
         image.set_qform(affine, int(header["qform_code"]))
         image.set_sform(affine, int(header["sform_code"]))
-    directory = os.path.dirname(os.path.abspath(path))
-    suffix = ".nii.gz" if path.lower().endswith(".nii.gz") else ".nii"
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=directory)
-    os.close(fd)
-    try:
-        umask = os.umask(0)  # reading the umask means setting it; put it straight back
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0o600; a written mask is an ordinary user file
-        nib.save(image, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    suffix = ".nii.gz" if path.lower().endswith(".nii.gz") else ".nii"  # nibabel compresses by extension
+    atomic_write(path, lambda temporary: nib.save(image, temporary), suffix=suffix)
     return path
 
 

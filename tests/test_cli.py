@@ -117,19 +117,15 @@ def test_taken_output_fails_before_the_checkpoint_is_read(tmp_path, capsys, sour
 
 
 def test_subprocess_prints_one_line_and_no_traceback(tmp_path):
+    """The real command (one process start, about 10 s of imports): a malformed snapshot (a KeyError before)."""
     path = tmp_path / "snapshot.pth.tar"
     torch.save({"encoder_dict": {}, "feature_dict": [{}] * 4, "decoder_dict": {}}, path)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPOSITORY), os.environ.get("PYTHONPATH", "")])}
     command = [sys.executable, "-m", "sam3d_hf.cli", "convert", "official", "--checkpoint", str(path), "--output"]
-    for output in (tmp_path / "out", tmp_path / "snapshot.pth.tar" / "out"):
-        result = subprocess.run([*command, str(output)], capture_output=True, text=True, env=env, timeout=300)
-        assert result.returncode == 1, result.stderr
-        assert len(result.stderr.splitlines()) == 1 and "Traceback" not in result.stderr, result.stderr
-        assert result.stderr.startswith("sam3d convert: error: ")
-    version = subprocess.run(
-        [sys.executable, "-m", "sam3d_hf.cli", "--version"], capture_output=True, text=True, env=env, timeout=300
-    )
-    assert (version.returncode, version.stdout) == (0, f"sam3d {sam3d_hf.__version__}\n")
+    result = subprocess.run([*command, str(tmp_path / "out")], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 1, result.stderr
+    assert len(result.stderr.splitlines()) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.startswith("sam3d convert: error: the official snapshot lacks or mis-stores an entry")
 
 
 def test_system_errors_are_one_line(tmp_path, capsys, monkeypatch):

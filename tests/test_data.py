@@ -502,7 +502,12 @@ def test_a_batch_trains_the_tiny_model(tmp_path, msd_root, processor):
     assert batch["labels"].shape == (2, *PATCH) and batch["input_points"].shape == (2, 43, 3)
     assert ((batch["input_labels"] == 1).sum(1) >= 1).all()
     torch.manual_seed(0)
-    model = Sam3DForPromptableSegmentation(Sam3DConfig(**TINY))
+    # The dataset gives negative clicks (use_point_labels=True, as models this package trains); a model without
+    # point labels would refuse them.
+    config = Sam3DConfig(
+        **{**TINY, "prompt_encoder_config": {**TINY["prompt_encoder_config"], "use_point_labels": True}}
+    )
+    model = Sam3DForPromptableSegmentation(config)
     out = model(**batch)
     assert torch.isfinite(out.loss)
     out.loss.backward()

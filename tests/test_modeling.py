@@ -397,7 +397,7 @@ def test_trust_remote_code_loads_without_the_package(tiny_model, tiny_inputs, tm
     assert torch.equal(remote, logits_of(tiny_model, **tiny_inputs))
 
 
-# ---------------------------------------------------------------- parameter counts (ARCHITECTURE.md)
+# ---------------------------------------------------------------- parameter counts (docs/design.md)
 
 
 def test_vit_b_parameter_counts_match_the_paper():
@@ -579,7 +579,7 @@ def test_point_sampler_reads_the_voxel_centre_trilinearly(tiny_model, monkeypatc
 
 
 def reference_logits(model, embeddings, prompted_level, pixel_values):
-    """The mask decoder unsplit, as ARCHITECTURE.md states it: all four level heads upsampled x2 (align_corners=True),
+    """The mask decoder unsplit, as docs/design.md states it: all four level heads upsampled x2 (align_corners=True),
     the image channel averaged over 2x2x2 voxels (= trilinear x0.5 with align_corners=False), 513 channels through the
     whole `fuse` stack, x2 upsampling."""
     decoder = model.mask_decoder
