@@ -383,7 +383,8 @@ def resample_volume(
       otherwise) and the voxels where it reaches 0.5 take that label, labels visited in increasing order (a later
       label wins a tie). Nearest neighbour on the label map itself shifts boundaries by up to half a voxel.
 
-    Voxel centres are aligned (`align_corners=False`, `nearest-exact`). `spacing` is in mm per canonical axis.
+    Voxel centres are aligned (`align_corners=False`, `nearest-exact`). `spacing` is in mm per canonical axis. Returns
+    float32 for images and the input's dtype for labels.
     """
     spacing = np.asarray(spacing, np.float64)
     anisotropic = spacing.max() / spacing.min() > anisotropy_threshold
@@ -401,7 +402,7 @@ def resample_volume(
     if not is_label:
         x = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
         return interpolate(x).contiguous().numpy()
-    out = np.zeros(tuple(new_size), np.float32)
+    out = np.zeros(tuple(new_size), array.dtype)
     for value in np.unique(array):
         if value == 0:  # background is what no label claims
             continue
@@ -608,7 +609,7 @@ class Sam3DImageProcessor(BaseImageProcessor):
         data, geometry = self._geometry_and_resample(volume)
         out = {"pixel_values": data[None, None], **geometry}
         if label_data is not None:
-            out["labels"] = self._resample_labels(label_data, geometry)[None]
+            out["labels"] = self._resample_labels(label_data, geometry)[None].astype(np.int64)
         return BatchFeature(out, tensor_type=return_tensors)
 
     # -- internals shared with Sam3DProcessor ------------------------------------------------------------------------
@@ -675,11 +676,11 @@ class Sam3DImageProcessor(BaseImageProcessor):
             is_label=True,
             anisotropy_threshold=self.anisotropy_threshold,
         )
-        return labels.astype(np.int64)
+        return labels  # uint8 0/1: int64 on the whole 1 mm grid costs seconds; the crops are cast
 
     def _check_labels(self, label_data: np.ndarray) -> None:
         """Refuse label maps the model cannot train on: non-integer values, or several labels and no `target_label`."""
-        fractional = np.unique(label_data[label_data != np.rint(label_data)])  # full-volume np.unique is slow
+        fractional = np.unique(label_data[label_data != np.rint(label_data)])  # np.unique of a whole scan takes seconds
         if fractional.size:
             raise ValueError(
                 f"The label map holds non-integer values {fractional[:10].tolist()}; expected integer labels "

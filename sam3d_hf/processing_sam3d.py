@@ -82,7 +82,9 @@ class Sam3DProcessor(ProcessorMixin):
     aligned voxel for voxel with the original data; [`save_mask_nifti`] writes it next to the scan.
 
     Args:
-        image_processor ([`Sam3DImageProcessor`], *optional*): defaults to `Sam3DImageProcessor()` (KiTS21 preset).
+        image_processor ([`Sam3DImageProcessor`], *optional*): defaults to `Sam3DImageProcessor()` (KiTS21's intensity
+            settings, no `target_label`: label maps must then be binary); use [`~Sam3DProcessor.from_preset`] for a
+            dataset's full preset.
         patch_size (`tuple[int, int, int]`, defaults to `(128, 128, 128)`): `(D, H, W)` patch in resampled voxels,
             each a multiple of 4 (the model's token stride).
         cluster_margin (`int`, defaults to 16): clicks are kept in one patch only if their bounding box leaves at least
@@ -149,7 +151,8 @@ class Sam3DProcessor(ProcessorMixin):
             * `points_in="world"`: world coordinates in mm, RAS+ (nibabel/NIfTI convention, `affine @ [i, j, k, 1]`).
               3D Slicer shows RAS; tools that report LPS (DICOM, ITK) need their first two values negated.
 
-            Example: a click on voxel `(120, 85, 40)` of `ct.nii.gz`, negative click at `(100, 85, 40)`:
+            Example: a click on voxel `(120, 85, 40)` of `ct.nii.gz`, negative click at `(100, 85, 40)` (a model with
+            `config.use_point_labels=True`):
 
             ```python
             inputs = processor(images="ct.nii.gz", input_points=[[120, 85, 40], [100, 85, 40]], input_labels=[1, 0])
