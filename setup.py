@@ -27,7 +27,15 @@ setup(
         "io": ["pynrrd>=1.0", "pydicom>=2.4"],
         # examples/evaluate.py draws overlays and curves.
         "eval": ["matplotlib>=3.8"],
-        "dev": ["pytest>=8", "ruff>=0.6", "pynrrd>=1.0", "pydicom>=2.4", "segment-anything==1.0", "matplotlib>=3.8"],
+        "dev": [
+            "pytest>=8",
+            "ruff>=0.6",
+            "parameterized>=0.9",
+            "pynrrd>=1.0",
+            "pydicom>=2.4",
+            "segment-anything==1.0",
+            "matplotlib>=3.8",
+        ],
     },
     entry_points={"console_scripts": ["sam3d=sam3d_hf.cli:main"]},
 )

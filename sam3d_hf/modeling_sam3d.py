@@ -255,13 +255,14 @@ class Sam3DWindowAttention(nn.Module):
         Returns the output `(B*nW, N, C)` and, with the eager implementation, the attention weights
         `(B*nW, heads, N, N)` (`None` otherwise). The relative-position terms and the mask are passed to the attention
         implementation as its additive float mask; windows are processed in chunks to bound that mask's memory,
-        except with `output_attentions` (the weights of every window are kept then anyway, and one call makes the
-        returned weights the very tensor the output is computed from, so gradients reach them)."""
+        except when eager weights are requested (they are all kept then anyway, and one call makes the returned
+        weights the very tensor the output is computed from, so gradients reach them)."""
         num_windows, tokens, channels = windows.shape
         attention: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
-        chunk_size = num_windows if output_attentions else self.config.attention_chunk_size
+        weights_wanted = output_attentions and self.config._attn_implementation == "eager"
+        chunk_size = num_windows if weights_wanted else self.config.attention_chunk_size
         outputs, weights = [], []
         for start in range(0, num_windows, chunk_size):
             chunk = windows[start : start + chunk_size]
