@@ -16,8 +16,8 @@ Metrics.
   and distances are in mm. MONAI's default `use_subvoxels=False` counts boundary voxels instead and is biased low.
 * Empty masks. Both empty: Dice 1 and NSD 1 (nothing to find, nothing found). Exactly one empty: Dice 0, NSD 0.
   MONAI gives the same with `compute_dice(ignore_empty=False)`, but NaN for the NSD of two empty masks (as does
-  DeepMind's `compute_surface_dice_at_tolerance`, 0/0); the paper does not discuss it, since every test scan of its
-  four tumour datasets contains a tumour, and its Dice (`1 - monai.losses.DiceLoss`) gives 1 for two empty masks.
+  DeepMind's `compute_surface_dice_at_tolerance`, 0/0). The paper does not discuss empty cases (it evaluates
+  tumour scans); the official evaluation's Dice (`1 - monai.losses.DiceLoss`, smoothed) gives 1 for two empty masks.
 * Lesions are the connected components of the ground truth with full 26-connectivity (`scipy.ndimage.label` with a
   3x3x3 structure). The per-lesion score of lesion `l` compares `l` alone with its *neighbourhood prediction*: the
   union of the 26-connected prediction components that have a voxel within `lesion_margin_mm` (Euclidean, in mm) of
@@ -28,7 +28,8 @@ Metrics.
 Click protocols (`simulate_clicks`; all positive clicks, label 1; `numpy.random.default_rng(seed)` only, so the same
 seed gives the same clicks and the global NumPy state is never read or changed):
 * `"uniform"`: `num_clicks` voxels drawn uniformly, with replacement, from all target voxels -- the official
-  evaluation's `np.random.choice(np.arange(l), num_prompts, replace=True)`; the paper reports 1, 3 and 10 clicks.
+  evaluation's `np.random.choice(np.arange(l), num_prompts, replace=True)` (drawn there on its resampled grid, here
+  on the original one); the paper reports 1, 3 and 10 clicks.
 * `"per_lesion"`: for scans with several lesions. With `num_clicks >= number of lesions`, one click uniformly inside
   each lesion, the remaining `num_clicks - lesions` uniformly over all target voxels; with fewer clicks than lesions,
   one click in each of the `num_clicks` largest lesions.
@@ -187,6 +188,10 @@ def _nsd(prediction: np.ndarray, label: np.ndarray, spacing: tuple[float, ...], 
         return float(has_pred == has_label)
     from monai.metrics import compute_surface_dice  # here: importing monai.metrics costs seconds at package import
 
+    # Crop to the union's bounding box first: MONAI crops the same way (padding a background margin), but its crop of
+    # a whole CT volume costs more than the metric itself.
+    box = ndimage.find_objects((prediction | label).astype(np.int8))[0]
+    prediction, label = prediction[box], label[box]
     with warnings.catch_warnings():
         # MONAI 1.6 passes its own deprecated `always_return_as_numpy` internally; nothing for the user to change.
         warnings.filterwarnings("ignore", message=".*always_return_as_numpy", category=FutureWarning)
@@ -267,7 +272,6 @@ def evaluate_case(
                 "volume_mm3": voxels * voxel_mm3,
                 "detected": bool(len(touching)),
                 "dice": dice_score(neighbourhood_pred, lesion),
-                # The crop is safe: MONAI pads with background where the surface needs a margin.
                 "nsd": _nsd(neighbourhood_pred, lesion, spacing, tolerance_mm),
             }
         )

@@ -193,6 +193,15 @@ def test_lesion_margin_selects_prediction_components():
     assert (far["dice"], far["nsd"]) == (1.0, 1.0)
 
 
+def test_lesion_ignores_components_outside_its_margin_even_when_nearby_in_the_box():
+    shape = (30, 16, 20)
+    label = box(shape, (5, 5, 5), (10, 10, 10))  # 125 voxels, predicted exactly
+    bar = box(shape, (5, 5, 12), (25, 10, 14))  # 200 voxels, 3 mm above the lesion: in its neighbourhood
+    blob = box(shape, (20, 5, 5), (24, 10, 10))  # 100 voxels, 10 mm from the lesion, inside the bar's bounding box
+    lesion = evaluate_case(label | bar | blob, label, (1, 1, 1), lesion_margin_mm=3.0)["lesions"][0]
+    assert lesion["dice"] == pytest.approx(2 * 125 / (125 + 125 + 200))
+
+
 # ---------------------------------------------------------------------------------------------------------- clicks
 def two_lesions():
     label = box((30, 30, 30), (2, 2, 2), (10, 10, 10))  # 512 voxels
