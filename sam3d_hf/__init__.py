@@ -51,6 +51,7 @@ from .peft_sam3d import (
     lora_config,
 )
 from .processing_sam3d import MODEL_INPUT_KEYS, Sam3DProcessor, cluster_points, save_mask_nifti
+from .synthetic import SYNTHETIC_PROCESSOR_KWARGS, generate_case, generate_dataset
 
 __version__ = "0.1.0.dev0"
 
@@ -70,6 +71,7 @@ __all__ = [
     "MODEL_INPUT_KEYS",
     "PROCESSOR_GEOMETRY_KEYS",
     "SAM3D_PRESETS",
+    "SYNTHETIC_PROCESSOR_KWARGS",
     "ConversionReport",
     "Sam3DAdapterConfig",
     "Sam3DAdapterModel",
@@ -97,6 +99,8 @@ __all__ = [
     "dice_score",
     "enable_full_finetuning",
     "evaluate_case",
+    "generate_case",
+    "generate_dataset",
     "get_adapter_model",
     "load_official_checkpoint",
     "load_sam_checkpoint",

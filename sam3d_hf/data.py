@@ -563,6 +563,13 @@ class PreprocessedCache:
             `canonical_axes`, `canonical_flips`, `canonical_size`, `resampled_size`, `resampled_spacing`,
             `resampled_affine` (see `Sam3DImageProcessor.preprocess`).
         """
+        out = self._get(case)
+        if "labels" in out:
+            out["labels"] = out["labels"].astype(np.int64)
+        return out
+
+    def _get(self, case: Mapping[str, Any]) -> dict[str, Any]:
+        """[`get`] with the labels kept as stored (uint8: 8x less memory for whole volumes)."""
         path = self.entry_path(case)
         if path.exists():
             try:
@@ -601,7 +608,7 @@ class PreprocessedCache:
             "geometry": {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("geometry.")},
         }
         if "labels" in tensors:
-            out["labels"] = tensors["labels"].astype(np.int64)
+            out["labels"] = tensors["labels"]
         return out
 
     def clear(self) -> int:
@@ -615,7 +622,8 @@ class PreprocessedCache:
             if hashes.is_dir():
                 for path in hashes.glob("*.json"):
                     path.unlink(missing_ok=True)
-                hashes.rmdir() if not any(hashes.iterdir()) else None
+                if not any(hashes.iterdir()):
+                    hashes.rmdir()
         self._hashes.clear()
         return removed
 
@@ -761,17 +769,23 @@ class Sam3DTrainingDataset(torch.utils.data.Dataset):
         self.samples_per_volume = int(samples_per_volume)
         self.epoch = 0
         self.cache = PreprocessedCache(self.image_processor, cache_dir)
-        self.transform = self._build_transform()
+        self.pad, self.transform = self._build_transforms()
         self._last: tuple[int, dict[str, Any]] | None = None  # consecutive samples of one case load it once
 
-    def _build_transform(self) -> mt.Compose:
+    def _build_transforms(self) -> tuple[mt.Compose, mt.Compose]:
+        """(padding to the crop size, random crop + augmentations)."""
         patch = self.patch_size
         crop = tuple(int(np.ceil(p / 0.9)) for p in patch) if self.augment else patch
         pad_value = self.image_processor.pad_value
         keys = ["image", "label"]
+        pad = mt.Compose(
+            [
+                mt.SpatialPadd(keys="image", spatial_size=crop, value=pad_value),
+                mt.SpatialPadd(keys="label", spatial_size=crop, value=0),
+            ]
+        )
         steps: list[Any] = [
-            mt.SpatialPadd(keys="image", spatial_size=crop, value=pad_value),
-            mt.SpatialPadd(keys="label", spatial_size=crop, value=0),
+            # centres from indices computed in __getitem__ (see _crop_centre_indices), 1 : 1 foreground : background
             mt.RandCropByPosNegLabeld(
                 keys=keys,
                 label_key="label",
@@ -779,8 +793,8 @@ class Sam3DTrainingDataset(torch.utils.data.Dataset):
                 pos=1.0,
                 neg=1.0,
                 num_samples=1,
-                image_key="image",
-                image_threshold=pad_value + 1e-3,  # background centres in the body, not in air or padding
+                fg_indices_key="fg_indices",
+                bg_indices_key="bg_indices",
             ),
         ]
         if self.augment:
@@ -796,7 +810,7 @@ class Sam3DTrainingDataset(torch.utils.data.Dataset):
             if patch[1] == patch[2]:
                 steps.append(mt.RandRotate90d(keys=keys, prob=0.5, max_k=3, spatial_axes=(1, 2)))
             steps.append(mt.RandShiftIntensityd(keys="image", offsets=0.1, prob=0.5))
-        return mt.Compose(steps)
+        return pad, mt.Compose(steps)
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose samples `__getitem__` returns (part of every sample's seed)."""
@@ -807,19 +821,43 @@ class Sam3DTrainingDataset(torch.utils.data.Dataset):
 
     def _volume(self, case_index: int) -> dict[str, Any]:
         if self._last is None or self._last[0] != case_index:
-            self._last = (case_index, self.cache.get(self.rows[case_index]))
+            volume = self.cache._get(self.rows[case_index])
+            padded = self.pad({"image": volume["pixel_values"], "label": volume["labels"][None]})
+            self._last = (case_index, {k: np.asarray(torch.as_tensor(padded[k])) for k in ("image", "label")})
         return self._last[1]
+
+    def _crop_centre_indices(self, volume: dict[str, np.ndarray], rng: np.random.Generator) -> tuple[np.ndarray, ...]:
+        """Flat indices of candidate crop centres: every foreground voxel, and background voxels in the body.
+
+        Background candidates are voxels drawn uniformly (4096 draws) and kept when they are background and above
+        the air value, which is a uniform draw from the same set MONAI's `image_threshold` would give, without
+        listing every background voxel of a large volume per sample. All of them are listed only when no draw
+        lands in the body.
+        """
+        label, image = volume["label"].reshape(-1), volume["image"].reshape(-1)
+        threshold = self.image_processor.pad_value + 1e-3  # background centres in the body, not in air or padding
+        fg_indices = np.flatnonzero(label)
+        draws = rng.integers(0, label.size, size=4096)
+        bg_indices = draws[(label[draws] == 0) & (image[draws] > threshold)]
+        if len(bg_indices) == 0:
+            bg_indices = np.flatnonzero((label == 0) & (image > threshold))
+        if len(bg_indices) == 0 and len(fg_indices) == 0:  # nothing but air: any centre
+            bg_indices = draws
+        return fg_indices, bg_indices
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         if not 0 <= index < len(self):
             raise IndexError(f"Index {index} out of range for {len(self)} samples.")
         volume = self._volume(index // self.samples_per_volume)
-        transform_seed, click_seed = np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(2)
+        transform_seed, centre_seed, click_seed = np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(
+            3
+        )
+        fg_indices, bg_indices = self._crop_centre_indices(volume, np.random.default_rng(centre_seed))
         self.transform.set_random_state(seed=int(transform_seed))
         with warnings.catch_warnings():
             # a case without the target value: MONAI warns that it can only sample background centres
             warnings.filterwarnings("ignore", message="Num foregrounds 0")
-            out = self.transform({"image": volume["pixel_values"], "label": volume["labels"][None].astype(np.float32)})
+            out = self.transform({**volume, "fg_indices": fg_indices, "bg_indices": bg_indices})
         out = out[0] if isinstance(out, list) else out
         image = torch.as_tensor(out["image"]).as_subclass(torch.Tensor).float().contiguous()
         labels = torch.as_tensor(out["label"]).as_subclass(torch.Tensor)[0].round().long().contiguous()

@@ -123,6 +123,7 @@ def generate_case(
     lesion_diameter: tuple[float, float] = (6.0, 25.0),
     lesion_contrast: tuple[float, float] = (20.0, 50.0),
     noise_std: tuple[float, float] = (8.0, 15.0),
+    lesion_irregularity: float = 0.1,
     return_lesions: bool = False,
 ) -> tuple[nib.Nifti1Image, nib.Nifti1Image] | tuple[nib.Nifti1Image, nib.Nifti1Image, list[dict[str, Any]]]:
     """Generate one synthetic CT-like case.
@@ -141,6 +142,8 @@ def generate_case(
         lesion_diameter: `(min, max)` mean lesion diameter in mm.
         lesion_contrast: `(min, max)` HU difference to the organ; 70 % of lesions are darker, 30 % brighter.
         noise_std: `(min, max)` HU standard deviation of the Gaussian noise.
+        lesion_irregularity: amplitude bound of the three waves that make a lesion's outline irregular (relative to
+            its radius); 0 gives balls.
         return_lesions: also return the lesions as dicts `{"center_world": (3,) RAS mm, "diameter_mm", "hu",
             "organ_hu"}`.
 
@@ -225,7 +228,8 @@ def generate_case(
         contrast = rng.uniform(*lesion_contrast) * (-1.0 if rng.random() < 0.7 else 1.0)
         d = rel - lesion_centre.astype(np.float32)
         d_norm = np.linalg.norm(d, axis=-1)
-        blob = d_norm <= radius * _blob_radius(d / np.maximum(d_norm, 1e-6)[..., None], _random_waves(rng, 3, 0.1))
+        waves = _random_waves(rng, 3, lesion_irregularity)
+        blob = d_norm <= radius * _blob_radius(d / np.maximum(d_norm, 1e-6)[..., None], waves)
         blob &= organ
         image[blob] = organ_hu + contrast
         label[blob] = 2

@@ -10,9 +10,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import PATCH, TINY
 from safetensors.numpy import load_file
 
-from sam3d_hf import Sam3DImageProcessor, Sam3DProcessor
+from sam3d_hf import Sam3DConfig, Sam3DForPromptableSegmentation, Sam3DImageProcessor, Sam3DProcessor
 from sam3d_hf.data import (
     PreprocessedCache,
     Sam3DTrainingDataset,
@@ -292,7 +293,8 @@ def test_cache_is_keyed_by_processor_config_and_file_contents(tmp_path, msd_root
     shutil.copytree(msd_root, root)
     row = index_dataset(root)[0]
     cache_dir = tmp_path / "cache"
-    PreprocessedCache(processor, cache_dir).get(row)
+    cache = PreprocessedCache(processor, cache_dir)
+    cache.get(row)
     other = Sam3DImageProcessor(**{**SYNTHETIC_PROCESSOR_KWARGS, "window": (-100.0, 240.0)})
     PreprocessedCache(other, cache_dir).get(row)
     assert count_preprocess == [(-60.0, 240.0), (-100.0, 240.0)]
@@ -300,12 +302,15 @@ def test_cache_is_keyed_by_processor_config_and_file_contents(tmp_path, msd_root
     assert len(count_preprocess) == 2
     # new label contents at the same path (and same size) -> a new entry
     label = nib.load(row["label"])
-    data = np.asarray(label.dataobj).copy()
+    original = np.asarray(label.dataobj).copy()
+    data = original.copy()
     data[data == 2] = 1
     nib.save(nib.Nifti1Image(data, label.affine, label.header), row["label"])
-    out = PreprocessedCache(processor, cache_dir).get(row)
-    assert len(count_preprocess) == 3 and out["labels"].sum() == 0
-    cache = PreprocessedCache(processor, cache_dir)
+    assert cache.get(row)["labels"].sum() == 0 and len(count_preprocess) == 3  # the instance that hashed it before
+    nib.save(nib.Nifti1Image(original, label.affine, label.header), row["label"])  # back again
+    assert PreprocessedCache(processor, cache_dir).get(row)["labels"].sum() > 0 and len(count_preprocess) == 3
+    nib.save(nib.Nifti1Image(data, label.affine, label.header), row["label"])
+    assert PreprocessedCache(processor, cache_dir).get(row)["labels"].sum() == 0 and len(count_preprocess) == 3
     assert cache.clear() == 3 and not list(cache_dir.glob("*.safetensors"))
     cache.get(row)
     assert len(count_preprocess) == 4
@@ -367,8 +372,10 @@ def test_sample_points_positive_inside_negative_in_ring_empty_patch_positive():
 # ----------------------------------------------------------------------------------------------------------------------
 # Training dataset
 # ----------------------------------------------------------------------------------------------------------------------
-def test_crop_ratio_is_one_to_one(tmp_path, msd_root, processor):
-    ds = index_dataset(msd_root).select(range(3))  # the three cases with a lesion
+def test_crop_ratio_is_one_to_one(tmp_path, processor):
+    # axis-aligned scans: MONAI moves centres near the volume's faces inwards, which keeps them in the body (a
+    # cylinder along S) only when the grid is not oblique
+    ds = index_dataset(generate_dataset(tmp_path / "ras", num_cases=3, seed=1, num_lesions=1, orientation="RAS"))
     train = Sam3DTrainingDataset(
         ds, processor, patch_size=(12, 12, 12), augment=False, cache_dir=tmp_path, samples_per_volume=20
     )
@@ -376,7 +383,9 @@ def test_crop_ratio_is_one_to_one(tmp_path, msd_root, processor):
     for epoch in range(4):
         train.set_epoch(epoch)
         for i in range(len(train)):
-            centre_is_tumour.append(int(train[i]["labels"][6, 6, 6]))
+            item = train[i]
+            centre_is_tumour.append(int(item["labels"][6, 6, 6]))
+            assert item["pixel_values"][0, 6, 6, 6] > processor.pad_value  # background centres in the body, not air
     fraction = np.mean(centre_is_tumour)
     assert len(centre_is_tumour) == 240 and 0.4 < fraction < 0.6, fraction  # binomial sd 0.032
 
@@ -483,3 +492,18 @@ def test_training_dataset_errors(tmp_path, msd_root, processor):
         Sam3DTrainingDataset(ds.cast_column("image", datasets.Nifti()), processor, cache_dir=tmp_path)
     with pytest.raises(IndexError):
         Sam3DTrainingDataset(ds, processor, cache_dir=tmp_path)[len(ds)]
+
+
+def test_a_batch_trains_the_tiny_model(tmp_path, msd_root, processor):
+    """The contract with the model: a collated batch goes straight into forward and gives a finite loss and gradients
+    (non-cubic patch: the rot90 augmentation is left out, the shapes still match the model's image_size)."""
+    train = Sam3DTrainingDataset(index_dataset(msd_root), processor, patch_size=PATCH, cache_dir=tmp_path)
+    batch = next(iter(torch.utils.data.DataLoader(train, batch_size=2, shuffle=False, collate_fn=sam3d_collate)))
+    assert batch["labels"].shape == (2, *PATCH) and batch["input_points"].shape == (2, 43, 3)
+    assert ((batch["input_labels"] == 1).sum(1) >= 1).all()
+    torch.manual_seed(0)
+    model = Sam3DForPromptableSegmentation(Sam3DConfig(**TINY))
+    out = model(**batch)
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())

@@ -87,6 +87,19 @@ def test_affine_is_honoured_lesion_world_centroid_matches_the_stated_centre(orie
             assert min(distances) < 0.1 * nearest["diameter_mm"] + zooms.max() / 2, (seed, distances)
 
 
+@pytest.mark.parametrize("orientation", ["RAS", "LPS", "permuted", "oblique"])
+def test_spherical_lesion_centroid_is_within_a_fraction_of_a_voxel(orientation):
+    """With round lesions the stored-voxel centroid of the label equals inv(affine) @ centre to < 0.3 voxel (a
+    half-voxel shift of the grid, the classic off-by-half, fails)."""
+    for seed in range(3):
+        image, label, lesions = generate_case(
+            seed, orientation=orientation, num_lesions=1, lesion_irregularity=0.0, return_lesions=True
+        )
+        voxels = np.argwhere(np.asarray(label.dataobj) == 2)
+        expected = nib.affines.apply_affine(np.linalg.inv(image.affine), lesions[0]["center_world"])
+        assert np.all(np.abs(voxels.mean(0) - expected) < 0.3), (seed, voxels.mean(0) - expected)
+
+
 @pytest.mark.parametrize(
     ("orientation", "check"),
     [
