@@ -52,6 +52,7 @@ from sam3d_hf import Sam3DAdapterModel, Sam3DForPromptableSegmentation, Sam3DPro
 from sam3d_hf.data import index_dataset, load_or_create_split
 from sam3d_hf.inference import Sam3DPredictor
 from sam3d_hf.metrics import correction_click, evaluate_case, markdown_table, simulate_clicks, summarize
+from sam3d_hf.peft_sam3d import PEFT_TYPE as SPATIAL_ADAPTER_TYPE
 
 POSITION_PROTOCOLS = ("center", "surrounding", "marginal")
 CASE_COLUMNS = (
@@ -106,12 +107,12 @@ def load_model(args: argparse.Namespace) -> tuple[torch.nn.Module, Sam3DProcesso
     model = Sam3DForPromptableSegmentation.from_pretrained(folder, dtype=torch.float32)
     if args.adapter is not None:
         adapter_config = json.loads((Path(args.adapter) / "adapter_config.json").read_text())
-        if "peft_type" in adapter_config:  # a peft (LoRA) adapter
+        if adapter_config.get("peft_type") == SPATIAL_ADAPTER_TYPE:  # the paper's spatial adapters
+            model = Sam3DAdapterModel.from_pretrained(model, args.adapter).merge_and_unload()
+        else:  # a peft method (LoRA, ...)
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(model, args.adapter).merge_and_unload()
-        else:
-            model = Sam3DAdapterModel.from_pretrained(model, args.adapter).merge_and_unload()
     for candidate in (Path(args.adapter) if args.adapter else None, folder):
         if candidate is not None and (candidate / "processor_config.json").is_file():
             return model, Sam3DProcessor.from_pretrained(candidate)

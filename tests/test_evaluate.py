@@ -12,9 +12,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import PATCH, TINY, randomize
 
-from sam3d_hf import Sam3DConfig, Sam3DForPromptableSegmentation, Sam3DImageProcessor, Sam3DProcessor
+from sam3d_hf import (
+    Sam3DAdapterConfig,
+    Sam3DConfig,
+    Sam3DForPromptableSegmentation,
+    Sam3DImageProcessor,
+    Sam3DProcessor,
+    get_adapter_model,
+)
 from sam3d_hf.synthetic import SYNTHETIC_PROCESSOR_KWARGS, generate_dataset
 
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "evaluate.py"
@@ -27,9 +35,11 @@ def load_script():
     return module
 
 
-def save_model(folder: Path, use_point_labels: bool) -> Path:
-    prompt_config = {**TINY["prompt_encoder_config"], "use_point_labels": use_point_labels}
-    model = randomize(Sam3DForPromptableSegmentation(Sam3DConfig(**{**TINY, "prompt_encoder_config": prompt_config})))
+def save_model(folder: Path, use_point_labels: bool, model=None) -> Path:
+    if model is None:
+        prompt_config = {**TINY["prompt_encoder_config"], "use_point_labels": use_point_labels}
+        config = Sam3DConfig(**{**TINY, "prompt_encoder_config": prompt_config})
+        model = randomize(Sam3DForPromptableSegmentation(config))
     model.save_pretrained(folder)
     image_processor = Sam3DImageProcessor(**{**SYNTHETIC_PROCESSOR_KWARGS, "target_spacing": (2.0, 2.0, 2.0)})
     Sam3DProcessor(image_processor, patch_size=PATCH, cluster_margin=4).save_pretrained(folder)
@@ -104,6 +114,26 @@ def test_two_processes_equal_one(setup):
     assert read_csv(two / "cases.csv") == read_csv(one / "cases.csv")
     assert read_csv(two / "lesions.csv") == read_csv(one / "lesions.csv")
     assert json.loads((two / "summary.json").read_text()) == json.loads((one / "summary.json").read_text())
+
+
+def test_base_and_adapter_equal_the_adapted_model(setup, tmp_path):
+    save_model(tmp_path / "base", use_point_labels=False)
+    base = Sam3DForPromptableSegmentation.from_pretrained(tmp_path / "base")
+    adapted = get_adapter_model(base, Sam3DAdapterConfig(adapter_dim=8))
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():  # the trained tensors (what the adapter file holds) now differ from the base's
+        for parameter in adapted.model.parameters():
+            if parameter.requires_grad:
+                parameter.copy_(0.2 * torch.randn(parameter.shape, generator=generator))
+    adapted.save_pretrained(tmp_path / "adapter")
+    save_model(tmp_path / "merged", use_point_labels=False, model=adapted.merge_and_unload())
+    common = ["--data_dir", str(setup["data"]), "--protocols", "1", "--max_cases", "1"]
+    script = load_script()
+    script.main([*common, "--model", str(tmp_path / "merged"), "--output_dir", str(tmp_path / "merged_out")])
+    script.main([*common, "--base", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter"),
+                 "--output_dir", str(tmp_path / "adapter_out")])  # fmt: skip
+    merged, adapter = read_csv(tmp_path / "merged_out" / "cases.csv"), read_csv(tmp_path / "adapter_out" / "cases.csv")
+    assert merged[0]["dice"] != "" and merged == adapter
 
 
 def test_errors(setup, tmp_path):

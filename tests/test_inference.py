@@ -222,3 +222,23 @@ def test_errors(tiny_model, oblique_case):
         predictor.predict(np.concatenate([points, points[:1] + 2]), [1, 1, 0])
     with pytest.raises(ValueError, match="lacks"):
         processor.prepare_prompts({"pixel_values": np.zeros((1, 1, 4, 4, 4))}, points)
+
+
+def test_automatic_mode_settings_reach_monai(sphere_scan, monkeypatch):
+    """The paper's settings: Gaussian blending, overlap 0.7 by default, windows padded with air (not 0 = mean)."""
+    import sam3d_hf.inference as inference
+
+    seen = {}
+
+    def recording(*args, **kwargs):
+        seen.update(kwargs)
+        return inference_sliding_window(*args, **kwargs)
+
+    inference_sliding_window = inference.sliding_window_inference
+    monkeypatch.setattr(inference, "sliding_window_inference", recording)
+    processor = make_processor(spacing=1.5)
+    predictor = Sam3DPredictor(IntensityModel(), processor)
+    predictor.set_image(sphere_scan[0])
+    predictor.predict_automatic(batch_size=2)
+    assert seen["mode"] == "gaussian" and seen["overlap"] == 0.7 and seen["sw_batch_size"] == 2
+    assert seen["roi_size"] == PATCH and seen["cval"] == pytest.approx(processor.image_processor.pad_value)
