@@ -242,6 +242,9 @@ def test_segment_user_errors_are_one_line_and_write_nothing(segment_setup, tmp_p
     argv = _segment_argv(segment_setup, tmp_path / "m.nii.gz", *point)
     line = one_line_error([*argv[:2], str(tmp_path / "nowhere"), *argv[3:]], capsys)
     assert "--model" in line and "no such folder" in line
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    line = one_line_error([*argv[:2], "someone/no-such-model", *argv[3:]], capsys)  # a Hub id, offline
+    assert "--model 'someone/no-such-model' could not be loaded: " in line
     line = one_line_error([*argv[:4], str(tmp_path / "missing.nii.gz"), *argv[5:]], capsys)
     assert "missing.nii.gz" in line
     line = one_line_error([*argv, "--point", "5000,1,1"], capsys)  # outside the scan: the processor's message
