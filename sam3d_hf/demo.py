@@ -33,9 +33,10 @@ from scipy import ndimage
 __all__ = ["DEMO_SETTINGS", "run_demo"]
 
 # Sizes chosen so the full demo fits in ~10 minutes on 2 CPU cores: the tiny model at 1.5 mm voxels and a 32³ patch
-# (48 mm: a synthetic lesion of 6-25 mm with context) trains at ~1.5-2 steps/s with batch 2.
+# (48 mm: a synthetic lesion of 6-25 mm with context) trains at ~5 steps/s with batch 2 on a lightly loaded 2-core
+# machine. Measured 1-click Dice on the 5 held-out cases: 0.10 after 700 steps, 0.69 after 1600 (6.4 min in all).
 DEMO_SETTINGS = {
-    "full": {"num_cases": 24, "num_test": 5, "steps": 700, "protocols": "1,3,10,correction", "rounds": 5},
+    "full": {"num_cases": 24, "num_test": 5, "steps": 2000, "protocols": "1,3,10,correction", "rounds": 5},
     "quick": {"num_cases": 5, "num_test": 1, "steps": 8, "protocols": "1,correction", "rounds": 1},
 }
 PATCH_SIZE = (32, 32, 32)
