@@ -106,11 +106,12 @@ def run_demo(output_dir: str | os.PathLike = "sam3d-demo", quick: bool = False, 
         (work / "training").mkdir()
         _write_json(work / "training" / "split.json", split)
         image_processor = Sam3DImageProcessor(**SYNTHETIC_PROCESSOR_KWARGS, target_spacing=TARGET_SPACING)
-        Sam3DProcessor(image_processor, patch_size=PATCH_SIZE, cluster_margin=4).save_pretrained(work / "processor")
+        processor_dir = work / "training" / "processor"
+        Sam3DProcessor(image_processor, patch_size=PATCH_SIZE, cluster_margin=4).save_pretrained(processor_dir)
 
         _step(2, f"fine-tuning the tiny model for {settings['steps']} steps (accelerate launch examples/train.py)")
         train_argv = [
-            "--data_dir", str(data_dir), "--output_dir", str(work / "training"), "--processor", str(work / "processor"),
+            "--data_dir", str(data_dir), "--output_dir", str(work / "training"), "--processor", str(processor_dir),
             "--split_file", str(work / "training" / "split.json"), "--cache_dir", str(work / "cache"),
             "--patch_size", *map(str, PATCH_SIZE), "--max_train_steps", str(settings["steps"]),
             "--checkpointing_steps", str(settings["steps"]), "--checkpoints_total_limit", "1", "--seed", str(seed),
@@ -179,7 +180,7 @@ def run_demo(output_dir: str | os.PathLike = "sam3d-demo", quick: bool = False, 
         ("evaluation/overlays/", "PNG overlays: ground truth, prediction, clicks"),
         ("predictions/", "1-click masks of the held-out cases (NIfTI, the scans' geometry)"),
         ("data/", "the generated scans (MSD layout)"),
-        ("training/", "split.json and the training logs"),
+        ("training/", "split.json, the training logs and the processor it trained with"),
     ):
         print(f"  {output_dir / name}  {what}")
     print("\n" + (output_dir / "evaluation" / "table.md").read_text().strip())
