@@ -28,7 +28,17 @@ setup(
     ],
     extras_require={
         "io": ["pynrrd>=1.0", "pydicom>=2.4"],
-        "dev": ["pytest>=8", "ruff>=0.6", "parameterized>=0.9", "pynrrd>=1.0", "pydicom>=2.4", "segment-anything==1.0"],
+        # examples/evaluate.py draws overlays and curves.
+        "eval": ["matplotlib>=3.8"],
+        "dev": [
+            "pytest>=8",
+            "ruff>=0.6",
+            "parameterized>=0.9",
+            "pynrrd>=1.0",
+            "pydicom>=2.4",
+            "segment-anything==1.0",
+            "matplotlib>=3.8",
+        ],
     },
     entry_points={"console_scripts": ["sam3d=sam3d_hf.cli:main"]},
 )

@@ -24,7 +24,6 @@ from .configuration_sam3d import Sam3DConfig
 from .convert_sam3d import atomic_write
 from .image_processing_sam3d import (
     Sam3DImageProcessor,
-    Sam3DVolume,
     _get_preset,
     canonical_to_original_matrix,
     from_canonical,
@@ -204,11 +203,54 @@ class Sam3DProcessor(ProcessorMixin):
             raise ValueError("`images` is required (a path, a nibabel image or a numpy/torch array).")
         if points_in not in ("voxel", "world"):
             raise ValueError(f"`points_in` must be 'voxel' or 'world', got {points_in!r}.")
-        ip = self.image_processor
-        volume, label_data = ip._load_pair(images, segmentation_maps, spacing, affine)
-        points, labels_in, points_given = self._validate_points(input_points, input_labels, volume, points_in)
+        preprocessed = self.image_processor.preprocess(
+            images, segmentation_maps=segmentation_maps, spacing=spacing, affine=affine, return_tensors=None
+        )
+        return self.prepare_prompts(preprocessed, input_points, input_labels, points_in, return_tensors)
 
-        data, geometry = ip._geometry_and_resample(volume)
+    def prepare_prompts(
+        self,
+        preprocessed: BatchFeature | dict,
+        input_points: Any,
+        input_labels: Any = None,
+        points_in: str = "voxel",
+        return_tensors: str | None = "pt",
+        patch_origins: Sequence[Sequence[int]] | None = None,
+    ) -> BatchFeature:
+        """The click part of [`~Sam3DProcessor.__call__`]: clicks -> resampled voxels -> clusters -> patch crops.
+
+        `__call__` is `image_processor.preprocess` followed by this method; call the two yourself to preprocess a
+        volume once and prompt it many times (as [`sam3d_hf.inference.Sam3DPredictor`] does): this method only maps
+        the clicks and crops patches from the already resampled, normalised volume.
+
+        Args:
+            preprocessed: the output of `self.image_processor.preprocess(...)` for one volume (numpy arrays or
+                tensors): `pixel_values` `(1, 1, D, H, W)` on the resampled canonical grid, the geometry entries
+                (`original_size`, `original_affine`, `canonical_*`, `resampled_*`) and, optionally, `labels`
+                `(1, D, H, W)`, which are then cropped like the image.
+            input_points, input_labels, points_in, return_tensors: as in [`~Sam3DProcessor.__call__`] (points index
+                the original data's stored axes, NIfTI `(i, j, k)`, or are RAS world mm with `points_in="world"`).
+            patch_origins: optional patches to reuse, as `(3,)` resampled voxels of their corner (the `patch_origins`
+                of an earlier output). A cluster whose clicks all lie at least `cluster_margin` voxels (or up to the
+                volume's edge) inside one of them (the first that fits, in the given order) gets that patch instead
+                of one centred on it, so that a click added near earlier ones keeps an already encoded patch.
+
+        Returns:
+            The same [`BatchFeature`] as [`~Sam3DProcessor.__call__`].
+        """
+        if points_in not in ("voxel", "world"):
+            raise ValueError(f"`points_in` must be 'voxel' or 'world', got {points_in!r}.")
+        missing = [key for key in ("pixel_values", *_GEOMETRY_KEYS) if key not in preprocessed]
+        if missing:
+            raise ValueError(
+                f"`preprocessed` lacks {missing}: pass the output of `processor.image_processor.preprocess(...)`."
+            )
+        geometry = {key: _as_numpy(preprocessed[key]) for key in _GEOMETRY_KEYS}
+        data = _as_numpy(preprocessed["pixel_values"])[0, 0]
+        label_map = _as_numpy(preprocessed["labels"])[0] if preprocessed.get("labels") is not None else None
+        points, labels_in, points_given = self._validate_points(
+            input_points, input_labels, geometry["original_size"], geometry["original_affine"], points_in
+        )
         resampled_size = geometry["resampled_size"]
         # stored voxel -> resampled voxel
         to_original = canonical_to_original_matrix(
@@ -227,9 +269,17 @@ class Sam3DProcessor(ProcessorMixin):
         clusters = [
             positive[c].tolist() for c in cluster_points(points_r[positive], patch - 1 - 2 * self.cluster_margin)
         ]
+        reusable = [np.asarray(o, np.int64).reshape(3) for o in (patch_origins if patch_origins is not None else ())]
         origins = []
         for members in clusters:
             box = points_r[members]
+            # The context a reused patch must give, clipped to the volume (there is no context beyond it).
+            low = np.maximum(box.min(0) - self.cluster_margin, 0)
+            high = np.minimum(box.max(0) + self.cluster_margin, resampled_size - 1)
+            known = [o for o in reusable if np.all(low >= o) and np.all(high <= o + patch - 1)]
+            if known:
+                origins.append(known[0])
+                continue
             centre = (box.max(0) + box.min(0)) / 2
             origin = np.rint(centre - (patch - 1) / 2).astype(np.int64)
             fits = resampled_size >= patch
@@ -237,7 +287,6 @@ class Sam3DProcessor(ProcessorMixin):
             origins.append(origin)
         origins = np.stack(origins)
 
-        label_map = ip._resample_labels(label_data, geometry) if label_data is not None else None
         rows_points, rows_labels, pixel_values, label_patches, patch_affines = [], [], [], [], []
         point_cluster = np.full(len(points), -1, np.int64)
         for b, (members, origin) in enumerate(zip(clusters, origins)):
@@ -248,7 +297,7 @@ class Sam3DProcessor(ProcessorMixin):
             point_cluster[inside & (labels_in == 0) & (point_cluster < 0)] = b  # a negative click: its first patch
             rows_points.append(local[inside])
             rows_labels.append(labels_in[inside])
-            pixel_values.append(_crop(data, origin, patch, ip.pad_value))
+            pixel_values.append(_crop(data, origin, patch, self.image_processor.pad_value))
             if label_map is not None:
                 label_patches.append(_crop(label_map, origin, patch, 0))
             shift = np.eye(4)
@@ -285,7 +334,7 @@ class Sam3DProcessor(ProcessorMixin):
         )
         return BatchFeature(out, tensor_type=return_tensors)
 
-    def _validate_points(self, input_points, input_labels, volume: Sam3DVolume, points_in: str):
+    def _validate_points(self, input_points, input_labels, original_size, original_affine, points_in: str):
         """Return `(N, 3)` float64 stored-voxel points, `(N,)` int64 labels and the points as given, or raise."""
         if input_points is None:
             raise ValueError("`input_points` is required: at least one click [[p0, p1, p2], ...].")
@@ -324,10 +373,10 @@ class Sam3DProcessor(ProcessorMixin):
 
         if points_in == "world":
             homogeneous = np.concatenate([points, np.ones((len(points), 1))], axis=1)
-            voxels = (np.linalg.inv(volume.affine) @ homogeneous.T).T[:, :3]
+            voxels = (np.linalg.inv(original_affine) @ homogeneous.T).T[:, :3]
         else:
             voxels = points
-        size = np.asarray(volume.data.shape)
+        size = np.asarray(original_size)
         outside = np.any((voxels < -0.5) | (voxels > size - 0.5), axis=1)
         if outside.any():
             lines = []
@@ -410,6 +459,19 @@ class Sam3DProcessor(ProcessorMixin):
         if return_probabilities:
             return torch.from_numpy(out.astype(np.float32))
         return torch.from_numpy((out >= threshold).astype(np.uint8))
+
+
+# Geometry entries of `Sam3DImageProcessor.preprocess` that `prepare_prompts` needs and passes on.
+_GEOMETRY_KEYS = (
+    "original_size",
+    "original_affine",
+    "canonical_axes",
+    "canonical_flips",
+    "canonical_size",
+    "resampled_size",
+    "resampled_spacing",
+    "resampled_affine",
+)
 
 
 def _as_numpy(value) -> np.ndarray:

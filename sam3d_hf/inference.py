@@ -1,0 +1,281 @@
+"""Inference on whole scans: a predictor that preprocesses a scan once, encodes each patch once and decodes clicks.
+
+[`Sam3DPredictor`] follows segment-anything's `SamPredictor`: `set_image` reads, reorients, resamples and normalises
+the scan once (`Sam3DImageProcessor.preprocess`); every `predict` maps its clicks to patches
+(`Sam3DProcessor.prepare_prompts`, which keeps a click cluster in an already encoded patch when it fits there with
+`cluster_margin` voxels of context), encodes the patches it has not seen yet (`model.get_image_embeddings`, cached per
+patch origin) and runs only the prompt-dependent part of the model (prompt encoder, level-3 head and its share of the
+fused convolution) on the cached embeddings. The result comes back in the scan's original geometry
+(`Sam3DProcessor.post_process_masks`): the data's stored axis order, voxel for voxel.
+
+Coordinates. Clicks index the original data's stored axes (NIfTI `(i, j, k)`, i.e. `nib.load(path).get_fdata()[i, j,
+k]`; array axes for arrays), or are RAS world mm with `points_in="world"`, exactly as for [`Sam3DProcessor`].
+Masks and probabilities have the original data's stored shape.
+
+Automatic mode ([`Sam3DPredictor.predict_automatic`]) segments the whole scan with MONAI's
+`sliding_window_inference` (Gaussian weighting, overlap 0.7 as in the paper). The model always takes clicks, so each
+window gets one positive click at its centre voxel: a model trained without clicks carries no click information to
+honour, and the official training code (which samples clicks inside the patch, falling back to background points
+labelled positive when a crop holds no tumour) has seen a click in every kind of patch, so a fixed, content-free
+click at the window centre is the prompt closest to "no prompt" that such a model accepts. A model trained with
+clicks will segment whatever lies under each window's centre instead: use `predict` for it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from monai.inferers import sliding_window_inference
+from transformers.feature_extraction_utils import BatchFeature
+
+from .modeling_sam3d import Sam3DForPromptableSegmentation, Sam3DImageEmbeddings
+from .processing_sam3d import Sam3DProcessor
+
+__all__ = ["Sam3DPrediction", "Sam3DPredictor"]
+
+# Probabilities are handed to `post_process_masks` as one-channel logits `logit(p)`, whose sigmoid is `p` again;
+# clamping keeps 0 and 1 finite (the processor refuses non-finite logits).
+_PROBABILITY_EPS = 1e-6
+
+
+@dataclass
+class Sam3DPrediction:
+    """What [`Sam3DPredictor`] returns for one set of clicks (or one automatic pass).
+
+    Args:
+        mask (`torch.Tensor` uint8 of the scan's stored shape): `probabilities >= threshold`, in the original data's
+            stored axis order (NIfTI `(i, j, k)`), aligned voxel for voxel with the scan.
+        probabilities (`torch.Tensor` float32, same shape): foreground probability in the original geometry (patches
+            pasted with `max` where they overlap, 0 outside every patch).
+        scores (`torch.Tensor` float32 of shape `(B,)`): per patch (click cluster, one batch row; one value in
+            automatic mode), the mean foreground probability inside the predicted mask of that patch, 0 if empty.
+        logits (`torch.Tensor` of shape `(B, 2, D, H, W)`, *optional*): per-patch model logits in resampled patch
+            voxels (`None` in automatic mode).
+        inputs ([`BatchFeature`], *optional*): the processor's output for these clicks (`patch_origins`,
+            `point_cluster`, geometry), as from `Sam3DProcessor.__call__` (`None` in automatic mode).
+    """
+
+    mask: torch.Tensor
+    probabilities: torch.Tensor
+    scores: torch.Tensor
+    logits: torch.Tensor | None = None
+    inputs: BatchFeature | None = None
+
+
+class Sam3DPredictor:
+    """Set a scan once, then predict from many click sets; each patch is encoded once.
+
+    Args:
+        model ([`Sam3DForPromptableSegmentation`]): in eval mode (the predictor calls `model.eval()`), on any device;
+            inputs follow `model.device`.
+        processor ([`Sam3DProcessor`]): gives the patch size, the intensity settings and the geometry mapping.
+        bf16 (`bool`, defaults to `False`): run the model under `torch.autocast(dtype=torch.bfloat16)`. Only
+            sensible on GPUs and on CPUs with native bf16 (`avx512_bf16`/`amx_bf16` in `/proc/cpuinfo`); elsewhere it
+            is far slower than float32.
+        max_cached_patches (`int`, defaults to 8): image embeddings kept (least recently used dropped first). At
+            ViT-B and 128³ one patch's embeddings take about 270 MB (four `(256, 32³)` levels and the `(128, 64³)`
+            decoder context, float32).
+
+    Example:
+    ```python
+    predictor = Sam3DPredictor(model, processor)
+    predictor.set_image("ct.nii.gz")
+    first = predictor.predict([[120, 85, 40]])                            # encodes the patch around the click
+    second = predictor.predict([[120, 85, 40], [126, 85, 40]], [1, 0])  # same patch: prompt-dependent part only
+    save_mask_nifti(second.mask, "ct.nii.gz", "ct_mask.nii.gz")
+    ```
+    """
+
+    def __init__(
+        self,
+        model: Sam3DForPromptableSegmentation,
+        processor: Sam3DProcessor,
+        bf16: bool = False,
+        max_cached_patches: int = 8,
+    ):
+        if not isinstance(processor, Sam3DProcessor):
+            raise TypeError(f"`processor` must be a Sam3DProcessor, got {type(processor).__name__}.")
+        if isinstance(max_cached_patches, bool) or not isinstance(max_cached_patches, int) or max_cached_patches < 1:
+            raise ValueError(f"`max_cached_patches` must be an int >= 1, got {max_cached_patches!r}.")
+        self.model = model.eval()
+        self.processor = processor
+        self.bf16 = bool(bf16)
+        self.max_cached_patches = max_cached_patches
+        self.cache_hits = 0
+        self.cache_misses = 0
+        self._preprocessed: BatchFeature | None = None
+        self._cache: OrderedDict[tuple[int, int, int], Sam3DImageEmbeddings] = OrderedDict()
+
+    # ------------------------------------------------------------------------------------------------------ image
+    def set_image(self, images: Any, spacing: Sequence[float] | None = None, affine: np.ndarray | None = None) -> None:
+        """Read and preprocess one scan (path, nibabel image or array, see `load_volume`) and forget the previous
+        scan's cached patches. `spacing`/`affine` give the geometry of array inputs (per stored axis / voxel -> RAS
+        mm)."""
+        self._preprocessed = self.processor.image_processor.preprocess(
+            images, spacing=spacing, affine=affine, return_tensors=None
+        )
+        self.reset_cache()
+
+    def reset_cache(self) -> None:
+        """Drop the cached patch embeddings and zero the hit/miss counters."""
+        self._cache.clear()
+        self.cache_hits = self.cache_misses = 0
+
+    @property
+    def preprocessed(self) -> BatchFeature:
+        """The scan as `image_processor.preprocess` returned it (resampled canonical `pixel_values` and geometry)."""
+        if self._preprocessed is None:
+            raise ValueError("No scan is set: call `predictor.set_image(path_or_array)` before predicting.")
+        return self._preprocessed
+
+    def _autocast(self):
+        if not self.bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.model.device.type, dtype=torch.bfloat16)
+
+    def _embeddings(self, origin: tuple[int, int, int], pixel_values: torch.Tensor) -> Sam3DImageEmbeddings:
+        """The cached embeddings of the patch at `origin` (resampled voxel of its corner), encoding it on a miss."""
+        if origin in self._cache:
+            self.cache_hits += 1
+            self._cache.move_to_end(origin)
+            return self._cache[origin]
+        self.cache_misses += 1
+        embeddings = self.model.get_image_embeddings(pixel_values.to(self.model.device))
+        self._cache[origin] = embeddings
+        if len(self._cache) > self.max_cached_patches:
+            self._cache.popitem(last=False)
+        return embeddings
+
+    # ---------------------------------------------------------------------------------------------------- prompts
+    def predict(
+        self,
+        input_points: Any,
+        input_labels: Any = None,
+        points_in: str = "voxel",
+        threshold: float = 0.5,
+    ) -> Sam3DPrediction:
+        """Segment what the clicks point at, in the scan's original geometry.
+
+        Args:
+            input_points: `(N, 3)` clicks: stored voxel indices of the original data (NIfTI `(i, j, k)`, fractional
+                allowed) or RAS world mm with `points_in="world"`.
+            input_labels: `(N,)` 1 positive / 0 negative (defaults to all positive); negative clicks need a model with
+                `prompt_encoder_config.use_point_labels=True`. Positive clicks are grouped into patches; a negative
+                click refines every patch it falls in (see `Sam3DProcessor.__call__`).
+            points_in: `"voxel"` or `"world"`.
+            threshold: foreground probability threshold, strictly between 0 and 1.
+
+        Returns:
+            [`Sam3DPrediction`] with one score and one logits row per patch.
+        """
+        preprocessed = self.preprocessed
+        # Cached patches come first (most recent first): clicks that fit in one with `cluster_margin` voxels of context
+        # reuse it, so a click added near earlier ones costs only the prompt-dependent part of the model.
+        cached = list(reversed(self._cache))
+        inputs = self.processor.prepare_prompts(preprocessed, input_points, input_labels, points_in, "pt", cached)
+        origins = inputs["patch_origins"].tolist()
+        with torch.inference_mode(), self._autocast():
+            rows = [self._embeddings(tuple(o), inputs["pixel_values"][b : b + 1]) for b, o in enumerate(origins)]
+            embeddings = Sam3DImageEmbeddings(
+                feature_maps=tuple(torch.cat(level) for level in zip(*(row.feature_maps for row in rows))),
+                decoder_context=torch.cat([row.decoder_context for row in rows]),
+            )
+            logits = self.model(
+                image_embeddings=embeddings,
+                input_points=inputs["input_points"].to(self.model.device),
+                input_labels=inputs["input_labels"].to(self.model.device),
+            ).logits.float()
+        probabilities = self.processor.post_process_masks(logits, inputs, threshold, return_probabilities=True)
+        return Sam3DPrediction(
+            mask=(probabilities >= threshold).to(torch.uint8),
+            probabilities=probabilities,
+            scores=_scores(torch.softmax(logits, 1)[:, 1], threshold),
+            logits=logits.cpu(),
+            inputs=inputs,
+        )
+
+    # -------------------------------------------------------------------------------------------------- automatic
+    def predict_automatic(self, batch_size: int = 1, overlap: float = 0.7, threshold: float = 0.5) -> Sam3DPrediction:
+        """Segment the whole scan with sliding windows (MONAI `sliding_window_inference`, Gaussian weighting).
+
+        Every window is a `processor.patch_size` patch of the resampled scan (padded with air,
+        `image_processor.pad_value`, where it leaves the scan) and gets one positive click at its centre voxel (see
+        the module docstring for why). The windows' foreground probabilities are blended with Gaussian weights and
+        mapped back to the original geometry.
+
+        Args:
+            batch_size: windows per forward pass.
+            overlap: fraction of a window shared with its neighbour along each axis, in `[0, 1)` (the paper: 0.7).
+            threshold: foreground probability threshold, strictly between 0 and 1.
+
+        Returns:
+            [`Sam3DPrediction`] whose `scores` holds one value (mean probability inside the mask); no logits/inputs.
+        """
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"`batch_size` must be an int >= 1 (windows per forward pass), got {batch_size!r}.")
+        if not 0.0 <= overlap < 1.0:
+            raise ValueError(f"`overlap` must lie in [0, 1) (window fraction shared with a neighbour), got {overlap}.")
+        preprocessed = self.preprocessed
+        volume = torch.as_tensor(np.asarray(preprocessed["pixel_values"]), dtype=torch.float32)  # (1, 1, D, H, W)
+        patch = self.processor.patch_size
+        centre = torch.tensor([(p - 1) / 2 for p in patch], dtype=torch.float32, device=self.model.device)
+
+        def window_probabilities(windows: torch.Tensor) -> torch.Tensor:  # (B, 1, *patch) -> (B, 1, *patch)
+            batch = windows.shape[0]
+            logits = self.model(
+                pixel_values=windows,
+                input_points=centre.expand(batch, 1, 3),
+                input_labels=torch.ones(batch, 1, dtype=torch.long, device=self.model.device),
+            ).logits.float()
+            return torch.softmax(logits, dim=1)[:, 1:]
+
+        with torch.inference_mode(), self._autocast():
+            resampled = sliding_window_inference(
+                volume,
+                roi_size=patch,
+                sw_batch_size=batch_size,
+                predictor=window_probabilities,
+                overlap=overlap,
+                mode="gaussian",
+                padding_mode="constant",
+                cval=self.processor.image_processor.pad_value,
+                sw_device=self.model.device,
+                device="cpu",
+            )[0, 0].float()
+        probabilities = self._resampled_to_original(resampled)
+        mask = probabilities >= threshold
+        return Sam3DPrediction(
+            mask=mask.to(torch.uint8), probabilities=probabilities, scores=_scores(probabilities[None], threshold)
+        )
+
+    def _resampled_to_original(self, probabilities: torch.Tensor) -> torch.Tensor:
+        """Probabilities on the resampled canonical grid -> the original geometry.
+
+        Reuses `post_process_masks` (the one definition of the inverse geometry) by cutting the grid into
+        non-overlapping patch tiles, so the paste is exact, and passing `logit(p)` as one-channel logits.
+        """
+        patch = np.asarray(self.processor.patch_size)
+        size = probabilities.shape
+        counts = [int(np.ceil(n / p)) for n, p in zip(size, patch)]
+        grids = np.meshgrid(*[np.arange(c) * p for c, p in zip(counts, patch)], indexing="ij")
+        origins = np.stack(grids, axis=-1).reshape(-1, 3)
+        padded = torch.zeros(tuple(c * p for c, p in zip(counts, patch)))
+        padded[: size[0], : size[1], : size[2]] = probabilities
+        tiles = torch.stack([padded[tuple(slice(o, o + p) for o, p in zip(origin, patch))] for origin in origins])
+        logits = torch.logit(tiles.clamp(_PROBABILITY_EPS, 1 - _PROBABILITY_EPS))[:, None]
+        inputs = {**self.preprocessed, "patch_origins": origins}
+        return self.processor.post_process_masks(logits, inputs, return_probabilities=True)
+
+
+def _scores(probabilities: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Per row of `(B, ...)` probabilities, the mean probability where it reaches `threshold` (0 if it never does)."""
+    inside = probabilities >= threshold
+    total = (probabilities * inside).flatten(1).sum(1)
+    count = inside.flatten(1).sum(1)
+    return torch.where(count > 0, total / count.clamp(min=1), torch.zeros_like(total)).float()

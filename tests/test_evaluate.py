@@ -1,0 +1,148 @@
+"""examples/evaluate.py on a tiny random model and generated scans: every output file, CSV and JSON agree, and two
+real CPU processes (Accelerate) give the same results as one."""
+
+import csv
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import PATCH, TINY, randomize
+
+from sam3d_hf import (
+    Sam3DAdapterConfig,
+    Sam3DConfig,
+    Sam3DForPromptableSegmentation,
+    Sam3DImageProcessor,
+    Sam3DProcessor,
+    get_adapter_model,
+)
+from sam3d_hf.synthetic import SYNTHETIC_PROCESSOR_KWARGS, generate_dataset
+
+SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "evaluate.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("evaluate_example", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def save_model(folder: Path, use_point_labels: bool, model=None) -> Path:
+    if model is None:
+        prompt_config = {**TINY["prompt_encoder_config"], "use_point_labels": use_point_labels}
+        config = Sam3DConfig(**{**TINY, "prompt_encoder_config": prompt_config})
+        model = randomize(Sam3DForPromptableSegmentation(config))
+    model.save_pretrained(folder)
+    image_processor = Sam3DImageProcessor(**{**SYNTHETIC_PROCESSOR_KWARGS, "target_spacing": (2.0, 2.0, 2.0)})
+    Sam3DProcessor(image_processor, patch_size=PATCH, cluster_margin=4).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("evaluate")
+    data = generate_dataset(root / "data", num_cases=4, seed=1, num_lesions=2, orientation="oblique")
+    return {"root": root, "data": data, "model": save_model(root / "model", use_point_labels=True)}
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def test_every_output_and_summary_equals_csv_means(setup):
+    out = setup["root"] / "out"
+    split = setup["root"] / "split.json"
+    load_script().main([
+        "--model", str(setup["model"]), "--data_dir", str(setup["data"]), "--split_file", str(split),
+        "--split", "train", "--max_cases", "2", "--protocols", "1,3,center,correction", "--rounds", "2",
+        "--output_dir", str(out), "--dataset_name", "synthetic",
+    ])  # fmt: skip
+    train = json.loads(split.read_text())["train"]
+    rows = read_csv(out / "cases.csv")
+    assert sorted({r["case_id"] for r in rows}) == sorted(train)[:2]
+    # 1, 3, center: one row per case each; correction: rounds 0, 1, 2.
+    assert len(rows) == 2 * 6
+    for r in rows:
+        if r["protocol_name"] != "center":
+            assert json.loads(r["click_labels"]).count(1) >= 1
+    summary = json.loads((out / "summary.json").read_text())
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["method"], r["protocol"], int(r["num_clicks"]), int(r["round"])), []).append(r)
+    assert len(summary) == len(groups) == 6
+    for (method, protocol, clicks, round_), members in groups.items():
+        name = f"{method}, {clicks} click{'s' if clicks != 1 else ''} ({protocol})"
+        name += f" + {round_} correction{'s' if round_ != 1 else ''}" if round_ else ""
+        stats = summary[name]["synthetic"]
+        assert stats["n"] == len(members) == 2
+        assert stats["dice_mean"] == pytest.approx(np.mean([float(m["dice"]) for m in members]), abs=1e-12)
+        assert stats["nsd_mean"] == pytest.approx(np.mean([float(m["nsd"]) for m in members]), abs=1e-12)
+        assert stats["dice_std"] == pytest.approx(np.std([float(m["dice"]) for m in members], ddof=1), abs=1e-12)
+    lesions = read_csv(out / "lesions.csv")
+    assert len(lesions) == sum(int(r["n_lesions"]) for r in rows) > 0
+    table = (out / "table.md").read_text()
+    assert all(name in table for name in summary)
+    for png in [out / "dice_per_round.png", *(out / "overlays" / f"{case}.png" for case in sorted(train)[:2])]:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not [p for p in out.rglob(".tmp-*")]  # nothing half-written left behind
+
+
+def test_two_processes_equal_one(setup):
+    args = ["--model", str(setup["model"]), "--data_dir", str(setup["data"]), "--protocols", "1,correction",
+            "--rounds", "1", "--max_cases", "3"]  # fmt: skip
+    one, two = setup["root"] / "one", setup["root"] / "two"
+    load_script().main([*args, "--output_dir", str(one)])
+    with socket.socket() as s:  # a free port: other test runs may be launching processes too
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", str(port), str(SCRIPT)]  # fmt: skip
+    result = subprocess.run([*launch, *args, "--output_dir", str(two)], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "3 cases on 2 process(es)" in result.stdout
+    assert read_csv(two / "cases.csv") == read_csv(one / "cases.csv")
+    assert read_csv(two / "lesions.csv") == read_csv(one / "lesions.csv")
+    assert json.loads((two / "summary.json").read_text()) == json.loads((one / "summary.json").read_text())
+
+
+def test_base_and_adapter_equal_the_adapted_model(setup, tmp_path):
+    save_model(tmp_path / "base", use_point_labels=False)
+    base = Sam3DForPromptableSegmentation.from_pretrained(tmp_path / "base")
+    adapted = get_adapter_model(base, Sam3DAdapterConfig(adapter_dim=8))
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():  # the trained tensors (what the adapter file holds) now differ from the base's
+        for parameter in adapted.model.parameters():
+            if parameter.requires_grad:
+                parameter.copy_(0.2 * torch.randn(parameter.shape, generator=generator))
+    adapted.save_pretrained(tmp_path / "adapter")
+    save_model(tmp_path / "merged", use_point_labels=False, model=adapted.merge_and_unload())
+    common = ["--data_dir", str(setup["data"]), "--protocols", "1", "--max_cases", "1"]
+    script = load_script()
+    script.main([*common, "--model", str(tmp_path / "merged"), "--output_dir", str(tmp_path / "merged_out")])
+    script.main([*common, "--base", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter"),
+                 "--output_dir", str(tmp_path / "adapter_out")])  # fmt: skip
+    merged, adapter = read_csv(tmp_path / "merged_out" / "cases.csv"), read_csv(tmp_path / "adapter_out" / "cases.csv")
+    assert merged[0]["dice"] != "" and merged == adapter
+
+
+def test_errors(setup, tmp_path):
+    script = load_script()
+    plain = save_model(tmp_path / "plain", use_point_labels=False)
+    base = ["--data_dir", str(setup["data"]), "--output_dir", str(tmp_path / "out")]
+    with pytest.raises(ValueError, match="use_point_labels"):
+        script.main([*base, "--model", str(plain), "--protocols", "correction"])
+    with pytest.raises(SystemExit):
+        script.main([*base, "--model", str(plain), "--protocols", "1,sideways"])
+    with pytest.raises(SystemExit):
+        script.main([*base, "--model", str(plain), "--base", str(plain)])

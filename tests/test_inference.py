@@ -1,0 +1,244 @@
+"""Sam3DPredictor: cached clicks equal a fresh full forward, masks land in the original geometry, negative clicks
+reach the model, the encoder runs once per patch, and automatic sliding-window mode."""
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from conftest import PATCH, TINY, randomize
+from torch import nn
+
+from sam3d_hf import Sam3DConfig, Sam3DForPromptableSegmentation, Sam3DImageProcessor, Sam3DProcessor
+from sam3d_hf.inference import Sam3DPredictor
+from sam3d_hf.metrics import dice_score
+from sam3d_hf.modeling_sam3d import Sam3DImageEmbeddings, Sam3DSegmentationOutput
+from sam3d_hf.synthetic import SYNTHETIC_PROCESSOR_KWARGS, generate_case
+
+
+def make_processor(spacing: float = 2.0) -> Sam3DProcessor:
+    image_processor = Sam3DImageProcessor(**{**SYNTHETIC_PROCESSOR_KWARGS, "target_spacing": (spacing,) * 3})
+    return Sam3DProcessor(image_processor, patch_size=PATCH, cluster_margin=4)
+
+
+@pytest.fixture(scope="module")
+def oblique_case():
+    """An oblique, anisotropic (0.77 x 0.77 x 2.9 mm, 131 x 131 x 21) generated scan; a click in a lesion and one
+    ~65 mm away in-plane, too far for one patch."""
+    image, label = generate_case(3, orientation="oblique", num_lesions=2)
+    lesion = np.argwhere(np.asarray(label.dataobj) == 2)[0].astype(np.float64)
+    return image, np.stack([lesion, [10.0, 120.0, 15.0]])
+
+
+def fresh_logits(model, processor, image, points, labels=None):
+    inputs = processor(images=image, input_points=points, input_labels=labels)
+    with torch.no_grad():
+        return model(**inputs).logits, inputs
+
+
+def test_cached_clicks_equal_fresh_forward(tiny_model, oblique_case):
+    image, points = oblique_case
+    processor = make_processor()
+    predictor = Sam3DPredictor(tiny_model, processor)
+    predictor.set_image(image)
+    # First call: nothing cached, the predictor must reproduce processor + model + post-processing exactly.
+    prediction = predictor.predict(points)
+    logits, inputs = fresh_logits(tiny_model, processor, image, points)
+    assert torch.equal(prediction.inputs["patch_origins"], inputs["patch_origins"])
+    torch.testing.assert_close(prediction.logits, logits, atol=1e-4, rtol=1e-4)  # batch 2 vs 1 rounding
+    expected = processor.post_process_masks(logits, inputs, return_probabilities=True)
+    torch.testing.assert_close(prediction.probabilities, expected, atol=1e-4, rtol=1e-4)
+    assert tuple(prediction.mask.shape) == image.shape
+    assert torch.equal(prediction.mask, (expected >= 0.5).to(torch.uint8))
+    assert len(prediction.scores) == 2  # two clicks far apart -> two patches, one score each
+    # Clicks added near cached ones reuse their patches; logits equal a full forward of the same patches and clicks.
+    nearby = points[:1] + np.array([3.0, -2.0, 1.0])
+    for clicks in (points[:1], nearby, points[::-1], np.concatenate([points, points + 2])):
+        prediction = predictor.predict(clicks)
+        inputs = prediction.inputs
+        with torch.no_grad():
+            logits = tiny_model(**{k: inputs[k] for k in ("pixel_values", "input_points", "input_labels")}).logits
+        torch.testing.assert_close(prediction.logits, logits, atol=1e-4, rtol=1e-4)
+        expected = processor.post_process_masks(logits, inputs)
+        assert tuple(expected.shape) == image.shape and torch.equal(prediction.mask, expected)
+    assert (predictor.cache_misses, predictor.cache_hits) == (2, 6)
+
+
+class CountingEncoder:
+    def __init__(self, model):
+        self.calls = 0
+        self.original = model.get_image_embeddings
+
+    def __call__(self, pixel_values):
+        self.calls += pixel_values.shape[0]
+        return self.original(pixel_values)
+
+
+def test_second_click_on_same_patch_skips_the_encoder(tiny_model, oblique_case):
+    image, points = oblique_case
+    counter = CountingEncoder(tiny_model)
+    tiny_model.get_image_embeddings = counter
+    predictor = Sam3DPredictor(tiny_model, make_processor())
+    predictor.set_image(image)
+    predictor.predict(points[:1])
+    predictor.predict(points[:1])
+    assert counter.calls == 1 and (predictor.cache_hits, predictor.cache_misses) == (1, 1)
+    predictor.predict(points)  # the second click's patch is new
+    assert counter.calls == 2 and (predictor.cache_hits, predictor.cache_misses) == (2, 2)
+    predictor.set_image(image)  # a new scan forgets the patches
+    predictor.predict(points[:1])
+    assert counter.calls == 3 and (predictor.cache_hits, predictor.cache_misses) == (0, 1)
+
+
+def test_least_recently_used_patch_is_dropped(tiny_model, oblique_case):
+    image, points = oblique_case
+    counter = CountingEncoder(tiny_model)
+    tiny_model.get_image_embeddings = counter
+    predictor = Sam3DPredictor(tiny_model, make_processor(), max_cached_patches=1)
+    predictor.set_image(image)
+    for clicks in (points[:1], points[1:], points[:1], points[:1]):
+        predictor.predict(clicks)
+    assert counter.calls == 3 and predictor.cache_hits == 1
+
+
+def test_negative_clicks_reach_the_model(oblique_case):
+    prompt_config = {**TINY["prompt_encoder_config"], "use_point_labels": True}
+    config = Sam3DConfig(**{**TINY, "prompt_encoder_config": prompt_config})
+    model = randomize(Sam3DForPromptableSegmentation(config)).eval()
+    image, points = oblique_case
+    processor = make_processor()
+    predictor = Sam3DPredictor(model, processor)
+    predictor.set_image(image)
+    clicks = np.concatenate([points[:1], points[:1] + np.array([4.0, 4.0, 1.0])])
+    negative = predictor.predict(clicks, [1, 0])
+    positive = predictor.predict(clicks, [1, 1])
+    assert (negative.logits - positive.logits).abs().max() > 1e-3
+    logits, _ = fresh_logits(model, processor, image, clicks, [1, 0])
+    torch.testing.assert_close(negative.logits, logits, atol=1e-5, rtol=1e-5)
+
+
+def test_bf16_autocast_stays_close_to_float32(tiny_model, oblique_case):
+    image, points = oblique_case
+    float32 = Sam3DPredictor(tiny_model, make_processor())
+    bf16 = Sam3DPredictor(tiny_model, make_processor(), bf16=True)
+    for predictor in (float32, bf16):
+        predictor.set_image(image)
+    reference, reduced = float32.predict(points[:1]), bf16.predict(points[:1])
+    assert reduced.logits.dtype == torch.float32
+    assert not torch.equal(reference.logits, reduced.logits)  # autocast did run in bf16
+    assert dice_score(reduced.mask, reference.mask) > 0.95
+
+
+# ------------------------------------------------------------------------------ geometry with an analytic model
+class IntensityModel(nn.Module):
+    """Foreground logit = 4 x the normalised intensity: the prediction is the image, thresholded where it crosses the
+    normalisation mean. Records the clicks it gets."""
+
+    def __init__(self):
+        super().__init__()
+        self.anchor = nn.Parameter(torch.zeros(()))  # gives the module a device
+        self.calls = []
+
+    @property
+    def device(self):
+        return self.anchor.device
+
+    def get_image_embeddings(self, pixel_values):
+        return Sam3DImageEmbeddings(feature_maps=(pixel_values,), decoder_context=pixel_values)
+
+    def forward(self, pixel_values=None, input_points=None, input_labels=None, image_embeddings=None):
+        image = pixel_values if pixel_values is not None else image_embeddings.decoder_context
+        self.calls.append((input_points.clone(), input_labels.clone(), image.shape[0]))
+        logits = torch.cat([torch.zeros_like(image), 4 * image], dim=1).expand(input_points.shape[0], -1, -1, -1, -1)
+        return Sam3DSegmentationOutput(logits=logits)
+
+
+@pytest.fixture(scope="module")
+def sphere_scan():
+    """A smooth bright ball (radius 10 mm) in a permuted, oblique, anisotropic grid, and its analytic mask."""
+    rotation = np.array([[0.0, 0.98, -0.17], [0.0, 0.17, 0.98], [1.0, 0.0, 0.0]])  # stored axes -> S/A/R-ish
+    zooms = np.array([2.5, 0.8, 1.1])
+    affine = np.eye(4)
+    affine[:3, :3] = rotation * zooms
+    affine[:3, 3] = [-20.0, 15.0, 5.0]
+    shape = (30, 90, 70)
+    ijk = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1).reshape(-1, 3)
+    world = ijk @ affine[:3, :3].T + affine[:3, 3]
+    centre_voxel = np.array([14.0, 50.0, 30.0])
+    centre = affine[:3, :3] @ centre_voxel + affine[:3, 3]
+    radius = np.linalg.norm(world - centre, axis=1).reshape(shape)
+    # 120 HU (the normalisation mean, so probability 0.5) exactly on the 10 mm sphere.
+    hu = SYNTHETIC_PROCESSOR_KWARGS["intensity_mean"] + 100 * np.tanh((10.0 - radius) / 3.0)
+    return nib.Nifti1Image(hu.astype(np.float32), affine), radius < 10.0, centre_voxel
+
+
+def test_mask_is_aligned_with_the_original_scan(sphere_scan):
+    image, expected, centre = sphere_scan
+    predictor = Sam3DPredictor(IntensityModel(), make_processor(spacing=1.5))
+    predictor.set_image(image)
+    prediction = predictor.predict([centre])
+    assert tuple(prediction.mask.shape) == image.shape
+    assert dice_score(prediction.mask, expected) > 0.95
+    # Shifted by one voxel along any stored axis, the agreement drops: the test resolves misalignment.
+    for axis in range(3):
+        assert dice_score(np.roll(prediction.mask.numpy(), 2, axis=axis), expected) < dice_score(
+            prediction.mask, expected
+        )
+
+
+def test_automatic_mode_blends_windows_with_centre_clicks(sphere_scan):
+    image, expected, _ = sphere_scan
+    model = IntensityModel()
+    predictor = Sam3DPredictor(model, make_processor(spacing=1.5))
+    predictor.set_image(image)
+    prediction = predictor.predict_automatic(batch_size=3, overlap=0.5)
+    assert tuple(prediction.mask.shape) == image.shape
+    # Every window agrees on every voxel, so Gaussian blending must give the image's own probability everywhere.
+    assert dice_score(prediction.mask, expected) > 0.95
+    centre = torch.tensor([(p - 1) / 2 for p in PATCH])
+    batches = [batch for _, _, batch in model.calls]
+    assert max(batches) == 3 and len(batches) > 1
+    for points, labels, batch in model.calls:
+        assert points.shape == (batch, 1, 3) and torch.equal(points, centre.expand(batch, 1, 3))
+        assert torch.equal(labels, torch.ones(batch, 1, dtype=torch.long))
+
+
+# --------------------------------------------------------------------------------------------------------- errors
+def test_errors(tiny_model, oblique_case):
+    image, points = oblique_case
+    processor = make_processor()
+    predictor = Sam3DPredictor(tiny_model, processor)
+    with pytest.raises(ValueError, match="No scan is set"):
+        predictor.predict(points)
+    with pytest.raises(TypeError, match="must be a Sam3DProcessor"):
+        Sam3DPredictor(tiny_model, processor.image_processor)
+    with pytest.raises(ValueError, match="max_cached_patches"):
+        Sam3DPredictor(tiny_model, processor, max_cached_patches=0)
+    predictor.set_image(image)
+    with pytest.raises(ValueError, match="batch_size"):
+        predictor.predict_automatic(batch_size=0)
+    with pytest.raises(ValueError, match="overlap"):
+        predictor.predict_automatic(overlap=1.0)
+    with pytest.raises(ValueError, match="cannot use them"):  # the tiny model has no point labels
+        predictor.predict(np.concatenate([points, points[:1] + 2]), [1, 1, 0])
+    with pytest.raises(ValueError, match="lacks"):
+        processor.prepare_prompts({"pixel_values": np.zeros((1, 1, 4, 4, 4))}, points)
+
+
+def test_automatic_mode_settings_reach_monai(sphere_scan, monkeypatch):
+    """The paper's settings: Gaussian blending, overlap 0.7 by default, windows padded with air (not 0 = mean)."""
+    import sam3d_hf.inference as inference
+
+    seen = {}
+
+    def recording(*args, **kwargs):
+        seen.update(kwargs)
+        return inference_sliding_window(*args, **kwargs)
+
+    inference_sliding_window = inference.sliding_window_inference
+    monkeypatch.setattr(inference, "sliding_window_inference", recording)
+    processor = make_processor(spacing=1.5)
+    predictor = Sam3DPredictor(IntensityModel(), processor)
+    predictor.set_image(sphere_scan[0])
+    predictor.predict_automatic(batch_size=2)
+    assert seen["mode"] == "gaussian" and seen["overlap"] == 0.7 and seen["sw_batch_size"] == 2
+    assert seen["roi_size"] == PATCH and seen["cval"] == pytest.approx(processor.image_processor.pad_value)
