@@ -23,6 +23,7 @@ from .image_processing_sam3d import (
     compute_intensity_statistics,
     load_volume,
 )
+from .inference import Sam3DPrediction, Sam3DPredictor
 from .metrics import (
     CLICK_PROTOCOLS,
     correction_click,
@@ -84,6 +85,8 @@ __all__ = [
     "Sam3DImageProcessor",
     "Sam3DMaskDecoderConfig",
     "Sam3DPreTrainedModel",
+    "Sam3DPrediction",
+    "Sam3DPredictor",
     "Sam3DProcessor",
     "Sam3DPromptEncoderConfig",
     "Sam3DSegmentationOutput",

@@ -203,8 +203,15 @@ class Sam3DProcessor(ProcessorMixin):
             raise ValueError("`images` is required (a path, a nibabel image or a numpy/torch array).")
         if points_in not in ("voxel", "world"):
             raise ValueError(f"`points_in` must be 'voxel' or 'world', got {points_in!r}.")
+        if isinstance(images, (list, tuple)):
+            if len(images) != 1:
+                raise ValueError(f"Pass one volume per call (clicks are per volume), got a list of {len(images)}.")
+            images = images[0]
+        volume = load_volume(images, spacing=spacing, affine=affine)
+        # Bad clicks are reported before the whole-volume resampling (seconds on a large scan), not after it.
+        self._validate_points(input_points, input_labels, volume.data.shape, volume.affine, points_in)
         preprocessed = self.image_processor.preprocess(
-            images, segmentation_maps=segmentation_maps, spacing=spacing, affine=affine, return_tensors=None
+            volume.data, segmentation_maps=segmentation_maps, affine=volume.affine, return_tensors=None
         )
         return self.prepare_prompts(preprocessed, input_points, input_labels, points_in, return_tensors)
 

@@ -621,3 +621,17 @@ def test_error_save_mask_nifti_values(tmp_path):
     with pytest.raises(ValueError, match="`dtype` must be None \\(integer labels\\) or 'float32'"):
         save_mask_nifti(np.zeros(SHAPE), img, tmp_path / "bad.nii.gz", dtype="uint8")
     assert sorted(os.listdir(tmp_path)) == []  # nothing half-written
+
+
+def test_bad_clicks_are_refused_before_the_volume_is_resampled(monkeypatch):
+    """A click outside the scan is a user error found from the header alone: no resampling is spent on it."""
+    processor = Sam3DProcessor(patch_size=(16, 16, 16), cluster_margin=2)
+    calls = []
+    original = processor.image_processor.preprocess
+    monkeypatch.setattr(processor.image_processor, "preprocess", lambda *a, **k: calls.append(1) or original(*a, **k))
+    volume = np.zeros((20, 22, 8), np.float32)
+    with pytest.raises(ValueError, match="outside the volume"):
+        processor(images=volume, spacing=(1.0, 1.0, 3.0), input_points=[[5, 5, 30]])
+    assert calls == []
+    processor(images=volume, spacing=(1.0, 1.0, 3.0), input_points=[[5, 5, 3]])
+    assert calls == [1]

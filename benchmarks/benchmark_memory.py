@@ -1,0 +1,67 @@
+"""Peak memory of one training step of the paper's scheme (adapters, norms, new 3D parts, prompt encoder, decoder).
+
+Each setting runs in its own process under an address-space limit, so a setting that does not fit fails with
+MemoryError instead of taking the machine down, and each process's peak RSS is its own:
+
+    python benchmarks/benchmark_memory.py --size 128 --limit_gb 20
+    python benchmarks/benchmark_memory.py --size 64 --settings plain checkpointing bf16 checkpointing+bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+
+def one_step(size: int, setting: str, limit_gb: float) -> None:
+    resource.setrlimit(resource.RLIMIT_AS, (int(limit_gb * 2**30), int(limit_gb * 2**30)))
+    import torch
+
+    from sam3d_hf import Sam3DAdapterConfig, Sam3DConfig, Sam3DForPromptableSegmentation, get_adapter_model
+
+    config = Sam3DConfig(
+        vision_config={"image_size": size}, prompt_encoder_config={"use_point_labels": True}
+    )  # ViT-B, as the package trains it
+    model = get_adapter_model(Sam3DForPromptableSegmentation(config), Sam3DAdapterConfig())
+    if "checkpointing" in setting:
+        model.model.activation_checkpointing_enable()
+    model.train()
+    pixel_values = torch.randn(1, 1, size, size, size)
+    points = torch.tensor([[[size / 2, size / 2, size / 2]]])
+    labels = torch.zeros(1, size, size, size, dtype=torch.long)
+    labels[:, size // 3 : size // 2, size // 3 : size // 2, size // 3 : size // 2] = 1
+    start = time.perf_counter()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled="bf16" in setting):
+        loss = model(pixel_values=pixel_values, input_points=points, labels=labels).loss
+    loss.backward()
+    seconds = time.perf_counter() - start
+    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    print(json.dumps({"size": size, "setting": setting, "peak_rss_gb": round(peak_gb, 2), "step_s": round(seconds, 1)}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=int, default=128, help="cubic patch size (ViT-B)")
+    parser.add_argument("--settings", nargs="+", default=["checkpointing", "plain"])
+    parser.add_argument("--limit_gb", type=float, default=20.0, help="address-space limit per setting")
+    parser.add_argument("--_child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args._child:
+        one_step(args.size, args._child, args.limit_gb)
+        return
+    for setting in args.settings:
+        command = [sys.executable, __file__, "--size", str(args.size), "--limit_gb", str(args.limit_gb)]
+        result = subprocess.run([*command, "--_child", setting], capture_output=True, text=True)
+        if result.returncode == 0:
+            print(result.stdout.strip().splitlines()[-1])
+        else:
+            reason = "MemoryError" if "MemoryError" in result.stderr or "alloc" in result.stderr else "failed"
+            print(json.dumps({"size": args.size, "setting": setting, "result": f"{reason} under {args.limit_gb} GB"}))
+
+
+if __name__ == "__main__":
+    main()
