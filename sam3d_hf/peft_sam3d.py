@@ -94,6 +94,9 @@ class Sam3DAdapterConfig:
     )
     revision: str | None = field(default=None, metadata={"help": "Revision of the base model on the Hub."})
     inference_mode: bool = field(default=False, metadata={"help": "Freeze everything after loading."})
+    sam3d_hf_version: str | None = field(
+        default=None, metadata={"help": "Version of sam3d-hf that wrote the file (set by save_pretrained)."}
+    )
 
     def __post_init__(self):
         if self.peft_type != PEFT_TYPE:
@@ -155,8 +158,13 @@ class Sam3DAdapterConfig:
         atomic_write(directory / ADAPTER_CONFIG_NAME, lambda temporary: Path(temporary).write_text(text, "utf-8"))
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike) -> Sam3DAdapterConfig:
-        """Read `adapter_config.json` from a folder; unknown keys are an error (a different scheme or version)."""
+    def from_pretrained(
+        cls, directory: str | os.PathLike, revision: str | None = None, **download_kwargs
+    ) -> Sam3DAdapterConfig:
+        """Read `adapter_config.json` from a folder or a Hub repo id (downloaded with `revision` and the Hub cache,
+        `download_kwargs` go to `huggingface_hub.snapshot_download`); unknown keys are an error (a different scheme
+        or version)."""
+        directory = resolve_adapter_folder(directory, revision, **download_kwargs)
         path = Path(directory) / ADAPTER_CONFIG_NAME
         if not path.is_file():
             raise ValueError(f"no {ADAPTER_CONFIG_NAME} in {directory}; is this a Sam3D adapter folder?")
@@ -173,6 +181,31 @@ class Sam3DAdapterConfig:
         if unknown:
             raise ValueError(f"{path} has unknown keys {unknown}; expected keys among {sorted(known)}")
         return cls(**values)
+
+
+def resolve_adapter_folder(name_or_path: str | os.PathLike, revision: str | None = None, **download_kwargs) -> Path:
+    """A local adapter folder as it is, or a Hub repo id downloaded (only the two adapter files) into the Hub cache."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    name = os.fspath(name_or_path)
+    if path.exists() or not re.fullmatch(r"[\w.-]+/[\w.-]+", name) or name.startswith("."):
+        raise ValueError(
+            f"{name!r} is neither an adapter folder nor a Hub repo id ('org/name'); give the folder that holds "
+            f"{ADAPTER_CONFIG_NAME} and {ADAPTER_WEIGHTS_NAME}"
+        )
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = snapshot_download(
+            name, revision=revision, allow_patterns=[ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME], **download_kwargs
+        )
+    except Exception as error:  # offline, missing repo, no access: each library raises its own type
+        raise ValueError(
+            f"could not download the adapter {name!r} (revision {revision or 'main'}) from the Hub: "
+            f"{type(error).__name__}: {error}. Check the id and your network, or pass a local folder"
+        ) from error
+    return Path(folder)
 
 
 def _adapter_plan(model: Sam3DForPromptableSegmentation, config: Sam3DAdapterConfig) -> list[str]:
@@ -392,7 +425,9 @@ class Sam3DAdapterModel(nn.Module):
                 os.fspath(target),
                 ADAPTER_CONFIG_NAME,
             )
-        config = self.adapter_config
+        from . import __version__
+
+        config = dataclasses.replace(self.adapter_config, sam3d_hf_version=__version__)  # as peft records its own
         if config.base_model_name_or_path is None and self.model.config._name_or_path:
             config = dataclasses.replace(config, base_model_name_or_path=self.model.config._name_or_path)
         tensors = self.adapter_state_dict()
@@ -401,11 +436,19 @@ class Sam3DAdapterModel(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, model: Sam3DForPromptableSegmentation, adapter_directory: str | os.PathLike, is_trainable: bool = False
+        cls,
+        model: Sam3DForPromptableSegmentation,
+        adapter_directory: str | os.PathLike,
+        is_trainable: bool = False,
+        revision: str | None = None,
+        **download_kwargs,
     ) -> Sam3DAdapterModel:
-        """Put a saved adapter on a base model (e.g. a fresh `from_sam_pretrained` conversion). Every tensor the
+        """Put a saved adapter on a base model (e.g. a fresh `from_sam_pretrained` conversion). `adapter_directory`
+        is a local folder or a Hub repo id (`"org/sam3d-kits21-adapter"`, at `revision`, through the Hub cache;
+        `download_kwargs` such as `cache_dir` or `token` go to `huggingface_hub.snapshot_download`). Every tensor the
         config says is trained must be in the file with the model's shape; anything else is an error, raised before
         the model is changed (a failed load leaves it exactly as it was)."""
+        adapter_directory = resolve_adapter_folder(adapter_directory, revision, **download_kwargs)
         config = Sam3DAdapterConfig.from_pretrained(adapter_directory)
         config = dataclasses.replace(config, inference_mode=not is_trainable)
         path = Path(adapter_directory) / ADAPTER_WEIGHTS_NAME
@@ -487,4 +530,5 @@ __all__ = [
     "get_adapter_model",
     "lora_config",
     "parameter_group",
+    "resolve_adapter_folder",
 ]

@@ -199,8 +199,11 @@ def test_config_round_trip_and_errors(tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8}))
     with pytest.raises(ValueError, match=r"is a peft 'LORA' adapter.*peft.PeftModel.from_pretrained"):
         Sam3DAdapterConfig.from_pretrained(tmp_path)
-    with pytest.raises(ValueError, match=r"no adapter_config\.json"):
+    with pytest.raises(ValueError, match=r"neither an adapter folder nor a Hub repo id"):
         Sam3DAdapterConfig.from_pretrained(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"no adapter_config\.json"):
+        Sam3DAdapterConfig.from_pretrained(tmp_path / "empty")
     (tmp_path / "adapter_config.json").write_text(json.dumps({"adapter_dim": 8, "rank": 4}))
     with pytest.raises(ValueError, match=r"unknown keys \['rank'\]"):
         Sam3DAdapterConfig.from_pretrained(tmp_path)
@@ -508,3 +511,39 @@ def test_full_finetuning_trains_everything(tiny_inputs):
     unchanged = [name for name, tensor in model.named_parameters() if torch.equal(tensor, before[name])]
     assert not unchanged
     assert logits(model, tiny_inputs).shape == (2, 2, *PATCH)
+
+
+def test_adapter_loads_by_hub_id_with_revision_and_records_the_package_version(tiny_inputs, tmp_path, monkeypatch):
+    """A Hub id goes through huggingface_hub's download (patched here: a local folder laid out like the repo), with the
+    revision and only the two adapter files asked for; the saved config records the package version, as peft does."""
+    import huggingface_hub
+
+    import sam3d_hf
+
+    trained = get_adapter_model(base_model(seed=1), Sam3DAdapterConfig())
+    training_step(trained, tiny_inputs)
+    repo = tmp_path / "hub" / "org" / "sam3d-tiny-adapter"
+    trained.save_pretrained(repo)
+    (repo / "README.md").write_text("card")  # a real repo holds more than the adapter
+    assert json.loads((repo / "adapter_config.json").read_text())["sam3d_hf_version"] == sam3d_hf.__version__
+
+    calls = []
+
+    def fake_snapshot_download(repo_id, revision=None, allow_patterns=None, **kwargs):
+        calls.append((repo_id, revision, sorted(allow_patterns), kwargs))
+        if repo_id != "org/sam3d-tiny-adapter":
+            raise huggingface_hub.errors.LocalEntryNotFoundError(f"offline and {repo_id} is not cached")
+        return str(repo)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    loaded = Sam3DAdapterModel.from_pretrained(base_model(seed=2), "org/sam3d-tiny-adapter", revision="v1")
+    assert torch.equal(logits(loaded, tiny_inputs), logits(trained, tiny_inputs))
+    assert calls[0][:3] == ("org/sam3d-tiny-adapter", "v1", ["adapter_config.json", "adapter_model.safetensors"])
+
+    model = base_model(seed=2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"could not download the adapter 'org/missing'.*LocalEntryNotFoundError"):
+        Sam3DAdapterModel.from_pretrained(model, "org/missing")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match="neither an adapter folder nor a Hub repo id"):
+        Sam3DAdapterModel.from_pretrained(model, tmp_path / "not" / "here" / "at-all")
