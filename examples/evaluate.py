@@ -35,9 +35,6 @@ import argparse
 import csv
 import json
 import math
-import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +46,7 @@ from accelerate.utils import gather_object
 from scipy import ndimage
 
 from sam3d_hf import Sam3DAdapterModel, Sam3DForPromptableSegmentation, Sam3DProcessor
+from sam3d_hf.convert_sam3d import atomic_write
 from sam3d_hf.data import index_dataset, load_or_create_split
 from sam3d_hf.inference import Sam3DPredictor
 from sam3d_hf.metrics import correction_click, evaluate_case, markdown_table, simulate_clicks, summarize
@@ -199,22 +197,6 @@ def evaluate_one(case: dict[str, Any], predictor: Sam3DPredictor, args: argparse
 
 
 # ------------------------------------------------------------------------------------------------ outputs
-def atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """`write(tmp)` into a temporary file next to `path`, give it the umask's mode, then move it into place."""
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0o600
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def write_csv(path: Path, rows: list[dict[str, Any]], columns: tuple[str, ...]) -> None:
     def write(tmp: str) -> None:
         with open(tmp, "w", newline="", encoding="utf-8") as f:
@@ -222,7 +204,7 @@ def write_csv(path: Path, rows: list[dict[str, Any]], columns: tuple[str, ...]) 
             writer.writeheader()
             writer.writerows(rows)
 
-    atomic_write(path, write)
+    atomic_write(path, write, suffix=path.suffix)
 
 
 def write_text(path: Path, text: str) -> None:
@@ -230,7 +212,7 @@ def write_text(path: Path, text: str) -> None:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
 
-    atomic_write(path, write)
+    atomic_write(path, write, suffix=path.suffix)
 
 
 def _json_safe(value: Any) -> Any:
@@ -286,7 +268,7 @@ def save_overlay(path, image, tumour, prediction, points, labels, affine, window
             panel.set_axis_off()
     figure.suptitle(f"{title} -- green: ground truth, red: prediction, x: clicks (yellow +, cyan -)", fontsize=10)
     figure.tight_layout()
-    atomic_write(Path(path), lambda tmp: figure.savefig(tmp, format="png", dpi=90))
+    atomic_write(Path(path), lambda tmp: figure.savefig(tmp, format="png", dpi=90), suffix=".png")
     plt.close(figure)
 
 
@@ -313,7 +295,7 @@ def save_curve(path: Path, rows: list[dict[str, Any]]) -> None:
     axis.grid(alpha=0.3)
     axis.legend()
     figure.tight_layout()
-    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=90))
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=90), suffix=".png")
     plt.close(figure)
 
 

@@ -48,6 +48,7 @@ from sam3d_hf import (
     get_adapter_model,
     lora_config,
 )
+from sam3d_hf.convert_sam3d import atomic_write
 from sam3d_hf.data import Sam3DTrainingDataset, index_dataset, load_or_create_split, sam3d_collate, validate_dataset
 
 logger = get_logger(__name__)
@@ -184,13 +185,7 @@ class JSONLinesTracker(GeneralTracker):
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(handle, "w", encoding="utf-8") as file:
-        file.write(text)
-        file.flush()
-        os.fsync(file.fileno())
-    os.chmod(temporary, 0o666 & ~current_umask())  # mkstemp gives 0600
-    os.replace(temporary, path)
+    atomic_write(path, lambda temporary: Path(temporary).write_text(text, encoding="utf-8"))
 
 
 def current_umask() -> int:

@@ -746,6 +746,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], suffix: 
     os.close(handle)
     try:
         write(temporary)
+        with open(temporary, "rb") as file:  # on disk before the rename, so a crash never exposes an empty file
+            os.fsync(file.fileno())
         os.chmod(temporary, _usual_mode(is_dir=False))
         os.replace(temporary, path)
     except BaseException:

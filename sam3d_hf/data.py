@@ -22,9 +22,8 @@ import json
 import logging
 import os
 import re
-import tempfile
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +36,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 from scipy import ndimage
 
+from .convert_sam3d import atomic_write
 from .image_processing_sam3d import NIFTI_SUFFIXES, NRRD_SUFFIXES, Sam3DImageProcessor, load_volume
 
 __all__ = [
@@ -67,23 +67,6 @@ _LAYOUT_HELP = (
 # ----------------------------------------------------------------------------------------------------------------------
 # Small helpers
 # ----------------------------------------------------------------------------------------------------------------------
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """`write(tmp)` to a temporary file next to `path`, then `os.replace` it there, with umask permissions."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def _write_json(path: Path, obj: Any) -> None:
     text = json.dumps(obj, indent=2) + "\n"
 
@@ -91,7 +74,8 @@ def _write_json(path: Path, obj: Any) -> None:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
 
-    _atomic_write(path, write)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, write, suffix=path.suffix)
 
 
 def _strip_suffix(name: str) -> str | None:
@@ -590,7 +574,8 @@ class PreprocessedCache:
             "label": "" if case.get("label") is None else os.fspath(case["label"]),
             "processor": self.config_json,
         }
-        _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata), suffix=path.suffix)
         return self._unpack(tensors, str(case["case_id"]))
 
     def _read(self, path: Path, case_id: str) -> dict[str, Any]:

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import nibabel as nib
 import numpy as np
 from scipy.ndimage import gaussian_filter
+
+from .convert_sam3d import atomic_write
 
 __all__ = [
     "ORIENTATIONS",
@@ -54,22 +55,6 @@ AIR_HU = -1000.0
 FAT_HU = -100.0
 MUSCLE_HU = 40.0
 BONE_HU = 500.0
-
-
-def _atomic_write_bytes(path: Path, write: Any, suffix: str) -> None:
-    """Call `write(tmp_path)` on a temporary file in `path`'s folder, then move it to `path` (umask permissions)."""
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def _direction_matrix(orientation: str, rng: np.random.Generator) -> np.ndarray:
@@ -301,8 +286,8 @@ def generate_dataset(
     for i in range(int(num_cases)):
         image, label = generate_case(case_seed(seed, i), **case_kwargs)
         file_name = f"{prefix}_{i:03d}.nii.gz"
-        _atomic_write_bytes(root / "imagesTr" / file_name, lambda p, img=image: nib.save(img, p), ".nii.gz")
-        _atomic_write_bytes(root / "labelsTr" / file_name, lambda p, img=label: nib.save(img, p), ".nii.gz")
+        atomic_write(root / "imagesTr" / file_name, lambda p, img=image: nib.save(img, p), suffix=".nii.gz")
+        atomic_write(root / "labelsTr" / file_name, lambda p, img=label: nib.save(img, p), suffix=".nii.gz")
         training.append({"image": f"./imagesTr/{file_name}", "label": f"./labelsTr/{file_name}"})
     meta = {
         "name": name,
@@ -323,5 +308,5 @@ def generate_dataset(
         with open(p, "w", encoding="utf-8") as f:
             f.write(text)
 
-    _atomic_write_bytes(root / "dataset.json", _write_json, ".json")
+    atomic_write(root / "dataset.json", _write_json, suffix=".json")
     return root
