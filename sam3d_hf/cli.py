@@ -210,7 +210,7 @@ def save_overlay(path, image, mask, points, labels, affine, processor) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .data import _atomic_write
+    from .convert_sam3d import atomic_write
 
     orientation = nib.orientations.io_orientation(affine)
     image, mask = (nib.orientations.apply_orientation(a, orientation) for a in (image, mask))
@@ -236,7 +236,7 @@ def save_overlay(path, image, mask, points, labels, affine, processor) -> None:
         panel.set_title(f"{name} slice {centre[axis]}", fontsize=9)
         panel.set_axis_off()
     figure.tight_layout()
-    _atomic_write(Path(path), lambda tmp: figure.savefig(tmp, format="png", dpi=90))
+    atomic_write(Path(path), lambda tmp: figure.savefig(tmp, format="png", dpi=90), suffix=".png")
     plt.close(figure)
 
 
