@@ -10,9 +10,12 @@ Conventions used throughout:
 from __future__ import annotations
 
 import functools
+import json
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -584,6 +587,38 @@ class Sam3DMaskDecoder(nn.Module):
         return F.interpolate(x, scale_factor=2, mode="trilinear", align_corners=True)
 
 
+# The files of the paper's spatial adapters (sam3d_hf.peft_sam3d), named here so that a model folder can be told apart.
+PEFT_TYPE = "SAM3D_SPATIAL_ADAPTER"
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+
+
+def check_not_an_adapter_folder(name_or_path: str | os.PathLike | None, subfolder: str = "") -> None:
+    """`ValueError` if the local folder `name_or_path` holds a Sam3D spatial adapter's `adapter_config.json`:
+    transformers' `from_pretrained` reads such a folder as a peft adapter, and peft does not know this scheme."""
+    if name_or_path is None:
+        return
+    folder = Path(name_or_path, subfolder)
+    try:
+        values = json.loads((folder / ADAPTER_CONFIG_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # no adapter config here (or not ours to judge): transformers goes on
+        return
+    if not isinstance(values, dict) or values.get("peft_type") != PEFT_TYPE:
+        return
+    if (folder / "config.json").is_file():
+        raise ValueError(
+            f"{os.fspath(folder)!r} holds a model and a Sam3D adapter ({ADAPTER_CONFIG_NAME}): transformers reads a "
+            "folder with an adapter_config.json as a peft adapter, so the model cannot be loaded from it. Move "
+            f"{ADAPTER_CONFIG_NAME} and adapter_model.safetensors into a subfolder (e.g. "
+            f"{os.fspath(folder / 'adapter')!r}) and load them with Sam3DAdapterModel.from_pretrained(model, subfolder)"
+        )
+    base = values.get("base_model_name_or_path")
+    raise ValueError(
+        f"{os.fspath(folder)!r} holds a Sam3D adapter, not a model: load its base model"
+        + (f" ({base!r})" if base else "")
+        + f", then the adapter with Sam3DAdapterModel.from_pretrained(base, {os.fspath(folder)!r})"
+    )
+
+
 class Sam3DPreTrainedModel(PreTrainedModel):
     config_class = Sam3DConfig
     config: Sam3DConfig
@@ -600,6 +635,15 @@ class Sam3DPreTrainedModel(PreTrainedModel):
         "hidden_states": Sam3DVisionLayer,
         "attentions": OutputRecorder(Sam3DWindowAttention, index=1),
     }
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """transformers' `from_pretrained`, after refusing a folder that holds a Sam3D adapter (which transformers
+        would hand to peft): see [`check_not_an_adapter_folder`]."""
+        adapter_path = (kwargs.get("adapter_kwargs") or {}).get("_adapter_model_path")  # set by AutoModel
+        for name in dict.fromkeys([pretrained_model_name_or_path, adapter_path]):
+            check_not_an_adapter_folder(name, kwargs.get("subfolder", ""))
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:

@@ -25,16 +25,17 @@ import torch
 from peft import LoraConfig
 from safetensors.torch import save_file
 from torch import nn
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 
 from .convert_sam3d import _read_safetensors, atomic_write
-from .modeling_sam3d import Sam3DForPromptableSegmentation, Sam3DSpatialAdapter
+from .modeling_sam3d import ADAPTER_CONFIG_NAME, PEFT_TYPE, Sam3DForPromptableSegmentation, Sam3DSpatialAdapter
 
 logger = logging.getLogger(__name__)
 
-PEFT_TYPE = "SAM3D_SPATIAL_ADAPTER"
 _ADAPTER_PARAMETER = re.compile(r"vision_encoder\.layers\.(\d+)\.adapter\.")
-ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+# What makes a folder a model folder for transformers (the config, or weights of any of its layouts).
+_MODEL_FILES = ("config.json", SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME)
 
 # Parameter groups of the paper's scheme, as regular expressions matched at the start of a parameter name. Anything
 # not in a group is SAM's inherited, frozen part (patch kernel and bias, position table, qkv, proj, MLP, rel_pos_h/w).
@@ -151,8 +152,8 @@ class Sam3DAdapterConfig:
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
         """Write `adapter_config.json` in `save_directory` (created if needed), atomically; nothing else there is
-        touched."""
-        directory = Path(save_directory)
+        touched. A folder that holds a model is refused (see `Sam3DAdapterModel.save_pretrained`)."""
+        directory = _adapter_folder(save_directory)
         directory.mkdir(parents=True, exist_ok=True)
         text = json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
         atomic_write(directory / ADAPTER_CONFIG_NAME, lambda temporary: Path(temporary).write_text(text, "utf-8"))
@@ -181,6 +182,22 @@ class Sam3DAdapterConfig:
         if unknown:
             raise ValueError(f"{path} has unknown keys {unknown}; expected keys among {sorted(known)}")
         return cls(**values)
+
+
+def _adapter_folder(save_directory: str | os.PathLike) -> Path:
+    """`save_directory` as a Path, refused (before anything is written) if it is a file or holds a model: transformers
+    reads any folder with an adapter_config.json as a peft adapter, so a model saved there would no longer load."""
+    target = Path(save_directory)
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"save_directory {os.fspath(target)!r} is an existing file, not a folder")
+    found = [name for name in _MODEL_FILES if (target / name).is_file()]
+    if found:
+        raise ValueError(
+            f"save_directory {os.fspath(target)!r} holds a model ({', '.join(found)}); an adapter saved there would "
+            f"make transformers read the folder as a peft adapter, and the model would no longer load. Save the "
+            f"adapter in a folder of its own, e.g. {os.fspath(target / 'adapter')!r}. Nothing was written."
+        )
+    return target
 
 
 def resolve_adapter_folder(name_or_path: str | os.PathLike, revision: str | None = None, **download_kwargs) -> Path:
@@ -407,24 +424,18 @@ class Sam3DAdapterModel(nn.Module):
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
         """Write `adapter_model.safetensors` (the trained tensors only) and `adapter_config.json` into
         `save_directory` (created if needed). Only these two files are replaced, each atomically; anything else in
-        the folder (a model saved there, notes, other runs) is left alone.
+        the folder (notes, a processor config, other runs) is left alone.
 
         The weights are written first and the config last: the config is what marks a folder as an adapter, so a
         folder whose first save was interrupted holds no config and cannot be loaded half-written, and a reader of
         a re-save sees either the old config or the new one next to complete weights (a config that does not fit
-        the weights is refused by `from_pretrained`, which checks every name and shape)."""
-        target = Path(save_directory)
-        if target.exists() and not target.is_dir():
-            raise ValueError(f"save_directory {os.fspath(target)!r} is an existing file, not a folder")
+        the weights is refused by `from_pretrained`, which checks every name and shape).
+
+        A folder that holds a model (`config.json` or model weights) is refused with a `ValueError` before anything
+        is written: transformers reads any folder with an `adapter_config.json` as a peft adapter, so the model there
+        would no longer load. Save the adapter in a folder of its own, e.g. `<model folder>/adapter`."""
+        target = _adapter_folder(save_directory)
         target.mkdir(parents=True, exist_ok=True)
-        if (target / "config.json").is_file():
-            logger.warning(
-                "%s holds a model (config.json); its files are kept, but transformers' from_pretrained reads any "
-                "folder with an %s as a peft adapter and cannot load this model from it any more: save adapters in "
-                "a folder of their own",
-                os.fspath(target),
-                ADAPTER_CONFIG_NAME,
-            )
         from . import __version__
 
         config = dataclasses.replace(self.adapter_config, sam3d_hf_version=__version__)  # as peft records its own

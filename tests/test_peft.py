@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import PATCH, TINY, randomize
 from safetensors.torch import load_file
+from transformers import AutoModel
 
 from sam3d_hf import Sam3DConfig, Sam3DForPromptableSegmentation, peft_sam3d
 from sam3d_hf.peft_sam3d import (
@@ -258,42 +259,84 @@ def test_adapter_file_must_match_its_config(tiny_inputs, tmp_path):
         Sam3DAdapterModel.from_pretrained(base_model(seed=2), tmp_path)
 
 
-def test_save_replaces_only_the_adapter_files(tiny_inputs, tmp_path, caplog):
-    """A second save replaces the adapter's two files and nothing else: a model saved in the same folder (a peft
-    habit) and unrelated files survive bit for bit, with a warning (transformers' from_pretrained reads a folder with
-    an adapter_config.json as a peft adapter, so the model must be loaded from a copy of its own files)."""
+def test_save_replaces_only_the_adapter_files(tiny_inputs, tmp_path):
+    """A second save replaces the adapter's two files and nothing else: unrelated files in the folder survive bit for
+    bit, and no temporary file is left behind."""
     wrapped = get_adapter_model(base_model(seed=1), Sam3DAdapterConfig(trainable_groups=["adapters", "mask_decoder"]))
     folder = tmp_path / "run"
-    base_model(seed=1).save_pretrained(folder)
-    model_files = {p.name: p.read_bytes() for p in folder.iterdir()}
-    assert {"config.json", "model.safetensors"} <= set(model_files)
-    with caplog.at_level(logging.WARNING, logger="sam3d_hf.peft_sam3d"):
-        wrapped.save_pretrained(folder)
-    assert "holds a model (config.json); its files are kept" in caplog.text
+    wrapped.save_pretrained(folder)
     (folder / "notes.txt").write_text("from an earlier run")
+    (folder / "processor_config.json").write_text("{}")
+    first = load_file(folder / ADAPTER_WEIGHTS_NAME)
     training_step(wrapped, tiny_inputs)
     wrapped.save_pretrained(folder)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
     assert sorted(p.name for p in folder.iterdir()) == sorted(
-        [*model_files, "notes.txt", "adapter_config.json", ADAPTER_WEIGHTS_NAME]
+        ["notes.txt", "processor_config.json", "adapter_config.json", ADAPTER_WEIGHTS_NAME]
     )  # no temporary file left behind
-    assert all((folder / name).read_bytes() == content for name, content in model_files.items())
     assert (folder / "notes.txt").read_text() == "from an earlier run"
+    assert (folder / "processor_config.json").read_text() == "{}"
     stored = load_file(folder / ADAPTER_WEIGHTS_NAME)
     assert torch.equal(stored["mask_decoder.fuse.3.weight"], wrapped.model.mask_decoder.fuse[3].weight)
-    (tmp_path / "model").mkdir()
-    for name in model_files:
-        shutil.copy(folder / name, tmp_path / "model" / name)
-    base = Sam3DForPromptableSegmentation.from_pretrained(tmp_path / "model")
-    assert torch.equal(logits(base, tiny_inputs), logits(base_model(seed=1), tiny_inputs))
-    reloaded = Sam3DAdapterModel.from_pretrained(base, folder)
+    assert not torch.equal(stored["mask_decoder.fuse.3.weight"], first["mask_decoder.fuse.3.weight"])
+    reloaded = Sam3DAdapterModel.from_pretrained(base_model(seed=1), folder)
     assert torch.equal(logits(reloaded, tiny_inputs), logits(wrapped, tiny_inputs))
-    shutil.rmtree(tmp_path / "model")
 
     (tmp_path / "a-file").write_text("x")
     with pytest.raises(ValueError, match=r"save_directory .*a-file' is an existing file, not a folder"):
         wrapped.save_pretrained(tmp_path / "a-file")
     assert (tmp_path / "a-file").read_text() == "x"
+
+
+def test_adapter_save_into_a_model_folder_is_refused_and_the_model_still_loads(tiny_inputs, tmp_path):
+    """A peft habit: saving the adapter next to the model. transformers would then read the folder as a peft adapter
+    (and fail), so the save is refused before anything is written, and the model folder keeps loading."""
+    base = base_model(seed=1)
+    folder = tmp_path / "model"
+    base.save_pretrained(folder)
+    model_files = {p.name: p.read_bytes() for p in folder.iterdir()}
+    wrapped = get_adapter_model(base_model(seed=1), Sam3DAdapterConfig(trainable_groups=["adapters", "mask_decoder"]))
+    refused = r"'.*model' holds a model \(config.json, model.safetensors\);.*peft adapter.*e.g. '.*model/adapter'"
+    with pytest.raises(ValueError, match=refused):
+        wrapped.save_pretrained(folder)
+    with pytest.raises(ValueError, match=refused):
+        wrapped.adapter_config.save_pretrained(folder)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == model_files  # nothing written
+    for loader in (Sam3DForPromptableSegmentation.from_pretrained, AutoModel.from_pretrained):
+        assert torch.equal(logits(loader(folder).eval(), tiny_inputs), logits(base, tiny_inputs))
+
+    (folder / "config.json").rename(tmp_path / "config.json")  # weights alone also make a model folder
+    with pytest.raises(ValueError, match=r"holds a model \(model.safetensors\)"):
+        wrapped.save_pretrained(folder)
+    (tmp_path / "config.json").rename(folder / "config.json")
+
+    wrapped.save_pretrained(folder / "adapter")  # what the message says to do
+    loaded = Sam3DAdapterModel.from_pretrained(
+        Sam3DForPromptableSegmentation.from_pretrained(folder), folder / "adapter"
+    )
+    assert torch.equal(logits(loaded, tiny_inputs), logits(wrapped, tiny_inputs))
+
+
+def test_a_folder_holding_a_sam3d_adapter_is_refused_by_from_pretrained(tmp_path):
+    """transformers hands any folder with an adapter_config.json to peft, which does not know this scheme (a bare
+    KeyError 'SAM3D_SPATIAL_ADAPTER'): the model's from_pretrained, direct or through AutoModel, says what to do."""
+    base = base_model(seed=1)
+    base.save_pretrained(tmp_path / "model")
+    on_disk = Sam3DForPromptableSegmentation.from_pretrained(tmp_path / "model")  # records its path as the base
+    get_adapter_model(on_disk, Sam3DAdapterConfig()).save_pretrained(tmp_path / "adapter")
+    both = tmp_path / "both"  # a folder from before the refusal: model and adapter side by side
+    shutil.copytree(tmp_path / "model", both)
+    for path in (tmp_path / "adapter").iterdir():
+        shutil.copy(path, both / path.name)
+    for loader in (Sam3DForPromptableSegmentation.from_pretrained, AutoModel.from_pretrained):
+        with pytest.raises(ValueError, match=r"'.*both' holds a model and a Sam3D adapter .*into a subfolder"):
+            loader(both)
+        with pytest.raises(
+            ValueError,
+            match=r"'.*adapter' holds a Sam3D adapter, not a model: load its base model \('.*model'\), then the "
+            r"adapter with Sam3DAdapterModel.from_pretrained\(base, '.*adapter'\)",
+        ):
+            loader(tmp_path / "adapter")
 
 
 def test_interrupted_save_keeps_the_earlier_files(tmp_path, monkeypatch):
