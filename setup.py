@@ -8,9 +8,10 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     # The model-card files have one home, the top-level hub_cards/ folder; the wheel installs it as sam3d_hf/hub_cards.
-    packages=[*find_packages(include=["sam3d_hf", "sam3d_hf.*"]), "sam3d_hf.hub_cards"],
-    package_dir={"sam3d_hf.hub_cards": "hub_cards"},
-    package_data={"sam3d_hf.hub_cards": ["*.md", "*.yaml"]},
+    # Likewise docs/ (design.md, which error messages cite) is installed as sam3d_hf/docs.
+    packages=[*find_packages(include=["sam3d_hf", "sam3d_hf.*"]), "sam3d_hf.hub_cards", "sam3d_hf.docs"],
+    package_dir={"sam3d_hf.hub_cards": "hub_cards", "sam3d_hf.docs": "docs"},
+    package_data={"sam3d_hf.hub_cards": ["*.md", "*.yaml"], "sam3d_hf.docs": ["*.md"]},
     python_requires=">=3.10",
     # The versions these were verified with (see ECOSYSTEM_NOTES); torch is installed first, from the CPU wheel.
     install_requires=[

@@ -36,6 +36,9 @@ from .modeling_sam3d import Sam3DForPromptableSegmentation
 
 logger = logging.getLogger(__name__)
 
+# Where error messages send the user: docs/design.md is in the source repository and installed with the package.
+_LAYOUT_DOC = "docs/design.md 'Official checkpoint layout' (installed with the package as sam3d_hf/docs/design.md)"
+
 
 @dataclass
 class ConversionReport:
@@ -167,7 +170,7 @@ def _require_state_dict(section: str, value: object) -> None:
     if not isinstance(value, dict):
         raise ValueError(
             f"{section} is a {type(value).__name__}, expected a state dict (names -> tensors); is this an official "
-            "3DSAM-adapter snapshot? (docs/design.md 'Official checkpoint layout')"
+            f"3DSAM-adapter snapshot? (see {_LAYOUT_DOC})"
         )
 
 
@@ -188,7 +191,7 @@ def _map_section(section: str, tensors: dict, rules, report: ConversionReport, o
             if why is None:
                 raise ValueError(
                     f"{section} has a tensor {key!r} {tuple(tensor.shape)} that is not part of the official "
-                    "3DSAM-adapter layout (see docs/design.md 'Official checkpoint layout'); is this the right file?"
+                    f"3DSAM-adapter layout (see {_LAYOUT_DOC}); is this the right file?"
                 )
             report.ignored[f"{section}.{key}"] = why
 
@@ -236,7 +239,7 @@ def config_from_official(encoder_dict: dict, prompt_dict: dict, decoder_dict: di
     except (KeyError, IndexError, AttributeError, TypeError) as error:
         raise ValueError(
             f"the official snapshot lacks or mis-stores an entry its sizes are read from ({type(error).__name__}: "
-            f"{error}); expected the layout of docs/design.md 'Official checkpoint layout' (is this file complete?)"
+            f"{error}); expected the layout of {_LAYOUT_DOC} (is this file complete?)"
         ) from error
     for name, values in (
         ("vision_config", vision),

@@ -655,3 +655,22 @@ def test_design_document_matches_the_code():
             assert hasattr(imported, owner) and (not attribute or hasattr(getattr(imported, owner), attribute)), name
             checked += 1
     assert checked >= 30
+
+
+def test_design_document_is_installed_where_the_messages_say(monkeypatch):
+    """Error messages send pip users to sam3d_hf/docs/design.md: setup.py (run with `setuptools.setup` replaced, so
+    nothing is built) installs docs/ as the package data `sam3d_hf.docs`, with design.md in it."""
+    import runpy
+
+    import setuptools
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)  # setup.py reads README.md from the working folder
+    arguments = {}
+    monkeypatch.setattr(setuptools, "setup", lambda **kwargs: arguments.update(kwargs))
+    runpy.run_path(str(root / "setup.py"))
+    assert "sam3d_hf.docs" in arguments["packages"]
+    assert (root / arguments["package_dir"]["sam3d_hf.docs"] / "design.md").is_file()
+    assert "*.md" in arguments["package_data"]["sam3d_hf.docs"]
+    with pytest.raises(ValueError, match=r"docs/design.md 'Official checkpoint layout' \(installed with the package "):
+        convert.config_from_official({}, {}, {})
