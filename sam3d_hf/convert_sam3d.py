@@ -23,6 +23,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -197,37 +198,50 @@ def _map_section(section: str, tensors: dict, rules, report: ConversionReport, o
 
 
 def _official_sizes(encoder_dict: dict, prompt_dict: dict, decoder_dict: dict) -> tuple[dict, dict, dict]:
-    """The sub-config values an official snapshot's tensors determine (raises KeyError & co. on a malformed one)."""
-    hidden = encoder_dict["pos_embed"].shape[-1]
+    """The sub-config values an official snapshot's tensors determine (raises KeyError & co. on a malformed one).
+    A size that several tensors carry (one per block, layer, neck or head) is their most common value, so that one
+    damaged or missing tensor is reported as such rather than making all the others look wrong."""
     blocks = sorted({int(k.split(".")[1]) for k in encoder_dict if k.startswith("blocks.")})
+    layers = sorted({int(k.split(".")[2]) for k in prompt_dict if k.startswith("transformer.layers.")})
+
+    def size(section: dict, keys: list[str], axis: int) -> int:
+        return Counter(section[key].shape[axis] for key in keys if key in section).most_common(1)[0][0]
+
+    def per_block(name: str) -> list[str]:
+        return [f"blocks.{i}.{name}" for i in blocks]
+
+    def per_layer(name: str) -> list[str]:
+        return [f"transformer.layers.{i}.{name}" for i in layers]
+
+    hidden = size(encoder_dict, ["pos_embed", *per_block("norm1.weight")], -1)
     rows = {i: encoder_dict[f"blocks.{i}.attn.rel_pos_h"].shape[0] for i in blocks}
-    head_dim = encoder_dict["blocks.0.attn.rel_pos_h"].shape[1]
+    head_dim = size(encoder_dict, per_block("attn.rel_pos_h"), 1)
     pos_size = encoder_dict["pos_embed"].shape[1]
+    patch_size = encoder_dict["patch_embed.proj.weight"].shape[-1]
     windowed = [r for r in rows.values() if r != 2 * pos_size - 1]
     vision = {
         "hidden_size": hidden,
         "num_hidden_layers": len(blocks),
         "num_attention_heads": hidden // head_dim,
-        "mlp_dim": encoder_dict["blocks.0.mlp.lin1.weight"].shape[0],
-        "patch_size": encoder_dict["patch_embed.proj.weight"].shape[-1],
-        "sam_image_size": pos_size * encoder_dict["patch_embed.proj.weight"].shape[-1],
+        "mlp_dim": size(encoder_dict, per_block("mlp.lin1.weight"), 0),
+        "patch_size": patch_size,
+        "sam_image_size": pos_size * patch_size,
         "depth_embed_size": encoder_dict["depth_embed"].shape[1],
         "sam_window_size": (windowed[0] + 1) // 2 if windowed else 14,
         "global_attn_indexes": [i for i, r in rows.items() if r == 2 * pos_size - 1],
-        "adapter_dim": encoder_dict["blocks.0.adapter.linear1.weight"].shape[0],
-        "output_channels": encoder_dict["neck_3d.0.0.weight"].shape[0],
+        "adapter_dim": size(encoder_dict, per_block("adapter.linear1.weight"), 0),
+        "output_channels": size(encoder_dict, [f"neck_3d.{k}.0.weight" for k in range(4)], 0),
     }
-    layers = sorted({int(k.split(".")[2]) for k in prompt_dict if k.startswith("transformer.layers.")})
-    query = prompt_dict["transformer.layers.0.global_query"]
+    prompt_hidden = size(prompt_dict, per_layer("global_query"), -1)
     prompt = {
-        "hidden_size": query.shape[-1],
+        "hidden_size": prompt_hidden,
         "num_hidden_layers": len(layers),
-        "num_global_queries": query.shape[1],
-        "mlp_dim": prompt_dict["transformer.layers.0.mlp.lin1.weight"].shape[0],
-        "attention_downsample_rate": query.shape[-1]
-        // prompt_dict["transformer.layers.0.cross_attn_image_to_token.q_proj.weight"].shape[0],
+        "num_global_queries": size(prompt_dict, per_layer("global_query"), 1),
+        "mlp_dim": size(prompt_dict, per_layer("mlp.lin1.weight"), 0),
+        "attention_downsample_rate": prompt_hidden
+        // size(prompt_dict, per_layer("cross_attn_image_to_token.q_proj.weight"), 0),
     }
-    decoder = {"hidden_size": decoder_dict["mlahead.head2.0.weight"].shape[0]}
+    decoder = {"hidden_size": size(decoder_dict, [f"mlahead.head{k}.0.weight" for k in range(2, 6)], 0)}
     return vision, prompt, decoder
 
 
@@ -263,14 +277,23 @@ def convert_official_state_dicts(
     config = config or config_from_official(encoder_dict, prompt_dict, decoder_dict)
     model = Sam3DForPromptableSegmentation(config)
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(state_dict))
+    missing = [_official_key(key) for key in expected if key not in state_dict]
     if missing:
-        raise ValueError(f"the official snapshot lacks {len(missing)} tensors of the model, e.g. {missing[:5]}")
-    wrong = [
-        (k, tuple(v.shape), tuple(expected[k].shape)) for k, v in state_dict.items() if v.shape != expected[k].shape
-    ]
+        names = [f"{section}.{name}" if section else name for section, name, _ in missing]
+        raise ValueError(f"the official snapshot lacks {len(names)} tensors the model needs, e.g. {names[:5]}")
+    sections = {"encoder_dict": encoder_dict, "feature_dict[3]": prompt_dict, "decoder_dict": decoder_dict}
+    wrong = []
+    for key, tensor in state_dict.items():
+        if tensor.shape != expected[key].shape:
+            section, name, transform = _official_key(key)  # every tensor here came from an official one
+            official_shape = _EXPORT_TRANSFORMS[transform](torch.empty(expected[key].shape, device="meta")).shape
+            wrong.append((f"{section}.{name}", tuple(sections[section][name].shape), tuple(official_shape)))
     if wrong:
-        raise ValueError(f"shape mismatch (key, official, expected): {wrong[:5]}")
+        raise ValueError(
+            f"{len(wrong)} tensors of the official snapshot do not have the shape the model needs (official key, "
+            f"shape in the file, shape expected): {wrong[:5]}; is the file damaged, or does --config / "
+            "vision_config={...} describe another model?"
+        )
     model.load_state_dict(state_dict, strict=True)
     return model.eval(), report
 
@@ -313,6 +336,17 @@ _EXPORT_TRANSFORMS = {
 }
 
 
+def _official_key(key: str) -> tuple[str | None, str, str | None]:
+    """`(section, official key, export transform)` of this package's state-dict `key`; `(None, key, None)` for a
+    tensor the official layout does not have (a non-official architecture)."""
+    for section, rules in _EXPORT_RULES.items():
+        for pattern, template, transform in rules:
+            match = re.fullmatch(pattern, key)
+            if match:
+                return section, match.expand(template), transform
+    return None, key, None
+
+
 def to_official_state_dicts(model: Sam3DForPromptableSegmentation) -> tuple[dict, dict, dict]:
     """The inverse of [`convert_official_state_dicts`]: `(encoder_dict, feature_dict[3], decoder_dict)` in the
     official layout (`(H, W, D)` kernel axes), with exactly the tensors the official forward uses. The official
@@ -330,15 +364,9 @@ def to_official_state_dicts(model: Sam3DForPromptableSegmentation) -> tuple[dict
         raise ValueError("use_point_labels=True adds a label embedding the official model does not have")
     sections: dict[str, dict[str, torch.Tensor]] = {name: {} for name in _EXPORT_RULES}
     for key, tensor in model.state_dict().items():
-        for section, rules in _EXPORT_RULES.items():
-            rule = next(((p, t, f) for p, t, f in rules if re.fullmatch(p, key)), None)
-            if rule:
-                pattern, template, transform = rule
-                target = re.fullmatch(pattern, key).expand(template)
-                sections[section][target] = _EXPORT_TRANSFORMS[transform](tensor.detach().float().cpu()).clone()
-                break
-        else:
-            raise AssertionError(f"no export rule for {key}")
+        section, target, transform = _official_key(key)
+        assert section is not None, f"no export rule for {key}"
+        sections[section][target] = _EXPORT_TRANSFORMS[transform](tensor.detach().float().cpu()).clone()
     return sections["encoder_dict"], sections["feature_dict[3]"], sections["decoder_dict"]
 
 
@@ -354,11 +382,23 @@ def _torch_load(path: str | os.PathLike) -> object:
     try:
         with torch.serialization.safe_globals(allowed):
             return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # the unpickler refuses anything but tensors and plain containers
+    except Exception as error:  # torch's text advises weights_only=False, which this package never does: not shown
+        text = str(error)
+        blocked = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        if blocked:
+            raise ValueError(
+                f"could not read {os.fspath(path)!r} as a tensor-only PyTorch checkpoint: it holds pickled Python "
+                f"objects (e.g. {blocked.group(1)}), which sam3d-hf never unpickles since they can run arbitrary code "
+                "(it reads with weights_only=True). Save the state dicts as dicts of tensors, lists and numbers only"
+            ) from None
+        reason = re.search(r"WeightsUnpickler error:\s*(.+)", text)  # torch's own reason, without its advice
+        reason = reason.group(1) if reason else text.split(". ")[0].strip()
         raise ValueError(
-            f"could not read {os.fspath(path)!r} as a tensor-only PyTorch checkpoint (read with weights_only=True, "
-            f"which refuses arbitrary pickled objects): {type(error).__name__}: {str(error).splitlines()[0]}"
-        ) from error
+            f"could not read {os.fspath(path)!r} as a tensor-only PyTorch checkpoint: it is not a file torch.save "
+            f"wrote (zip or pickle of tensors), or it is truncated ({type(error).__name__}"
+            + (f": {reason}" if reason else "")
+            + "); is this the right file, and is it complete?"
+        ) from None
 
 
 def load_official_checkpoint(
@@ -743,8 +783,17 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], suffix: 
     """Create or replace the file `path` atomically: `write(temporary)` fills a temporary file in the same folder,
     which gets the usual mode (umask respected) and is then renamed over `path`. A reader sees the old file or the
     complete new one, never a half-written one; on failure `path` is untouched and the temporary file is removed.
-    `suffix` ends the temporary name, for writers that choose the format by extension (`.nii.gz`)."""
+    `suffix` ends the temporary name, for writers that choose the format by extension (`.nii.gz`). A missing folder
+    is an error that names it (folders are not created here)."""
     path = Path(path)
+    if path.parent.exists() and not path.parent.is_dir():
+        raise NotADirectoryError(
+            f"cannot write {os.fspath(path)!r}: {os.fspath(path.parent)!r} is a file, not a folder"
+        )
+    if not path.parent.is_dir():
+        raise FileNotFoundError(
+            f"cannot write {os.fspath(path)!r}: folder {os.fspath(path.parent)!r} does not exist; create it first"
+        )
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
     os.close(handle)
     try:

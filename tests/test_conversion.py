@@ -578,8 +578,11 @@ def test_official_errors(official, tmp_path, capsys):
 
 def test_malformed_official_snapshots(official, tmp_path):
     encoder, prompt, decoder = official
-    without = {k: v for k, v in encoder.items() if k != "blocks.0.mlp.lin1.weight"}
-    with pytest.raises(ValueError, match=r"lacks or mis-stores .*\(KeyError: 'blocks.0.mlp.lin1.weight'\)"):
+    without = {k: v for k, v in encoder.items() if k != "patch_embed.proj.weight"}
+    with pytest.raises(ValueError, match=r"lacks or mis-stores .*\(KeyError: 'patch_embed.proj.weight'\)"):
+        convert.config_from_official(without, prompt, decoder)
+    without = {k: v for k, v in encoder.items() if not k.endswith("mlp.lin1.weight")}  # mlp_dim has no source left
+    with pytest.raises(ValueError, match=r"lacks or mis-stores .*\(IndexError: "):
         convert.config_from_official(without, prompt, decoder)
     with pytest.raises(ValueError, match=r"lacks or mis-stores .*\(AttributeError: .*'shape'\)"):
         convert.config_from_official({**encoder, "pos_embed": [1.0]}, prompt, decoder)
@@ -589,6 +592,64 @@ def test_malformed_official_snapshots(official, tmp_path):
     torch.save({"encoder_dict": encoder, "feature_dict": [prompt, prompt, prompt, None], "decoder_dict": {}}, path)
     with pytest.raises(ValueError, match=r"feature_dict\[3\] is a NoneType, expected a state dict"):
         convert.load_official_checkpoint(path, vision_config={"image_size": PATCH})
+
+
+@pytest.mark.parametrize(
+    "key, shape",
+    [
+        ("blocks.0.mlp.lin1.weight", (1, 48)),  # a tensor sizes are read from (mlp_dim)
+        ("blocks.2.attn.proj.bias", (47,)),
+        ("neck_3d.1.2.weight", (32, 32, 3, 3, 1)),  # a 3D kernel: shapes in the official (kH, kW, kD) order
+    ],
+)
+def test_one_mis_sized_tensor_is_named_by_its_official_key(official, key, shape):
+    """A damaged snapshot with one tensor of the wrong size: the error names that tensor (not the others, which a size
+    read from the damaged one would make look wrong), by the key the user's file uses, with the file's shape and the
+    shape the model needs, both in the official layout."""
+    encoder, prompt, decoder = (dict(section) for section in official)
+    right = tuple(encoder[key].shape)
+    encoder[key] = torch.ones(shape)
+    with pytest.raises(ValueError) as error:
+        convert.convert_official_state_dicts(encoder, prompt, decoder)
+    message = str(error.value)
+    assert message.startswith("1 tensors of the official snapshot do not have the shape the model needs")
+    assert f"[('encoder_dict.{key}', {shape}, {right})]" in message
+
+
+def test_a_missing_tensor_is_named_by_its_official_key(official):
+    encoder, prompt, decoder = (dict(section) for section in official)
+    del encoder["blocks.1.norm1.weight"]
+    del encoder["blocks.0.mlp.lin1.weight"]  # one of the tensors mlp_dim is read from
+    del prompt["transformer.layers.0.norm3.bias"]
+    with pytest.raises(ValueError) as error:
+        convert.convert_official_state_dicts(encoder, prompt, decoder)
+    assert str(error.value) == (
+        "the official snapshot lacks 3 tensors the model needs, e.g. ['encoder_dict.blocks.0.mlp.lin1.weight', "
+        "'encoder_dict.blocks.1.norm1.weight', 'feature_dict[3].transformer.layers.0.norm3.bias']"
+    )
+
+
+def test_unreadable_checkpoints_never_get_torchs_weights_only_false_advice(tmp_path, capsys):
+    """torch's message for a refused file says re-running with weights_only=False "will likely succeed": misleading
+    for a file that is no checkpoint at all, and unsafe advice for one with pickled objects. Neither is passed on."""
+    garbage = tmp_path / "garbage.pth.tar"
+    garbage.write_bytes(bytes(range(256)) * 4)
+    truncated = tmp_path / "truncated.pth"
+    torch.save({"encoder_dict": {"pos_embed": torch.ones(4)}}, truncated)
+    truncated.write_bytes(truncated.read_bytes()[:200])
+    pickled = tmp_path / "object.pth"
+    torch.save({"args": argparse.Namespace(lr=1e-4), "encoder_dict": {}}, pickled)
+    for path, message in (
+        (garbage, r"garbage.pth.tar' as a tensor-only PyTorch checkpoint: it is not a file torch.save wrote"),
+        (truncated, r"truncated.pth' .* not a file torch.save wrote .*, or it is truncated \(RuntimeError: "),
+        (pickled, r"object.pth' .* holds pickled Python objects \(e.g. argparse.Namespace\), which sam3d-hf never"),
+    ):
+        with pytest.raises(ValueError, match=message) as error:
+            convert.load_official_checkpoint(path)
+        assert "False" not in str(error.value) and error.value.__cause__ is None
+        assert main(["convert", "official", "--checkpoint", str(path), "--output", str(tmp_path / "out")]) == 1
+        printed = capsys.readouterr().err
+        assert printed.count("\n") == 1 and "could not read" in printed and "False" not in printed
 
 
 def test_conversion_checks_the_output_first(tmp_path, monkeypatch):

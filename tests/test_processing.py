@@ -623,6 +623,22 @@ def test_error_save_mask_nifti_values(tmp_path):
     assert sorted(os.listdir(tmp_path)) == []  # nothing half-written
 
 
+def test_error_save_mask_nifti_into_a_missing_folder_names_the_folder(tmp_path):
+    """Not the temporary file the atomic write would have used: the folder that is missing (or is a file)."""
+    img, _ = make_scan()
+    mask = np.zeros(SHAPE, np.uint8)
+    missing = tmp_path / "nope" / "deeper"
+    with pytest.raises(FileNotFoundError) as error:
+        save_mask_nifti(mask, img, missing / "m.nii.gz")
+    assert (
+        str(error.value) == f"cannot write '{missing / 'm.nii.gz'}': folder '{missing}' does not exist; create it first"
+    )
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(NotADirectoryError, match=r"'.*a-file' is a file, not a folder$"):
+        save_mask_nifti(mask, img, tmp_path / "a-file" / "m.nii.gz")
+    assert sorted(os.listdir(tmp_path)) == ["a-file"]
+
+
 def test_bad_clicks_are_refused_before_the_volume_is_resampled(monkeypatch):
     """A click outside the scan is a user error found from the header alone: no resampling is spent on it."""
     processor = Sam3DProcessor(patch_size=(16, 16, 16), cluster_margin=2)
