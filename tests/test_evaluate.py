@@ -1,15 +1,18 @@
-"""examples/evaluate.py on a tiny random model and generated scans: every output file, CSV and JSON agree, and two
-real CPU processes (Accelerate) give the same results as one."""
+"""examples/evaluate.py on a tiny random model and generated scans: every output file, CSV and JSON agree, results do
+not depend on the order of the protocols, nothing half-written is left behind, the sliding-window mode has its own
+row, and two real CPU processes (Accelerate) give the same results as one."""
 
 import csv
 import importlib.util
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -23,6 +26,9 @@ from sam3d_hf import (
     Sam3DProcessor,
     get_adapter_model,
 )
+from sam3d_hf.data import index_dataset
+from sam3d_hf.inference import Sam3DPredictor
+from sam3d_hf.metrics import evaluate_case
 from sam3d_hf.synthetic import SYNTHETIC_PROCESSOR_KWARGS, generate_dataset
 
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "evaluate.py"
@@ -35,13 +41,15 @@ def load_script():
     return module
 
 
-def save_model(folder: Path, use_point_labels: bool, model=None) -> Path:
+def save_model(folder: Path, use_point_labels: bool, model=None, preset: str | None = "synthetic") -> Path:
     if model is None:
         prompt_config = {**TINY["prompt_encoder_config"], "use_point_labels": use_point_labels}
         config = Sam3DConfig(**{**TINY, "prompt_encoder_config": prompt_config})
         model = randomize(Sam3DForPromptableSegmentation(config))
     model.save_pretrained(folder)
-    image_processor = Sam3DImageProcessor(**{**SYNTHETIC_PROCESSOR_KWARGS, "target_spacing": (2.0, 2.0, 2.0)})
+    image_processor = Sam3DImageProcessor(
+        **{**SYNTHETIC_PROCESSOR_KWARGS, "target_spacing": (2.0, 2.0, 2.0), "preset": preset}
+    )
     Sam3DProcessor(image_processor, patch_size=PATCH, cluster_margin=4).save_pretrained(folder)
     return folder
 
@@ -94,6 +102,26 @@ def test_every_output_and_summary_equals_csv_means(setup):
     for png in [out / "dice_per_round.png", *(out / "overlays" / f"{case}.png" for case in sorted(train)[:2])]:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not [p for p in out.rglob(".tmp-*")]  # nothing half-written left behind
+    assert sorted(p.name for p in out.parent.iterdir() if p.name.startswith(".out")) == []
+
+    # The same clicks give the same scores whatever protocols ran before on the scan: protocol `1` and correction round
+    # 0 share their click, and the protocols in reverse order give the same rows (the dataset name now defaults to the
+    # processor's preset, "synthetic").
+    def by_protocol(rows):
+        keys = ("dataset", "protocol", "num_clicks", "clicks", "click_labels", "dice", "nsd")
+        return {(r["case_id"], r["protocol_name"], r["round"]): [r[k] for k in keys] for r in rows}
+
+    for case_id in sorted(train)[:2]:
+        first = by_protocol(rows)
+        one, correction = first[case_id, "1", "0"], first[case_id, "correction", "0"]
+        assert one[3:] == correction[3:] and one[1:3] == correction[1:3]
+    reversed_out = setup["root"] / "reversed"
+    load_script().main([
+        "--model", str(setup["model"]), "--data_dir", str(setup["data"]), "--split_file", str(split),
+        "--split", "train", "--max_cases", "2", "--protocols", "correction,center,3,1", "--rounds", "2",
+        "--output_dir", str(reversed_out),
+    ])  # fmt: skip
+    assert by_protocol(read_csv(reversed_out / "cases.csv")) == by_protocol(rows)
 
 
 def test_two_processes_equal_one(setup):
@@ -146,3 +174,69 @@ def test_errors(setup, tmp_path):
         script.main([*base, "--model", str(plain), "--protocols", "1,sideways"])
     with pytest.raises(SystemExit):
         script.main([*base, "--model", str(plain), "--base", str(plain)])
+
+
+def test_a_failed_run_leaves_nothing_and_an_output_is_replaced_only_once_complete(setup, tmp_path):
+    data = shutil.copytree(setup["data"], tmp_path / "task")
+    model = save_model(tmp_path / "model", use_point_labels=False, preset=None)
+    out = tmp_path / "runs" / "eval"  # its parent does not exist either
+    argv = ["--model", str(model), "--data_dir", str(data), "--protocols", "1", "--max_cases", "2",
+            "--output_dir", str(out)]  # fmt: skip
+    second = Path(index_dataset(data)[1]["image"])  # fails after the first case has its overlay
+    scan = second.read_bytes()
+    script = load_script()
+    second.write_bytes(b"not a scan")
+    with pytest.raises(ValueError, match="Could not read"):
+        script.main(argv)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "task"]  # no runs/, no hidden partial folder
+    second.write_bytes(scan)
+    script.main(argv)
+    assert {r["dataset"] for r in read_csv(out / "cases.csv")} == {"task"}  # no preset: the data folder's name
+    assert len(list((out / "overlays").iterdir())) == 2
+    with pytest.raises(ValueError, match=r"not empty.*--overwrite"):
+        script.main(argv)
+    (out / "old.txt").write_text("from an earlier run")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    second.write_bytes(b"not a scan")
+    with pytest.raises(ValueError, match="Could not read"):  # --overwrite, but the run fails: the old folder stays
+        script.main([*argv, "--overwrite"])
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert [p.name for p in out.parent.iterdir()] == ["eval"]
+    second.write_bytes(scan)
+    script.main([*argv, "--overwrite"])
+    assert not (out / "old.txt").exists() and (out / "summary.json").is_file()
+    assert [p.name for p in out.parent.iterdir()] == ["eval"]
+
+
+def test_automatic_mode_is_its_own_row(setup, tmp_path):
+    out = tmp_path / "automatic"
+    load_script().main(["--model", str(setup["model"]), "--data_dir", str(setup["data"]), "--automatic",
+                        "--sw_batch_size", "4", "--max_cases", "1", "--output_dir", str(out)])  # fmt: skip
+    rows = read_csv(out / "cases.csv")
+    assert [(r["protocol_name"], r["protocol"], r["num_clicks"], r["clicks"]) for r in rows] == [
+        ("automatic", "automatic", "0", "[]")
+    ]
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary) == ["3DSAM-adapter, automatic (sliding window)"]
+    # The row scores the predictor's sliding-window mask.
+    case = index_dataset(setup["data"])[0]
+    predictor = Sam3DPredictor(
+        Sam3DForPromptableSegmentation.from_pretrained(setup["model"]), Sam3DProcessor.from_pretrained(setup["model"])
+    )
+    predictor.set_image(case["image"])
+    label = nib.load(case["label"])
+    expected = evaluate_case(
+        predictor.predict_automatic().mask, np.asarray(label.dataobj) == 2, np.linalg.norm(label.affine[:3, :3], axis=0)
+    )
+    assert (float(rows[0]["dice"]), float(rows[0]["nsd"])) == pytest.approx((expected["dice"], expected["nsd"]))
+    assert 0 < expected["dice"] < 1  # a mask that tells modes apart
+    assert not (out / "dice_per_round.png").exists()  # no click rows to plot
+
+
+def test_help_names_the_command_and_explains_every_option(capsys):
+    script = load_script()
+    assert [action.option_strings for action in script.build_parser()._actions if not action.help] == []
+    with pytest.raises(SystemExit):
+        script.parse_args(["--help"], prog="sam3d evaluate")
+    out = capsys.readouterr().out
+    assert out.startswith("usage: sam3d evaluate ") and "--automatic" in out and "preset" in out
