@@ -29,7 +29,7 @@ from sam3d_hf import (
 from sam3d_hf.data import index_dataset
 from sam3d_hf.inference import Sam3DPredictor
 from sam3d_hf.metrics import evaluate_case
-from sam3d_hf.synthetic import SYNTHETIC_PROCESSOR_KWARGS, generate_dataset
+from sam3d_hf.synthetic import SYNTHETIC_PROCESSOR_KWARGS, generate_case, generate_dataset
 
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "evaluate.py"
 
@@ -123,6 +123,40 @@ def test_results_do_not_depend_on_the_order_of_the_protocols(setup, tmp_path):
     assert run("correction,3,1") == rows
     assert {row[0] for row in rows.values()} == {"synthetic"}  # the dataset name defaults to the processor's preset
     assert rows["1", "0"][1:] == rows["correction", "0"][1:]  # protocol 1 and correction round 0: the same click
+    # The correction rounds are one interactive session: a fresh predictor given the same clicks round after round,
+    # with its default patch reuse, gives the same scores.
+    predictor = Sam3DPredictor(
+        Sam3DForPromptableSegmentation.from_pretrained(model), Sam3DProcessor.from_pretrained(model)
+    )
+    case = index_dataset(setup["data"])[0]
+    predictor.set_image(case["image"])
+    label = nib.load(case["label"])
+    tumour, spacing = np.asarray(label.dataobj) == 2, np.linalg.norm(label.affine[:3, :3], axis=0)
+    for round_ in ("0", "1", "2"):
+        _, _, _, clicks, click_labels, dice, nsd = rows["correction", round_]
+        scores = evaluate_case(predictor.predict(json.loads(clicks), json.loads(click_labels)).mask, tumour, spacing)
+        assert (scores["dice"], scores["nsd"]) == pytest.approx((float(dice), float(nsd)), abs=1e-12)
+
+
+def test_correction_rounds_are_one_interactive_session(tiny_model):
+    """Correction rounds (`predict_in_session`) give the masks of a fresh predictor with its default patch reuse, on a
+    predictor where another protocol opened a patch first: round 1 keeps round 0's patch (a fresh placement would
+    differ), round 2 does not take the other protocol's patch (which would hold its clicks)."""
+    image, label = generate_case(3, orientation="oblique", num_lesions=2)
+    first = np.argwhere(np.asarray(label.dataobj) == 2)[0].astype(np.float64)
+    image_processor = Sam3DImageProcessor(**{**SYNTHETIC_PROCESSOR_KWARGS, "target_spacing": (1.0, 1.0, 1.0)})
+    processor = Sam3DProcessor(image_processor, patch_size=PATCH, cluster_margin=4)
+    shared, fresh = Sam3DPredictor(tiny_model, processor), Sam3DPredictor(tiny_model, processor)
+    shared.set_image(image)
+    fresh.set_image(image)
+    shared.predict([first + np.array([-20, -8, -3])])  # another protocol
+    script, session, clicks = load_script(), [], [first]
+    for added in (None, (-12, -8, -3), (-28, -16, -3)):
+        clicks += [first + np.array(added)] if added else []
+        mask = script.predict_in_session(shared, np.stack(clicks), np.ones(len(clicks), np.int64), session)
+        expected = fresh.predict(np.stack(clicks))
+        assert torch.equal(mask, expected.mask)
+        assert session[0] == expected.inputs["patch_origins"][0].tolist()
 
 
 def test_two_processes_equal_one(setup):
