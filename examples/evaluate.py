@@ -387,12 +387,17 @@ def move_into_place(staging: Path, output_dir: Path) -> None:
 
 
 def evaluate_cases(
-    cases: list[dict[str, Any]], predictor: Sam3DPredictor, args: argparse.Namespace, accelerator: Accelerator
+    cases: list[dict[str, Any]],
+    predictor: Sam3DPredictor,
+    args: argparse.Namespace,
+    accelerator: Accelerator,
+    staging: Path,
 ) -> list[dict[str, Any]]:
     """This process's share of the cases; every process returns all results, in case order.
 
-    A case that fails ends this process's share; every process still reaches the gather, then all raise (the failing
-    one its own error), so that the main process can delete the unfinished outputs of every process.
+    A case that fails ends this process's share; every process still reaches the gather, the main process deletes
+    `staging` (with every process's overlays), and then all raise (the failing one its own error): a launcher that
+    stops the other processes once one has failed finds nothing left to clean up.
     """
     results, failure = [], None
     with accelerator.split_between_processes(cases) as own_cases:
@@ -406,10 +411,13 @@ def evaluate_cases(
                 results.append({"case_id": case["case_id"], "position": case["position"], "error": repr(error)})
                 break
     results = sorted(gather_object(results), key=lambda r: r["position"])
-    if failure is not None:
-        raise failure
     failed = [r for r in results if "error" in r]
     if failed:
+        if accelerator.is_main_process:
+            shutil.rmtree(staging, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        if failure is not None:
+            raise failure
         raise RuntimeError(f"case {failed[0]['case_id']} failed on another process: {failed[0]['error']}")
     return results
 
@@ -461,7 +469,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     staging = Path(broadcast_object_list([staging])[0])
     try:
         args.overlay_dir = staging / "overlays"
-        results = evaluate_cases(cases, predictor, args, accelerator)
+        results = evaluate_cases(cases, predictor, args, accelerator, staging)
         if accelerator.is_main_process:
             rows = write_outputs(staging, results, args, accelerator)
             move_into_place(staging, output_dir)

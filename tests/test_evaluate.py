@@ -243,10 +243,11 @@ def test_a_failed_run_leaves_nothing_and_an_output_is_replaced_only_once_complet
     assert [p.name for p in out.parent.iterdir()] == ["eval"]
 
 
-def test_automatic_mode_is_its_own_row(setup, tmp_path):
+def test_automatic_mode_is_its_own_row(setup, tmp_path, capsys):
     out = tmp_path / "automatic"
     load_script().main(["--model", str(setup["model"]), "--data_dir", str(setup["data"]), "--automatic",
                         "--sw_batch_size", "4", "--max_cases", "1", "--output_dir", str(out)])  # fmt: skip
+    assert "cases: 100%" in capsys.readouterr().err  # the progress bar
     rows = read_csv(out / "cases.csv")
     assert [(r["protocol_name"], r["protocol"], r["num_clicks"], r["clicks"]) for r in rows] == [
         ("automatic", "automatic", "0", "[]")
