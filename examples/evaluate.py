@@ -355,7 +355,7 @@ def save_curve(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ main
-def staging_folder(output_dir: Path, overwrite: bool) -> Path:
+def check_output_dir(output_dir: Path, overwrite: bool) -> Path:
     """Check that `output_dir` may be written and return the existing folder to build it in (its nearest existing
     ancestor: the output folder and its missing parents appear only once everything is written)."""
     if output_dir.exists() and not output_dir.is_dir():
@@ -422,7 +422,9 @@ def evaluate_cases(
     return results
 
 
-def write_outputs(folder: Path, results: list[dict[str, Any]], args: argparse.Namespace, accelerator) -> int:
+def write_outputs(
+    folder: Path, results: list[dict[str, Any]], args: argparse.Namespace, accelerator: Accelerator
+) -> int:
     """cases.csv, lesions.csv, summary.json, table.md and dice_per_round.png in `folder`; prints the table and
     returns the number of case rows."""
     rows = [row for r in results for row in r["rows"]]
@@ -448,7 +450,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     args = parse_args(argv, prog)
     accelerator = Accelerator()
     output_dir = Path(args.output_dir).resolve()
-    anchor = staging_folder(output_dir, args.overwrite)
+    anchor = check_output_dir(output_dir, args.overwrite)
     with accelerator.main_process_first():  # the main process writes a new split file before the others read it
         cases = select_cases(args)
     model, processor = load_model(args)
