@@ -8,8 +8,9 @@ once the patch is cached.
 
 Part 2 (`--bf16_cases N`): on N generated scans, a small random model predicts from one click per lesion with
 `Sam3DPredictor` in float32 and with bf16 autocast; prints the Dice between the two masks per case and their mean.
-Random weights say nothing about accuracy, only about how much bf16 rounding changes a mask. bf16 is only fast on
-GPUs and CPUs with native bf16 (`grep -o 'avx512_bf16\\|amx_bf16' /proc/cpuinfo`).
+Random weights say nothing about accuracy, only about how much bf16 rounding changes a mask. The seconds are one
+`predict` (encoding and decoding, not the preprocessing). bf16 is only fast on GPUs and CPUs with native bf16
+(`grep -o 'avx512_bf16\\|amx_bf16' /proc/cpuinfo`).
 
     OMP_NUM_THREADS=2 python benchmarks/benchmark_inference.py                       # ViT-B, 128³
     python benchmarks/benchmark_inference.py --preset tiny --patch 40 24 44 --bf16_cases 4
@@ -100,8 +101,8 @@ def bench_bf16(num_cases: int) -> None:
         points, labels = simulate_clicks(tumour, "per_lesion", num_clicks=2, seed=case)
         masks, seconds = {}, {}
         for name, predictor in predictors.items():
-            start = time.perf_counter()
             predictor.set_image(image)
+            start = time.perf_counter()  # the prediction only (encoding included), not the preprocessing
             masks[name] = predictor.predict(points, labels).mask
             seconds[name] = time.perf_counter() - start
         dices.append(dice_score(masks["bf16"], masks["fp32"]))

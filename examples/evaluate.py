@@ -1,10 +1,10 @@
 """Evaluate a Sam3D model on a test set the way the 3DSAM-adapter paper reports it, on one or several processes.
 
 For every test scan: simulated clicks (`sam3d_hf.metrics.simulate_clicks`) -> `Sam3DPredictor` (the scan is
-preprocessed once and each patch encoded once for all protocols) -> mask in the scan's original geometry -> Dice and
+preprocessed once, and each patch encoded once for all protocols) -> mask in the scan's original geometry -> Dice and
 NSD at 5 mm per scan and per lesion (`sam3d_hf.metrics.evaluate_case`).
 
-Protocols (`--protocols`, comma separated):
+Protocols (`--protocols`, comma separated; default 1,3,10):
 * a number N (the paper: 1, 3, 10): N clicks placed by `--click_placement` -- `per_lesion` (default: one click in each
   lesion as long as there are clicks, the rest uniform over the tumour; a scan with several lesions gets one patch
   per click cluster) or `uniform` (the official evaluation: uniform over all tumour voxels);
@@ -12,12 +12,22 @@ Protocols (`--protocols`, comma separated):
 * `correction` (models with `prompt_encoder_config.use_point_labels=True`): one click as for `1`, then up to
   `--rounds` (5) corrective clicks at the centre of the largest error region (`correction_click`: negative in a false
   positive, positive in a miss), Dice and NSD after every round. Its rows are named `<method> (interactive)`.
+With `--automatic`, the sliding-window mode (`Sam3DPredictor.predict_automatic`, no click; for models trained without
+prompts) is evaluated too, as the row `<method>, automatic (sliding window)` (protocol `automatic` in the CSV files);
+`--automatic` without `--protocols` evaluates only it.
+
+Patches. Each protocol's first prediction places its patches centred on its clicks, as a fresh `Sam3DProcessor` call
+does (`predict(..., reuse_patches=False)`), so a protocol's results do not depend on which protocols ran before it.
+Correction rounds keep the patches of that protocol's earlier rounds when the clicks still fit in them, as an
+interactive session would. Image embeddings are shared between protocols wherever a patch origin coincides (exact).
 
 Outputs in `--output_dir`: `cases.csv` (one row per scan, protocol and round), `lesions.csv` (one row per lesion),
 `summary.json` (`sam3d_hf.metrics.summarize`: mean and std per protocol and round; NaN written as null),
-`table.md` (Table 1 shape), `dice_per_round.png` (mean Dice/NSD per correction round, or per number of clicks), and
-`overlays/<case>.png` (three orthogonal slices through each lesion: ground truth, prediction, clicks; from the first
-protocol, or the last correction round).
+`table.md` (Table 1 shape), `dice_per_round.png` (mean Dice/NSD per correction round, or per number of clicks; only
+with such rows), and `overlays/<case>.png` (three orthogonal slices through each lesion: ground truth, prediction,
+clicks; from the first protocol, or the last correction round). Everything is written into a hidden sibling folder and
+renamed to `--output_dir` once complete, so a failed or interrupted run leaves nothing; an existing non-empty
+`--output_dir` is refused unless `--overwrite`, which replaces it only then.
 
 Several processes: cases are split with `accelerator.split_between_processes` and gathered on the main process with
 `gather_object`; clicks are seeded per case, so any number of processes gives the same files:
@@ -25,8 +35,6 @@ Several processes: cases are split with `accelerator.split_between_processes` an
     python examples/evaluate.py --model my-model --data_dir Task07_Pancreas --split_file split.json --output_dir eval
     accelerate launch --multi_gpu --num_processes 4 examples/evaluate.py --model my-model ...   # 4 GPUs
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 examples/evaluate.py ...  # 2 CPU processes
-
-Needs matplotlib (`pip install sam3d-hf[eval]`).
 """
 
 from __future__ import annotations
@@ -35,6 +43,8 @@ import argparse
 import csv
 import json
 import math
+import shutil
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +52,9 @@ import nibabel as nib
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object
+from accelerate.utils import broadcast_object_list, gather_object
 from scipy import ndimage
+from tqdm.auto import tqdm
 
 from sam3d_hf import Sam3DAdapterModel, Sam3DForPromptableSegmentation, Sam3DProcessor
 from sam3d_hf.convert_sam3d import atomic_write
@@ -63,39 +74,59 @@ LESION_COLUMNS = (
 )  # fmt: skip
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    """The command line; `prog` names the command in usage lines (`sam3d evaluate` when run through the CLI)."""
+    parser = argparse.ArgumentParser(
+        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", help="model folder (save_pretrained) with its processor_config.json")
     parser.add_argument("--base", help="base model folder, with --adapter")
     parser.add_argument("--adapter", help="Sam3DAdapterModel or peft LoRA folder to put on --base")
     parser.add_argument("--preset", help="processor preset when the model folder has no processor_config.json")
     parser.add_argument("--data_dir", required=True, help="dataset folder (MSD, KiTS21, LiTS17 or images/labels)")
     parser.add_argument("--split_file", help="JSON split (made with seed --seed if missing); without it: all cases")
-    parser.add_argument("--split", default="test", choices=["train", "validation", "test"])
-    parser.add_argument("--protocols", default="1,3,10", help="comma separated: N, center, surrounding, marginal, "
-                        "correction")  # fmt: skip
-    parser.add_argument("--click_placement", default="per_lesion", choices=["per_lesion", "uniform"])
+    parser.add_argument("--split", default="test", choices=["train", "validation", "test"],
+                        help="which part of --split_file to evaluate (default: test)")  # fmt: skip
+    parser.add_argument("--protocols", help="comma separated: N (clicks), center, surrounding, marginal, correction "
+                        "(default: 1,3,10; none with --automatic alone)")  # fmt: skip
+    parser.add_argument("--automatic", action="store_true", help="also evaluate sliding windows without clicks "
+                        "(Sam3DPredictor.predict_automatic: overlap 0.7, Gaussian) as the row 'automatic'")  # fmt: skip
+    parser.add_argument("--sw_batch_size", type=int, default=1, help="windows per forward pass with --automatic")
+    parser.add_argument("--click_placement", default="per_lesion", choices=["per_lesion", "uniform"],
+                        help="where the N clicks of a numeric protocol go: per_lesion (one per lesion first, the "
+                        "rest uniform) or uniform (over all tumour voxels, as the official evaluation)")  # fmt: skip
     parser.add_argument("--rounds", type=int, default=5, help="correction rounds")
     parser.add_argument("--target_label", type=int, help="tumour label (default: the processor's target_label)")
     parser.add_argument("--method", default="3DSAM-adapter", help="row name in the table")
-    parser.add_argument("--dataset_name", help="column name in the table (default: the data folder's name)")
-    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--dataset_name", help="column name in the table and key in summary.json (default: the "
+                        "processor's preset, e.g. msd_pancreas or kits21, when it has one, else the data folder's "
+                        "name); sam3d push --dataset reads this key")  # fmt: skip
+    parser.add_argument("--output_dir", required=True, help="folder for the outputs; written only once complete")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing non-empty --output_dir (once the new one is complete)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help="click seed (per case: seed and case position)")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (GPUs, CPUs with native bf16)")
     parser.add_argument("--max_cases", type=int, help="evaluate only the first N cases of the split")
     parser.add_argument("--tolerance_mm", type=float, default=5.0, help="NSD tolerance")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argparse.Namespace:
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
     if (args.model is None) == (args.base is None) or (args.base is None) != (args.adapter is None):
         parser.error("give --model, or --base together with --adapter")
+    if args.protocols is None:
+        args.protocols = "" if args.automatic else "1,3,10"
     protocols = [p.strip() for p in args.protocols.split(",") if p.strip()]
     for protocol in protocols:
         if not (protocol.isdigit() and int(protocol) > 0) and protocol not in (*POSITION_PROTOCOLS, "correction"):
             parser.error(f"unknown protocol {protocol!r}: use a number of clicks, {POSITION_PROTOCOLS} or correction")
-    if not protocols:
-        parser.error("--protocols is empty")
-    args.protocols = protocols
-    if args.rounds < 1 or (args.max_cases is not None and args.max_cases < 1):
-        parser.error("--rounds and --max_cases must be >= 1")
+    if not protocols and not args.automatic:
+        parser.error("--protocols is empty (give click protocols, or --automatic)")
+    args.protocols = protocols + (["automatic"] if args.automatic else [])
+    if args.rounds < 1 or args.sw_batch_size < 1 or (args.max_cases is not None and args.max_cases < 1):
+        parser.error("--rounds, --sw_batch_size and --max_cases must be >= 1")
     return args
 
 
@@ -131,6 +162,23 @@ def select_cases(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 # ------------------------------------------------------------------------------------------------ one case
+def predict_in_session(predictor: Sam3DPredictor, points, labels, session: list[list[int]]) -> torch.Tensor:
+    """The mask of one prediction of a correction session (one protocol on one scan, several rounds).
+
+    `session` holds the patch origins this session used, most recently used first (the order in which a fresh
+    predictor's cache would offer them) and is updated here. The first round (empty session) places its patches as a
+    fresh processor call would (`reuse_patches=False`); later rounds may keep only this session's own patches, as an
+    interactive user's would, so the rounds give the same masks whichever protocols ran before on the predictor.
+    """
+    prediction = predictor.predict(points, labels, reuse_patches=session or False)
+    for origin in prediction.inputs["patch_origins"].tolist():  # rows in order, as the cache records them
+        if origin in session:
+            session.remove(origin)
+        session.insert(0, origin)
+    del session[predictor.max_cached_patches :]
+    return prediction.mask
+
+
 def evaluate_one(case: dict[str, Any], predictor: Sam3DPredictor, args: argparse.Namespace) -> dict[str, Any]:
     """Every protocol on one scan; returns CSV rows, lesion rows and what the overlay needs."""
     label_image = nib.load(case["label"])
@@ -163,28 +211,33 @@ def evaluate_one(case: dict[str, Any], predictor: Sam3DPredictor, args: argparse
             result["overlay"] = (mask, np.asarray(points), np.asarray(labels), f"{protocol_name} round {round_}")
 
     for protocol_name in args.protocols:
-        if protocol_name in POSITION_PROTOCOLS:
+        if protocol_name == "automatic":
+            mask = predictor.predict_automatic(batch_size=args.sw_batch_size).mask
+            record(protocol_name, protocol_name, np.zeros((0, 3)), np.zeros(0, np.int64), 0, mask, args.method)
+        elif protocol_name in POSITION_PROTOCOLS:
             try:
                 points, labels = simulate_clicks(tumour, protocol_name, 1, seed=seed, spacing=spacing)
             except ValueError as err:  # a lesion too small for three depth bands
                 result.setdefault("notes", []).append(f"{protocol_name}: {err}")
                 continue
-            record(protocol_name, protocol_name, points, labels, 0, predictor.predict(points, labels).mask, args.method)
+            mask = predictor.predict(points, labels, reuse_patches=False).mask
+            record(protocol_name, protocol_name, points, labels, 0, mask, args.method)
         elif protocol_name == "correction":
             points, labels = simulate_clicks(tumour, args.click_placement, 1, seed=seed, spacing=spacing)
-            mask = predictor.predict(points, labels).mask
+            session = []  # the patches of this protocol's rounds (see `predict_in_session`)
+            mask = predict_in_session(predictor, points, labels, session)
             method = f"{args.method} (interactive)"
             record(protocol_name, args.click_placement, points, labels, 0, mask, method)
             for round_ in range(1, args.rounds + 1):
                 click = correction_click(tumour, mask, spacing)
                 if click is not None:  # otherwise the prediction is perfect: it stays as it is
                     points, labels = np.vstack([points, click[0]]), np.append(labels, click[1])
-                    mask = predictor.predict(points, labels).mask
+                    mask = predict_in_session(predictor, points, labels, session)
                 record(protocol_name, args.click_placement, points, labels, round_, mask, method)
         else:
             count = int(protocol_name)
             points, labels = simulate_clicks(tumour, args.click_placement, count, seed=seed, spacing=spacing)
-            mask = predictor.predict(points, labels).mask
+            mask = predictor.predict(points, labels, reuse_patches=False).mask
             record(protocol_name, args.click_placement, points, labels, 0, mask, args.method)
     if "overlay" in result and args.overlay_dir is not None:
         mask, points, labels, title = result.pop("overlay")
@@ -273,18 +326,20 @@ def save_overlay(path, image, tumour, prediction, points, labels, affine, window
 
 
 def save_curve(path: Path, rows: list[dict[str, Any]]) -> None:
-    """Mean Dice and NSD per correction round; without correction rows, per number of clicks."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """Mean Dice and NSD per correction round; without correction rows, per number of clicks; nothing without either."""
     interactive = [r for r in rows if r["protocol_name"] == "correction"]
     chosen, key, xlabel = (
         (interactive, "round", "correction round")
         if interactive
         else ([r for r in rows if r["protocol_name"].isdigit()], "num_clicks", "clicks")
     )
+    if not chosen:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     figure, axis = plt.subplots(figsize=(5, 3.5))
     xs = sorted({r[key] for r in chosen})
     for metric in ("dice", "nsd"):
@@ -300,31 +355,78 @@ def save_curve(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ main
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    accelerator = Accelerator()
-    output_dir = Path(args.output_dir)
-    args.overlay_dir = output_dir / "overlays"
-    if accelerator.is_main_process:
-        args.overlay_dir.mkdir(parents=True, exist_ok=True)
-    args.dataset_name = args.dataset_name or Path(args.data_dir).resolve().name
-    with accelerator.main_process_first():  # the main process writes a new split file before the others read it
-        cases = select_cases(args)
-    model, processor = load_model(args)
-    if "correction" in args.protocols and not model.config.prompt_encoder_config.use_point_labels:
+def check_output_dir(output_dir: Path, overwrite: bool) -> Path:
+    """Check that `output_dir` may be written and return the existing folder to build it in (its nearest existing
+    ancestor: the output folder and its missing parents appear only once everything is written)."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ValueError(f"--output_dir {output_dir} exists and is not a folder: choose a folder path.")
+    if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
         raise ValueError(
-            "protocol 'correction' places negative clicks, but this model has prompt_encoder_config.use_point_labels="
-            "False and cannot use them; drop 'correction' from --protocols or evaluate a model trained with labels."
+            f"--output_dir {output_dir} exists and is not empty: choose a new folder, or pass --overwrite to replace "
+            "it once the new evaluation is complete."
         )
-    predictor = Sam3DPredictor(model.to(accelerator.device), processor, bf16=args.bf16)
-    accelerator.wait_for_everyone()  # the overlay folder exists
+    anchor = output_dir.parent
+    while not anchor.exists():
+        anchor = anchor.parent
+    if not anchor.is_dir():
+        raise ValueError(f"cannot create --output_dir {output_dir}: {anchor} is a file, not a folder.")
+    return anchor
 
+
+def move_into_place(staging: Path, output_dir: Path) -> None:
+    """Rename the complete `staging` folder to `output_dir`; an existing (empty, or with --overwrite, old) folder
+    there is renamed away first and deleted last."""
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    old = None
+    if output_dir.exists():
+        old = output_dir.with_name(f"{staging.name}.old")
+        output_dir.rename(old)
+    staging.rename(output_dir)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def evaluate_cases(
+    cases: list[dict[str, Any]],
+    predictor: Sam3DPredictor,
+    args: argparse.Namespace,
+    accelerator: Accelerator,
+    staging: Path,
+) -> list[dict[str, Any]]:
+    """This process's share of the cases; every process returns all results, in case order.
+
+    A case that fails ends this process's share; every process still reaches the gather, the main process deletes
+    `staging` (with every process's overlays), and then all raise (the failing one its own error): a launcher that
+    stops the other processes once one has failed finds nothing left to clean up.
+    """
+    results, failure = [], None
     with accelerator.split_between_processes(cases) as own_cases:
-        results = [evaluate_one(case, predictor, args) for case in own_cases]
+        progress = tqdm(own_cases, desc="cases", unit="case", disable=not accelerator.is_local_main_process)
+        for case in progress:
+            progress.set_postfix_str(case["case_id"])
+            try:
+                results.append(evaluate_one(case, predictor, args))
+            except Exception as error:
+                failure = error
+                results.append({"case_id": case["case_id"], "position": case["position"], "error": repr(error)})
+                break
     results = sorted(gather_object(results), key=lambda r: r["position"])
-    if not accelerator.is_main_process:
-        return
+    failed = [r for r in results if "error" in r]
+    if failed:
+        if accelerator.is_main_process:
+            shutil.rmtree(staging, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        if failure is not None:
+            raise failure
+        raise RuntimeError(f"case {failed[0]['case_id']} failed on another process: {failed[0]['error']}")
+    return results
 
+
+def write_outputs(
+    folder: Path, results: list[dict[str, Any]], args: argparse.Namespace, accelerator: Accelerator
+) -> int:
+    """cases.csv, lesions.csv, summary.json, table.md and dice_per_round.png in `folder`; prints the table and
+    returns the number of case rows."""
     rows = [row for r in results for row in r["rows"]]
     lesion_rows = [row for r in results for row in r["lesion_rows"]]
     for r in results:
@@ -333,16 +435,51 @@ def main(argv: list[str] | None = None) -> None:
                 accelerator.print(f"{r['case_id']}: {note}")
     if not rows:
         raise ValueError(f"No case of {args.data_dir} ({args.split}) could be evaluated (no tumour in any label map?).")
-    write_csv(output_dir / "cases.csv", rows, CASE_COLUMNS)
-    write_csv(output_dir / "lesions.csv", lesion_rows, LESION_COLUMNS)
+    write_csv(folder / "cases.csv", rows, CASE_COLUMNS)
+    write_csv(folder / "lesions.csv", lesion_rows, LESION_COLUMNS)
     summary = summarize(rows)
-    write_text(output_dir / "summary.json", json.dumps(_json_safe(summary), indent=2) + "\n")
+    write_text(folder / "summary.json", json.dumps(_json_safe(summary), indent=2) + "\n")
     table = markdown_table(summary)
-    write_text(output_dir / "table.md", table)
-    save_curve(output_dir / "dice_per_round.png", rows)
+    write_text(folder / "table.md", table)
+    save_curve(folder / "dice_per_round.png", rows)
     accelerator.print(table)
-    processes = accelerator.num_processes
-    accelerator.print(f"{len(results)} cases on {processes} process(es), {len(rows)} rows -> {output_dir}")
+    return len(rows)
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> None:
+    args = parse_args(argv, prog)
+    accelerator = Accelerator()
+    output_dir = Path(args.output_dir).resolve()
+    anchor = check_output_dir(output_dir, args.overwrite)
+    with accelerator.main_process_first():  # the main process writes a new split file before the others read it
+        cases = select_cases(args)
+    model, processor = load_model(args)
+    if "correction" in args.protocols and not model.config.prompt_encoder_config.use_point_labels:
+        raise ValueError(
+            "protocol 'correction' places negative clicks, but this model has prompt_encoder_config.use_point_labels="
+            "False and cannot use them; drop 'correction' from --protocols or evaluate a model trained with labels."
+        )
+    args.dataset_name = args.dataset_name or processor.image_processor.preset or Path(args.data_dir).resolve().name
+    predictor = Sam3DPredictor(model.to(accelerator.device), processor, bf16=args.bf16)
+
+    # Everything goes into a hidden sibling folder, renamed to --output_dir once complete; the main process makes it
+    # and tells the others (they write their cases' overlays there).
+    staging = None
+    if accelerator.is_main_process:
+        staging = anchor / f".{output_dir.name}.partial-{uuid.uuid4().hex[:8]}"
+        (staging / "overlays").mkdir(parents=True)
+    staging = Path(broadcast_object_list([staging])[0])
+    try:
+        args.overlay_dir = staging / "overlays"
+        results = evaluate_cases(cases, predictor, args, accelerator, staging)
+        if accelerator.is_main_process:
+            rows = write_outputs(staging, results, args, accelerator)
+            move_into_place(staging, output_dir)
+            print(f"{len(results)} cases on {accelerator.num_processes} process(es), {rows} rows -> {output_dir}")
+    except BaseException:  # an error or an interrupt: nothing half-written stays
+        if accelerator.is_main_process:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 if __name__ == "__main__":

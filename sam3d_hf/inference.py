@@ -2,11 +2,18 @@
 
 [`Sam3DPredictor`] follows segment-anything's `SamPredictor`: `set_image` reads, reorients, resamples and normalises
 the scan once (`Sam3DImageProcessor.preprocess`); every `predict` maps its clicks to patches
-(`Sam3DProcessor.prepare_prompts`, which keeps a click cluster in an already encoded patch when it fits there with
-`cluster_margin` voxels of context), encodes the patches it has not seen yet (`model.get_image_embeddings`, cached per
+(`Sam3DProcessor.prepare_prompts`), encodes the patches it has not seen yet (`model.get_image_embeddings`, cached per
 patch origin) and runs only the prompt-dependent part of the model (prompt encoder, level-3 head and its share of the
 fused convolution) on the cached embeddings. The result comes back in the scan's original geometry
 (`Sam3DProcessor.post_process_masks`): the data's stored axis order, voxel for voxel.
+
+Patch placement and the cache are two different things. The embedding cache is exact: a patch at the same origin has
+the same voxels, so its cached embeddings are what a fresh encoding would give. Where a patch is *placed* is a choice:
+by default (`reuse_patches=True`, an interactive session) a click cluster that fits in an already encoded patch with
+`cluster_margin` voxels of context keeps that patch, so a click added near earlier ones costs only the
+prompt-dependent part; the mask then depends on the clicks that came before. `reuse_patches=False` places every patch
+centred on its click cluster exactly as `Sam3DProcessor.__call__` does (embeddings still come from the cache when an
+origin coincides), so the same clicks give the same mask whatever was predicted before: what an evaluation needs.
 
 Coordinates. Clicks index the original data's stored axes (NIfTI `(i, j, k)`, i.e. `nib.load(path).get_fdata()[i, j,
 k]`; array axes for arrays), or are RAS world mm with `points_in="world"`, exactly as for [`Sam3DProcessor`].
@@ -89,7 +96,13 @@ class Sam3DPredictor:
     first = predictor.predict([[120, 85, 40]])                            # encodes the patch around the click
     second = predictor.predict([[120, 85, 40], [126, 85, 40]], [1, 0])  # same patch: prompt-dependent part only
     save_mask_nifti(second.mask, "ct.nii.gz", "ct_mask.nii.gz")
+    fresh = predictor.predict([[118, 80, 41]], reuse_patches=False)      # placed as a fresh processor call would
     ```
+
+    `predict(..., reuse_patches=True)` (the default, for interactive use) keeps a new click in an already encoded patch
+    when it fits there, so its mask depends on what was predicted before; `reuse_patches=False` gives exactly the mask
+    of a fresh predictor (or of `processor(...)` + `model(**inputs)` + `post_process_masks`) for the same clicks. An
+    evaluation uses `False` for a protocol's first prediction (see examples/evaluate.py).
     """
 
     def __init__(
@@ -159,6 +172,7 @@ class Sam3DPredictor:
         input_labels: Any = None,
         points_in: str = "voxel",
         threshold: float = 0.5,
+        reuse_patches: bool | Sequence[Sequence[int]] = True,
     ) -> Sam3DPrediction:
         """Segment what the clicks point at, in the scan's original geometry.
 
@@ -170,15 +184,25 @@ class Sam3DPredictor:
                 click refines every patch it falls in (see `Sam3DProcessor.__call__`).
             points_in: `"voxel"` or `"world"`.
             threshold: foreground probability threshold, strictly between 0 and 1.
+            reuse_patches: where the patches go (see the module docstring).
+                * `True` (interactive): a click cluster that fits, with `cluster_margin` voxels of context, in a cached
+                  patch (most recently used first) keeps it; the mask then depends on the earlier predictions.
+                * `False`: patches centred on the click clusters, as a fresh `Sam3DProcessor.__call__` places them; the
+                  same clicks give the same mask whatever came before (cached embeddings are still used where an
+                  origin coincides).
+                * a list of patch origins (`(3,)` resampled voxels, e.g. earlier `prediction.inputs["patch_origins"]`,
+                  preferred first): only these may be kept, e.g. the patches of one click session among several on
+                  the same scan. An empty list is the same as `False`.
 
         Returns:
             [`Sam3DPrediction`] with one score and one logits row per patch.
         """
         preprocessed = self.preprocessed
-        # Cached patches come first (most recent first): clicks that fit in one with `cluster_margin` voxels of context
-        # reuse it, so a click added near earlier ones costs only the prompt-dependent part of the model.
-        cached = list(reversed(self._cache))
-        inputs = self.processor.prepare_prompts(preprocessed, input_points, input_labels, points_in, "pt", cached)
+        if isinstance(reuse_patches, bool):
+            reusable = list(reversed(self._cache)) if reuse_patches else None  # most recently used first
+        else:
+            reusable = _patch_origins(reuse_patches)
+        inputs = self.processor.prepare_prompts(preprocessed, input_points, input_labels, points_in, "pt", reusable)
         origins = inputs["patch_origins"].tolist()
         with torch.inference_mode(), self._autocast():
             rows = [self._embeddings(tuple(o), inputs["pixel_values"][b : b + 1]) for b, o in enumerate(origins)]
@@ -273,6 +297,20 @@ class Sam3DPredictor:
         logits = torch.logit(tiles.clamp(_PROBABILITY_EPS, 1 - _PROBABILITY_EPS))[:, None]
         inputs = {**self.preprocessed, "patch_origins": origins}
         return self.processor.post_process_masks(logits, inputs, return_probabilities=True)
+
+
+def _patch_origins(value: Any) -> np.ndarray:
+    """`reuse_patches` given as patch origins -> `(K, 3)` int64 resampled voxels."""
+    try:
+        origins = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        origins = None
+    if origins is None or (origins.size and (origins.ndim != 2 or origins.shape[1] != 3)):
+        raise ValueError(
+            "`reuse_patches` must be True, False or a list of (3,) patch origins (resampled voxels, e.g. an earlier "
+            f"`prediction.inputs['patch_origins']`), got {value!r}."
+        )
+    return origins.reshape(-1, 3).astype(np.int64)
 
 
 def _scores(probabilities: torch.Tensor, threshold: float) -> torch.Tensor:

@@ -61,11 +61,14 @@ import torch
 from scipy import ndimage
 
 CLICK_PROTOCOLS = ("uniform", "per_lesion", "center", "surrounding", "marginal")
+# Rows of a summary: the click protocols, then "automatic" (sliding window without clicks, `predict_automatic`).
+SUMMARY_PROTOCOLS = (*CLICK_PROTOCOLS, "automatic")
 # Full 26-connectivity: voxels that share only an edge or a corner belong to the same lesion / error region.
 CONNECTIVITY_26 = np.ones((3, 3, 3), dtype=bool)
 
 __all__ = [
     "CLICK_PROTOCOLS",
+    "SUMMARY_PROTOCOLS",
     "correction_click",
     "dice_score",
     "evaluate_case",
@@ -410,6 +413,8 @@ _GROUP_DEFAULTS = {"method": "3DSAM-adapter", "dataset": "all", "protocol": "uni
 
 
 def _row_name(method: str, protocol: str, num_clicks: int, rounds: int) -> str:
+    if protocol == "automatic":
+        return f"{method}, automatic (sliding window)"
     name = f"{method}, {num_clicks} click{'s' if num_clicks != 1 else ''} ({protocol})"
     if rounds:
         name += f" + {rounds} correction{'s' if rounds != 1 else ''}"
@@ -427,15 +432,17 @@ def summarize(records: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, dict[
 
     Args:
         records: one mapping per evaluated scan: `evaluate_case(...)` plus `num_clicks` (required) and optionally
-            `method` (default "3DSAM-adapter"), `dataset` (default "all"), `protocol` (default "uniform") and
-            `round` (corrections applied so far, default 0).
+            `method` (default "3DSAM-adapter"), `dataset` (default "all"), `protocol` (one of `SUMMARY_PROTOCOLS`,
+            default "uniform"; `"automatic"` for sliding-window predictions, `num_clicks` 0) and `round` (corrections
+            applied so far, default 0).
 
     Returns:
         `{row: {dataset: {"dice_mean", "dice_std", "nsd_mean", "nsd_std", "n", "lesion_dice_mean",
         "lesion_nsd_mean", "n_lesions"}}}` (JSON-serialisable). Rows read like
-        `"3DSAM-adapter, 3 clicks (uniform) + 2 corrections"` and are ordered by method, protocol (in
-        `CLICK_PROTOCOLS` order), clicks and round; datasets keep the order they first appear in. Standard deviations
-        are sample ones (ddof=1, NaN for one case); lesion means pool all lesions of the group (NaN when none).
+        `"3DSAM-adapter, 3 clicks (uniform) + 2 corrections"` (`"3DSAM-adapter, automatic (sliding window)"`) and are
+        ordered by method, protocol (in `SUMMARY_PROTOCOLS` order), clicks and round; datasets keep the order they
+        first appear in. Standard deviations are sample ones (ddof=1, NaN for one case); lesion means pool all lesions
+        of the group (NaN when none).
     """
     if isinstance(records, Mapping) or not isinstance(records, Sequence) or not records:
         raise ValueError("`records` must be a non-empty list of per-scan dicts (from `evaluate_case`).")
@@ -449,10 +456,12 @@ def summarize(records: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, dict[
                 "(and optionally method, dataset, protocol, round)."
             )
         meta = {key: record.get(key, default) for key, default in _GROUP_DEFAULTS.items()}
-        if meta["protocol"] not in CLICK_PROTOCOLS:
-            raise ValueError(f"record {position} has protocol {meta['protocol']!r}; expected one of {CLICK_PROTOCOLS}.")
+        if meta["protocol"] not in SUMMARY_PROTOCOLS:
+            raise ValueError(
+                f"record {position} has protocol {meta['protocol']!r}; expected one of {SUMMARY_PROTOCOLS}."
+            )
         dataset = str(meta["dataset"])
-        key = (str(meta["method"]), CLICK_PROTOCOLS.index(meta["protocol"]), int(record["num_clicks"]))
+        key = (str(meta["method"]), SUMMARY_PROTOCOLS.index(meta["protocol"]), int(record["num_clicks"]))
         key = (*key, int(meta["round"]), dataset)
         if dataset not in datasets:
             datasets.append(dataset)
@@ -465,7 +474,7 @@ def summarize(records: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, dict[
         dice_mean, dice_std = _mean_std([float(r["dice"]) for r in cases])
         nsd_mean, nsd_std = _mean_std([float(r["nsd"]) for r in cases])
         lesions = [lesion for r in cases for lesion in r.get("lesions", [])]
-        summary.setdefault(_row_name(method, CLICK_PROTOCOLS[protocol_index], num_clicks, rounds), {})[dataset] = {
+        summary.setdefault(_row_name(method, SUMMARY_PROTOCOLS[protocol_index], num_clicks, rounds), {})[dataset] = {
             "dice_mean": dice_mean,
             "dice_std": dice_std,
             "nsd_mean": nsd_mean,

@@ -1,15 +1,18 @@
-"""examples/evaluate.py on a tiny random model and generated scans: every output file, CSV and JSON agree, and two
-real CPU processes (Accelerate) give the same results as one."""
+"""examples/evaluate.py on a tiny random model and generated scans: every output file, CSV and JSON agree, results do
+not depend on the order of the protocols, nothing half-written is left behind, the sliding-window mode has its own
+row, and two real CPU processes (Accelerate) give the same results as one."""
 
 import csv
 import importlib.util
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -23,7 +26,10 @@ from sam3d_hf import (
     Sam3DProcessor,
     get_adapter_model,
 )
-from sam3d_hf.synthetic import SYNTHETIC_PROCESSOR_KWARGS, generate_dataset
+from sam3d_hf.data import index_dataset
+from sam3d_hf.inference import Sam3DPredictor
+from sam3d_hf.metrics import evaluate_case
+from sam3d_hf.synthetic import SYNTHETIC_PROCESSOR_KWARGS, generate_case, generate_dataset
 
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "evaluate.py"
 
@@ -35,13 +41,17 @@ def load_script():
     return module
 
 
-def save_model(folder: Path, use_point_labels: bool, model=None) -> Path:
+def save_model(
+    folder: Path, use_point_labels: bool, model=None, preset: str | None = "synthetic", spacing: float = 2.0
+) -> Path:
     if model is None:
         prompt_config = {**TINY["prompt_encoder_config"], "use_point_labels": use_point_labels}
         config = Sam3DConfig(**{**TINY, "prompt_encoder_config": prompt_config})
         model = randomize(Sam3DForPromptableSegmentation(config))
     model.save_pretrained(folder)
-    image_processor = Sam3DImageProcessor(**{**SYNTHETIC_PROCESSOR_KWARGS, "target_spacing": (2.0, 2.0, 2.0)})
+    image_processor = Sam3DImageProcessor(
+        **{**SYNTHETIC_PROCESSOR_KWARGS, "target_spacing": (spacing,) * 3, "preset": preset}
+    )
     Sam3DProcessor(image_processor, patch_size=PATCH, cluster_margin=4).save_pretrained(folder)
     return folder
 
@@ -94,6 +104,59 @@ def test_every_output_and_summary_equals_csv_means(setup):
     for png in [out / "dice_per_round.png", *(out / "overlays" / f"{case}.png" for case in sorted(train)[:2])]:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not [p for p in out.rglob(".tmp-*")]  # nothing half-written left behind
+    assert sorted(p.name for p in out.parent.iterdir() if p.name.startswith(".out")) == []
+
+
+def test_results_do_not_depend_on_the_order_of_the_protocols(setup, tmp_path):
+    """The same clicks give the same scores whatever protocols ran before them on the scan's predictor. At 1 mm the
+    patch is small against the scan, so patches opened by one protocol could hold another's clicks (they did)."""
+    model = save_model(tmp_path / "model", use_point_labels=True, spacing=1.0)
+
+    def run(protocols: str) -> dict:
+        out = tmp_path / protocols.replace(",", "-")
+        load_script().main(["--model", str(model), "--data_dir", str(setup["data"]), "--max_cases", "1",
+                            "--protocols", protocols, "--rounds", "2", "--output_dir", str(out)])  # fmt: skip
+        keys = ("dataset", "protocol", "num_clicks", "clicks", "click_labels", "dice", "nsd")
+        return {(r["protocol_name"], r["round"]): [r[k] for k in keys] for r in read_csv(out / "cases.csv")}
+
+    rows = run("1,3,correction")
+    assert run("correction,3,1") == rows
+    assert {row[0] for row in rows.values()} == {"synthetic"}  # the dataset name defaults to the processor's preset
+    assert rows["1", "0"][1:] == rows["correction", "0"][1:]  # protocol 1 and correction round 0: the same click
+    # The correction rounds are one interactive session: a fresh predictor given the same clicks round after round,
+    # with its default patch reuse, gives the same scores.
+    predictor = Sam3DPredictor(
+        Sam3DForPromptableSegmentation.from_pretrained(model), Sam3DProcessor.from_pretrained(model)
+    )
+    case = index_dataset(setup["data"])[0]
+    predictor.set_image(case["image"])
+    label = nib.load(case["label"])
+    tumour, spacing = np.asarray(label.dataobj) == 2, np.linalg.norm(label.affine[:3, :3], axis=0)
+    for round_ in ("0", "1", "2"):
+        _, _, _, clicks, click_labels, dice, nsd = rows["correction", round_]
+        scores = evaluate_case(predictor.predict(json.loads(clicks), json.loads(click_labels)).mask, tumour, spacing)
+        assert (scores["dice"], scores["nsd"]) == pytest.approx((float(dice), float(nsd)), abs=1e-12)
+
+
+def test_correction_rounds_are_one_interactive_session(tiny_model):
+    """Correction rounds (`predict_in_session`) give the masks of a fresh predictor with its default patch reuse, on a
+    predictor where another protocol opened a patch first: round 1 keeps round 0's patch (a fresh placement would
+    differ), round 2 does not take the other protocol's patch (which would hold its clicks)."""
+    image, label = generate_case(3, orientation="oblique", num_lesions=2)
+    first = np.argwhere(np.asarray(label.dataobj) == 2)[0].astype(np.float64)
+    image_processor = Sam3DImageProcessor(**{**SYNTHETIC_PROCESSOR_KWARGS, "target_spacing": (1.0, 1.0, 1.0)})
+    processor = Sam3DProcessor(image_processor, patch_size=PATCH, cluster_margin=4)
+    shared, fresh = Sam3DPredictor(tiny_model, processor), Sam3DPredictor(tiny_model, processor)
+    shared.set_image(image)
+    fresh.set_image(image)
+    shared.predict([first + np.array([-20, -8, -3])])  # another protocol
+    script, session, clicks = load_script(), [], [first]
+    for added in (None, (-12, -8, -3), (-28, -16, -3)):
+        clicks += [first + np.array(added)] if added else []
+        mask = script.predict_in_session(shared, np.stack(clicks), np.ones(len(clicks), np.int64), session)
+        expected = fresh.predict(np.stack(clicks))
+        assert torch.equal(mask, expected.mask)
+        assert session[0] == expected.inputs["patch_origins"][0].tolist()
 
 
 def test_two_processes_equal_one(setup):
@@ -146,3 +209,70 @@ def test_errors(setup, tmp_path):
         script.main([*base, "--model", str(plain), "--protocols", "1,sideways"])
     with pytest.raises(SystemExit):
         script.main([*base, "--model", str(plain), "--base", str(plain)])
+
+
+def test_a_failed_run_leaves_nothing_and_an_output_is_replaced_only_once_complete(setup, tmp_path):
+    data = shutil.copytree(setup["data"], tmp_path / "task")
+    model = save_model(tmp_path / "model", use_point_labels=False, preset=None)
+    out = tmp_path / "runs" / "eval"  # its parent does not exist either
+    argv = ["--model", str(model), "--data_dir", str(data), "--protocols", "1", "--max_cases", "2",
+            "--output_dir", str(out)]  # fmt: skip
+    second = Path(index_dataset(data)[1]["image"])  # fails after the first case has its overlay
+    scan = second.read_bytes()
+    script = load_script()
+    second.write_bytes(b"not a scan")
+    with pytest.raises(ValueError, match="Could not read"):
+        script.main(argv)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "task"]  # no runs/, no hidden partial folder
+    second.write_bytes(scan)
+    script.main(argv)
+    assert {r["dataset"] for r in read_csv(out / "cases.csv")} == {"task"}  # no preset: the data folder's name
+    assert len(list((out / "overlays").iterdir())) == 2
+    with pytest.raises(ValueError, match=r"not empty.*--overwrite"):
+        script.main(argv)
+    (out / "old.txt").write_text("from an earlier run")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    second.write_bytes(b"not a scan")
+    with pytest.raises(ValueError, match="Could not read"):  # --overwrite, but the run fails: the old folder stays
+        script.main([*argv, "--overwrite"])
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert [p.name for p in out.parent.iterdir()] == ["eval"]
+    second.write_bytes(scan)
+    script.main([*argv, "--overwrite"])
+    assert not (out / "old.txt").exists() and (out / "summary.json").is_file()
+    assert [p.name for p in out.parent.iterdir()] == ["eval"]
+
+
+def test_automatic_mode_is_its_own_row(setup, tmp_path, capsys):
+    out = tmp_path / "automatic"
+    load_script().main(["--model", str(setup["model"]), "--data_dir", str(setup["data"]), "--automatic",
+                        "--sw_batch_size", "4", "--max_cases", "1", "--output_dir", str(out)])  # fmt: skip
+    assert "cases: 100%" in capsys.readouterr().err  # the progress bar
+    rows = read_csv(out / "cases.csv")
+    assert [(r["protocol_name"], r["protocol"], r["num_clicks"], r["clicks"]) for r in rows] == [
+        ("automatic", "automatic", "0", "[]")
+    ]
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary) == ["3DSAM-adapter, automatic (sliding window)"]
+    # The row scores the predictor's sliding-window mask.
+    case = index_dataset(setup["data"])[0]
+    predictor = Sam3DPredictor(
+        Sam3DForPromptableSegmentation.from_pretrained(setup["model"]), Sam3DProcessor.from_pretrained(setup["model"])
+    )
+    predictor.set_image(case["image"])
+    label = nib.load(case["label"])
+    expected = evaluate_case(
+        predictor.predict_automatic().mask, np.asarray(label.dataobj) == 2, np.linalg.norm(label.affine[:3, :3], axis=0)
+    )
+    assert (float(rows[0]["dice"]), float(rows[0]["nsd"])) == pytest.approx((expected["dice"], expected["nsd"]))
+    assert 0 < expected["dice"] < 1  # a mask that tells modes apart
+    assert not (out / "dice_per_round.png").exists()  # no click rows to plot
+
+
+def test_help_names_the_command_and_explains_every_option(capsys):
+    script = load_script()
+    assert [action.option_strings for action in script.build_parser()._actions if not action.help] == []
+    with pytest.raises(SystemExit):
+        script.parse_args(["--help"], prog="sam3d evaluate")
+    out = capsys.readouterr().out
+    assert out.startswith("usage: sam3d evaluate ") and "--automatic" in out and "preset" in out

@@ -35,6 +35,13 @@ def fresh_logits(model, processor, image, points, labels=None):
         return model(**inputs).logits, inputs
 
 
+def crop_by_hand(predictor, origin):
+    """The patch at `origin` cut from the preprocessed scan by plain slicing, padded with air outside it."""
+    volume = np.asarray(predictor.preprocessed["pixel_values"])[0, 0]
+    padded = np.pad(volume, [(p, p) for p in PATCH], constant_values=predictor.processor.image_processor.pad_value)
+    return padded[tuple(slice(o + p, o + 2 * p) for o, p in zip(origin, PATCH))]
+
+
 def test_cached_clicks_equal_fresh_forward(tiny_model, oblique_case):
     image, points = oblique_case
     processor = make_processor()
@@ -50,17 +57,58 @@ def test_cached_clicks_equal_fresh_forward(tiny_model, oblique_case):
     assert tuple(prediction.mask.shape) == image.shape
     assert torch.equal(prediction.mask, (expected >= 0.5).to(torch.uint8))
     assert len(prediction.scores) == 2  # two clicks far apart -> two patches, one score each
-    # Clicks added near cached ones reuse their patches; logits equal a full forward of the same patches and clicks.
+    # Clicks added near cached ones reuse their patches; logits equal a full forward (encoder included) of the same
+    # patches, cut here by hand from the preprocessed scan, and the same clicks.
     nearby = points[:1] + np.array([3.0, -2.0, 1.0])
     for clicks in (points[:1], nearby, points[::-1], np.concatenate([points, points + 2])):
         prediction = predictor.predict(clicks)
         inputs = prediction.inputs
+        patches = [crop_by_hand(predictor, origin) for origin in inputs["patch_origins"].tolist()]
+        pixel_values = torch.from_numpy(np.stack(patches)[:, None]).float()
+        assert torch.equal(inputs["pixel_values"], pixel_values)
         with torch.no_grad():
-            logits = tiny_model(**{k: inputs[k] for k in ("pixel_values", "input_points", "input_labels")}).logits
+            logits = tiny_model(
+                pixel_values=pixel_values, input_points=inputs["input_points"], input_labels=inputs["input_labels"]
+            ).logits
         torch.testing.assert_close(prediction.logits, logits, atol=1e-4, rtol=1e-4)
         expected = processor.post_process_masks(logits, inputs)
         assert tuple(expected.shape) == image.shape and torch.equal(prediction.mask, expected)
     assert (predictor.cache_misses, predictor.cache_hits) == (2, 6)
+
+
+def test_without_patch_reuse_the_same_clicks_give_the_fresh_mask(tiny_model, oblique_case):
+    """`reuse_patches=False`: whatever was predicted before, the mask is that of processor + model + post-processing
+    (and, bit for bit, that of a fresh predictor); with the default the earlier patch is kept and the mask differs."""
+    image, points = oblique_case
+    processor = make_processor()
+    nearby = points[:1] + np.array([3.0, -2.0, 1.0])
+    logits, inputs = fresh_logits(tiny_model, processor, image, nearby)
+    expected = processor.post_process_masks(logits, inputs)
+    fresh = Sam3DPredictor(tiny_model, processor)
+    fresh.set_image(image)
+    reference = fresh.predict(nearby)
+    predictor = Sam3DPredictor(tiny_model, processor)
+    predictor.set_image(image)
+    far_patch = predictor.predict(points).inputs["patch_origins"][1:]
+    predictor.predict(points[:1])
+    interactive = predictor.predict(nearby)  # default: keeps the first click's patch
+    assert not torch.equal(interactive.inputs["patch_origins"], inputs["patch_origins"])  # so this case tells apart
+    assert dice_score(interactive.mask, expected) < 0.95
+    misses = predictor.cache_misses
+    for reuse in (False, [], far_patch):  # the far patch cannot hold the click: no effect
+        prediction = predictor.predict(nearby, reuse_patches=reuse)
+        assert torch.equal(prediction.inputs["patch_origins"], inputs["patch_origins"])
+        torch.testing.assert_close(prediction.logits, logits, atol=1e-4, rtol=1e-4)
+        assert torch.equal(prediction.mask, expected)
+        assert torch.equal(prediction.logits, reference.logits) and torch.equal(prediction.mask, reference.mask)
+    assert predictor.cache_misses == misses + 1  # encoded once, then taken from the cache
+    # A list of origins limits reuse to those patches (one click session among several on a scan).
+    kept = predictor.predict(nearby, reuse_patches=interactive.inputs["patch_origins"])
+    assert torch.equal(kept.inputs["patch_origins"], interactive.inputs["patch_origins"])
+    assert torch.equal(kept.mask, interactive.mask)
+    for bad in ([1, 2, 3], "yes", [[1, 2]]):
+        with pytest.raises(ValueError, match="reuse_patches"):
+            predictor.predict(nearby, reuse_patches=bad)
 
 
 class CountingEncoder:

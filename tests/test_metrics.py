@@ -354,13 +354,17 @@ def test_summarize_and_markdown_table():
                      "lesions": [lesion, lesion]}
                 )  # fmt: skip
     records.append({"dice": 0.5, "nsd": 0.25, "num_clicks": 1, "protocol": "center", "dataset": "kits"})
+    records.append({"dice": 0.4, "nsd": 0.3, "num_clicks": 0, "protocol": "automatic", "dataset": "lits"})
     summary = summarize(records)
     assert list(summary) == [
         "3DSAM-adapter, 1 click (uniform)",
         "3DSAM-adapter, 1 click (uniform) + 2 corrections",
         "3DSAM-adapter, 10 clicks (uniform)",
         "3DSAM-adapter, 1 click (center)",
+        "3DSAM-adapter, automatic (sliding window)",
     ]
+    automatic = summary["3DSAM-adapter, automatic (sliding window)"]
+    assert list(automatic) == ["lits"] and (automatic["lits"]["dice_mean"], automatic["lits"]["n"]) == (0.4, 1)
     cell = summary["3DSAM-adapter, 10 clicks (uniform)"]["lits"]
     dice, nsd = values["lits", 10, 0]
     assert cell["dice_mean"] == pytest.approx(np.mean(dice)) and cell["nsd_mean"] == pytest.approx(np.mean(nsd))
@@ -379,7 +383,8 @@ def test_summarize_and_markdown_table():
     assert f"{100 * np.mean(dice_k):.2f} ± {100 * np.std(dice_k, ddof=1):.2f}" in row
     assert f"{100 * np.mean(nsd_k):.2f} ± {100 * np.std(nsd_k, ddof=1):.2f}" in row
     assert row.endswith("| 4/4 |")
-    assert table[-1] == "| 3DSAM-adapter, 1 click (center) | 50.00 | 25.00 | – | – | 1/0 |"
+    assert table[-2] == "| 3DSAM-adapter, 1 click (center) | 50.00 | 25.00 | – | – | 1/0 |"
+    assert table[-1] == "| 3DSAM-adapter, automatic (sliding window) | – | – | 40.00 | 30.00 | 0/1 |"
 
 
 # ---------------------------------------------------------------------------------------------------------- errors
