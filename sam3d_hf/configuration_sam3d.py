@@ -6,6 +6,7 @@ Every spatial size is a `(depth, height, width)` tuple from here on; an int give
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import pairwise
 
 from transformers import PretrainedConfig
 
@@ -46,7 +47,8 @@ class Sam3DVisionConfig(PretrainedConfig):
             `2 * sam_window_size - 1` of SAM's windowed blocks.
         global_attn_indexes (`list[int]`, defaults to `[2, 5, 8, 11]`): SAM's global-attention blocks; here they only
             differ by their relative-position table length `2 * sam_image_size / patch_size - 1`.
-        feature_indexes (`list[int]`, defaults to `[2, 5, 8, 11]`): blocks after which a neck taps a level.
+        feature_indexes (`list[int]`, *optional*): the 4 blocks, strictly increasing, after which a neck taps a level;
+            defaults to the last block of every quarter (`[2, 5, 8, 11]` at 12 blocks).
         adapter_dim (`int`, defaults to 384): bottleneck width of the spatial adapters.
         adapter_layers (`list[int]`, *optional*): blocks that have a spatial adapter; `None` (default) means every
             block, `[]` none (e.g. for LoRA or full fine-tuning baselines).
@@ -181,8 +183,12 @@ class Sam3DVisionConfig(PretrainedConfig):
                 raise ValueError(
                     f"{name} {getattr(self, name)} has block indices {bad} outside [0, {self.num_hidden_layers})"
                 )
-        if len(self.feature_indexes) != 4 or sorted(self.feature_indexes) != self.feature_indexes:
-            raise ValueError(f"feature_indexes must be 4 increasing block indices, got {self.feature_indexes}")
+        levels = self.feature_indexes
+        if len(levels) != 4 or any(low >= high for low, high in pairwise(levels)):
+            raise ValueError(
+                f"feature_indexes must be 4 strictly increasing block indices (one block per level), got {levels}; "
+                f"e.g. {[3 * (k + 1) - 1 for k in range(4)]} for 12 blocks"
+            )
 
 
 class Sam3DPromptEncoderConfig(PretrainedConfig):

@@ -7,8 +7,6 @@ Conventions used throughout:
 - points are continuous voxel coordinates `(z, y, x)` = `(d, h, w)` inside the input patch.
 """
 
-from __future__ import annotations
-
 import functools
 import json
 import math
@@ -16,6 +14,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypedDict
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +24,7 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.processing_utils import Unpack
 from transformers.utils import ModelOutput
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
@@ -33,23 +33,40 @@ from .configuration_sam3d import Sam3DConfig, Sam3DMaskDecoderConfig, Sam3DPromp
 # Additive logit for tokens that must not be attended to (the official value; not -inf).
 MASKED_LOGIT = -100.0
 
-# The geometry entries of a `Sam3DProcessor` output that `forward` accepts by name (so that `model(**inputs)` works)
-# and ignores: they map the patch back to the original volume, the model does not need them.
-PROCESSOR_GEOMETRY_KEYS = (
-    "patch_origins",
-    "patch_affines",
-    "point_cluster",
-    "original_size",
-    "original_affine",
-    "canonical_axes",
-    "canonical_flips",
-    "canonical_size",
-    "resampled_size",
-    "resampled_spacing",
-    "resampled_affine",
-)
-# transformers' output flags, also accepted by `forward` (`return_dict` is handled by the output-capturing wrapper).
-OUTPUT_FLAG_KEYS = ("output_attentions", "output_hidden_states", "return_dict")
+
+class Sam3DOutputKwargs(TypedDict, total=False):
+    """transformers' output flags: the keyword arguments both models' `forward` accepts (the share of
+    `TransformersKwargs` these models honour; `return_dict` is handled by the output-capturing wrapper). Other names
+    are a `TypeError`, so a typo never passes silently."""
+
+    output_attentions: bool | None
+    output_hidden_states: bool | None
+    return_dict: bool | None
+
+
+class Sam3DProcessorGeometry(TypedDict, total=False):
+    """The geometry entries of a `Sam3DProcessor` output, which `Sam3DForPromptableSegmentation.forward` accepts by
+    name (so that `model(**inputs)` works) and ignores: they map the patch back to the original volume."""
+
+    patch_origins: Any
+    patch_affines: Any
+    point_cluster: Any
+    original_size: Any
+    original_affine: Any
+    canonical_axes: Any
+    canonical_flips: Any
+    canonical_size: Any
+    resampled_size: Any
+    resampled_spacing: Any
+    resampled_affine: Any
+
+
+class Sam3DSegmentationKwargs(Sam3DOutputKwargs, Sam3DProcessorGeometry, total=False):
+    """The keyword arguments of `Sam3DForPromptableSegmentation.forward`: output flags and processor geometry."""
+
+
+OUTPUT_FLAG_KEYS = tuple(Sam3DOutputKwargs.__annotations__)
+PROCESSOR_GEOMETRY_KEYS = tuple(Sam3DProcessorGeometry.__annotations__)
 
 
 @dataclass
@@ -258,16 +275,17 @@ class Sam3DWindowAttention(nn.Module):
 
         Returns the output `(B*nW, N, C)` and, with the eager implementation, the attention weights
         `(B*nW, heads, N, N)` (`None` otherwise). The relative-position terms and the mask are passed to the attention
-        implementation as its additive float mask; windows are processed in chunks to bound that mask's memory,
-        except when eager weights are requested (they are all kept then anyway, and one call makes the returned
-        weights the very tensor the output is computed from, so gradients reach them)."""
+        implementation as its additive float mask; windows are processed in chunks (`attention_chunk_size`) to bound
+        the memory of that mask and of eager's weights, which are kept only when requested. Requested eager weights
+        come from one call over all windows, so they are the very tensor the output is computed from (gradients reach
+        them)."""
         num_windows, tokens, channels = windows.shape
         attention: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
         weights_wanted = output_attentions and self.config._attn_implementation == "eager"
         chunk_size = num_windows if weights_wanted else self.config.attention_chunk_size
-        outputs, weights = [], []
+        outputs = []
         for start in range(0, num_windows, chunk_size):
             chunk = windows[start : start + chunk_size]
             qkv = self.qkv(chunk).reshape(chunk.shape[0], tokens, 3, self.num_heads, self.head_dim)
@@ -276,15 +294,22 @@ class Sam3DWindowAttention(nn.Module):
             if window_mask is not None:
                 mask = window_mask[torch.arange(start, start + chunk.shape[0], device=chunk.device) % len(window_mask)]
             bias = self.relative_position_bias(query, mask)
-            out, chunk_weights = attention(
-                self, query, key, value, attention_mask=bias, dropout=0.0, scaling=self.scale, is_causal=False
+            # `output_attentions` goes to the implementation as in transformers' ViT: SDPA warns that it has no weights.
+            out, attention_weights = attention(
+                self,
+                query,
+                key,
+                value,
+                attention_mask=bias,
+                dropout=0.0,
+                scaling=self.scale,
+                is_causal=False,
+                output_attentions=output_attentions,
             )
+            if not weights_wanted:
+                attention_weights = None  # dropped at once: at ViT-B/128³ all windows' weights are ~0.8 GB per block
             outputs.append(out.reshape(chunk.shape[0], tokens, channels))
-            weights.append(chunk_weights)
-        attention_weights = weights[0] if len(weights) == 1 else None
-        if len(weights) > 1 and all(w is not None for w in weights):
-            attention_weights = torch.cat(weights)
-        return self.proj(torch.cat(outputs)), attention_weights
+        return self.proj(torch.cat(outputs)), attention_weights  # weights wanted: one chunk, so these are all
 
 
 class Sam3DMLP(nn.Module):
@@ -402,17 +427,110 @@ class Sam3DNeck(nn.Module):
         return self.layer_norm2(self.conv2(x))
 
 
-class Sam3DVisionEncoder(nn.Module):
-    """`pixel_values (B, 1, D, H, W)` -> four level maps `(B, 256, D/4, H/4, W/4)`."""
+# The files of the paper's spatial adapters (sam3d_hf.peft_sam3d), named here so that a model folder can be told apart.
+PEFT_TYPE = "SAM3D_SPATIAL_ADAPTER"
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+
+
+def check_not_an_adapter_folder(name_or_path: str | os.PathLike | None, subfolder: str = "") -> None:
+    """`ValueError` if the local folder `name_or_path` holds a Sam3D spatial adapter's `adapter_config.json`:
+    transformers' `from_pretrained` reads such a folder as a peft adapter, and peft does not know this scheme."""
+    if name_or_path is None:
+        return
+    folder = Path(name_or_path, subfolder)
+    try:
+        values = json.loads((folder / ADAPTER_CONFIG_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # no adapter config here (or not ours to judge): transformers goes on
+        return
+    if not isinstance(values, dict) or values.get("peft_type") != PEFT_TYPE:
+        return
+    if (folder / "config.json").is_file():
+        raise ValueError(
+            f"{os.fspath(folder)!r} holds a model and a Sam3D adapter ({ADAPTER_CONFIG_NAME}): transformers reads a "
+            "folder with an adapter_config.json as a peft adapter, so the model cannot be loaded from it. Move "
+            f"{ADAPTER_CONFIG_NAME} and adapter_model.safetensors into a subfolder (e.g. "
+            f"{os.fspath(folder / 'adapter')!r}) and load them with Sam3DAdapterModel.from_pretrained(model, subfolder)"
+        )
+    base = values.get("base_model_name_or_path")
+    raise ValueError(
+        f"{os.fspath(folder)!r} holds a Sam3D adapter, not a model: load its base model"
+        + (f" ({base!r})" if base else "")
+        + f", then the adapter with Sam3DAdapterModel.from_pretrained(base, {os.fspath(folder)!r})"
+    )
+
+
+class Sam3DPreTrainedModel(PreTrainedModel):
+    config_class = Sam3DConfig
+    config: Sam3DConfig
+    base_model_prefix = "sam3d"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    _no_split_modules = ["Sam3DVisionLayer"]
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_attention_backend = True
+    # transformers' output capturing: `output_hidden_states` records every encoder block's tokens (and the input of
+    # the first), `output_attentions` every block's window attention weights (eager only: SDPA returns none).
+    _can_record_outputs = {
+        "hidden_states": Sam3DVisionLayer,
+        "attentions": OutputRecorder(Sam3DWindowAttention, index=1),
+    }
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """transformers' `from_pretrained`, after refusing a folder that holds a Sam3D adapter (which transformers
+        would hand to peft): see [`check_not_an_adapter_folder`]."""
+        adapter_path = (kwargs.get("adapter_kwargs") or {}).get("_adapter_model_path")  # set by AutoModel
+        for name in dict.fromkeys([pretrained_model_name_or_path, adapter_path]):
+            check_not_an_adapter_folder(name, kwargs.get("subfolder", ""))
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        std = self.config.initializer_range
+        if isinstance(module, Sam3DPatchEmbeddings):
+            # The official depth filter is a default-initialised Conv3d (fan-in 16): U(-1/4, 1/4) for taps and bias.
+            bound = 1 / math.sqrt(module.depth_weight.shape[1])
+            init.normal_(module.projection_weight, std=std)
+            init.zeros_(module.projection_bias)
+            init.uniform_(module.depth_weight, -bound, bound)
+            init.uniform_(module.depth_bias, -bound, bound)
+        elif isinstance(module, Sam3DVisionEncoder):
+            init.trunc_normal_(module.pos_embed, std=std)
+            init.zeros_(module.depth_embed)  # the paper's choice (the official code used ones)
+        elif isinstance(module, Sam3DWindowAttention):
+            init.zeros_(module.rel_pos_d)
+            init.zeros_(module.rel_pos_h)
+            init.zeros_(module.rel_pos_w)
+            init.ones_(module.rel_pos_scale)
+        elif isinstance(module, Sam3DLayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, Sam3DPromptEncoderLayer):
+            init.normal_(module.global_query, std=std)
+
+
+class Sam3DVisionEncoder(Sam3DPreTrainedModel):
+    """`pixel_values (B, 1, D, H, W)` -> four level maps `(B, 256, D/4, H/4, W/4)`.
+
+    A sub-model holding its sub-config (as `SamVisionEncoder`), like the prompt encoder and the mask decoder, so that
+    `set_attn_implementation` finds the model of every sub-config."""
+
+    config_class = Sam3DVisionConfig
+    config: Sam3DVisionConfig
 
     def __init__(self, config: Sam3DVisionConfig):
-        super().__init__()
-        self.config = config
+        super().__init__(config)
         self.patch_embed = Sam3DPatchEmbeddings(config)
         self.pos_embed = nn.Parameter(torch.zeros(1, config.pos_embed_size, config.pos_embed_size, config.hidden_size))
         self.depth_embed = nn.Parameter(torch.zeros(1, config.depth_embed_size, config.hidden_size))
         self.layers = nn.ModuleList([Sam3DVisionLayer(config, i) for i in range(config.num_hidden_layers)])
         self.necks = nn.ModuleList([Sam3DNeck(config) for _ in config.feature_indexes])
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.patch_embed
 
     def position_embeddings(self, grid: tuple[int, int, int]) -> torch.Tensor:
         """`(1, D', H', W', C)`: SAM's in-plane table resized to `(H', W')` plus the depth table resized to `D'`."""
@@ -513,16 +631,19 @@ class Sam3DPromptEncoderLayer(nn.Module):
         return image_tokens, point_embeddings
 
 
-class Sam3DPromptEncoder(nn.Module):
+class Sam3DPromptEncoder(Sam3DPreTrainedModel):
     """Samples the last level at the clicks and refines it with learned global queries: `(B, 256, D', H', W')` in,
     same shape out."""
 
+    config_class = Sam3DPromptEncoderConfig
+    config: Sam3DPromptEncoderConfig
+
     def __init__(self, config: Sam3DPromptEncoderConfig):
-        super().__init__()
-        self.config = config
+        super().__init__(config)
         self.layers = nn.ModuleList([Sam3DPromptEncoderLayer(config) for _ in range(config.num_hidden_layers)])
         # Extension (off by default, absent from the official model): positive/negative click embeddings.
         self.label_embed = nn.Embedding(2, config.hidden_size) if config.use_point_labels else None
+        self.post_init()
 
     def forward(self, feature_map, input_points, input_labels, patch_size) -> torch.Tensor:
         """`input_points (B, N, 3)` patch voxels `(z, y, x)`; `input_labels (B, N)` with -1 for padding points;
@@ -547,15 +668,18 @@ def conv_block(in_channels: int, out_channels: int) -> list[nn.Module]:
     return [nn.Conv3d(in_channels, out_channels, 3, padding=1, bias=False), nn.InstanceNorm3d(out_channels), nn.ReLU()]
 
 
-class Sam3DMaskDecoder(nn.Module):
+class Sam3DMaskDecoder(Sam3DPreTrainedModel):
     """Multi-level aggregation: four level heads at `D/2`, fused with the image channel, to 2-class logits at `D`.
 
     The fused convolution is linear in its input channels, so it is split into a prompt-independent part (levels
     0-2 and the image, [`Sam3DImageEmbeddings.decoder_context`]) and the part of the prompt-refined level 3.
     """
 
+    config_class = Sam3DMaskDecoderConfig
+    config: Sam3DMaskDecoderConfig
+
     def __init__(self, config: Sam3DMaskDecoderConfig, input_channels: int):
-        super().__init__()
+        super().__init__(config)
         hidden = config.hidden_size
         self.heads = nn.ModuleList(
             [nn.Sequential(*conv_block(input_channels, hidden), *conv_block(hidden, hidden)) for _ in range(4)]
@@ -563,6 +687,7 @@ class Sam3DMaskDecoder(nn.Module):
         self.fuse = nn.Sequential(
             *conv_block(4 * hidden + 1, hidden), nn.Conv3d(hidden, config.num_labels, 3, padding=1, bias=False)
         )
+        self.post_init()
 
     def level(self, index: int, feature_map: torch.Tensor) -> torch.Tensor:
         """Level head `index`: `(B, 256, D', H', W')` -> `(B, 128, 2D', 2H', 2W')`."""
@@ -585,90 +710,6 @@ class Sam3DMaskDecoder(nn.Module):
         x = context + F.conv3d(self.level(3, prompted_level), weight, padding=1)
         x = self.fuse[3](self.fuse[2](self.fuse[1](x)))
         return F.interpolate(x, scale_factor=2, mode="trilinear", align_corners=True)
-
-
-# The files of the paper's spatial adapters (sam3d_hf.peft_sam3d), named here so that a model folder can be told apart.
-PEFT_TYPE = "SAM3D_SPATIAL_ADAPTER"
-ADAPTER_CONFIG_NAME = "adapter_config.json"
-
-
-def check_not_an_adapter_folder(name_or_path: str | os.PathLike | None, subfolder: str = "") -> None:
-    """`ValueError` if the local folder `name_or_path` holds a Sam3D spatial adapter's `adapter_config.json`:
-    transformers' `from_pretrained` reads such a folder as a peft adapter, and peft does not know this scheme."""
-    if name_or_path is None:
-        return
-    folder = Path(name_or_path, subfolder)
-    try:
-        values = json.loads((folder / ADAPTER_CONFIG_NAME).read_text(encoding="utf-8"))
-    except (OSError, ValueError):  # no adapter config here (or not ours to judge): transformers goes on
-        return
-    if not isinstance(values, dict) or values.get("peft_type") != PEFT_TYPE:
-        return
-    if (folder / "config.json").is_file():
-        raise ValueError(
-            f"{os.fspath(folder)!r} holds a model and a Sam3D adapter ({ADAPTER_CONFIG_NAME}): transformers reads a "
-            "folder with an adapter_config.json as a peft adapter, so the model cannot be loaded from it. Move "
-            f"{ADAPTER_CONFIG_NAME} and adapter_model.safetensors into a subfolder (e.g. "
-            f"{os.fspath(folder / 'adapter')!r}) and load them with Sam3DAdapterModel.from_pretrained(model, subfolder)"
-        )
-    base = values.get("base_model_name_or_path")
-    raise ValueError(
-        f"{os.fspath(folder)!r} holds a Sam3D adapter, not a model: load its base model"
-        + (f" ({base!r})" if base else "")
-        + f", then the adapter with Sam3DAdapterModel.from_pretrained(base, {os.fspath(folder)!r})"
-    )
-
-
-class Sam3DPreTrainedModel(PreTrainedModel):
-    config_class = Sam3DConfig
-    config: Sam3DConfig
-    base_model_prefix = "sam3d"
-    main_input_name = "pixel_values"
-    input_modalities = ("image",)
-    _no_split_modules = ["Sam3DVisionLayer"]
-    supports_gradient_checkpointing = True
-    _supports_sdpa = True
-    _supports_attention_backend = True
-    # transformers' output capturing: `output_hidden_states` records every encoder block's tokens (and the input of
-    # the first), `output_attentions` every block's window attention weights (eager only: SDPA returns none).
-    _can_record_outputs = {
-        "hidden_states": Sam3DVisionLayer,
-        "attentions": OutputRecorder(Sam3DWindowAttention, index=1),
-    }
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        """transformers' `from_pretrained`, after refusing a folder that holds a Sam3D adapter (which transformers
-        would hand to peft): see [`check_not_an_adapter_folder`]."""
-        adapter_path = (kwargs.get("adapter_kwargs") or {}).get("_adapter_model_path")  # set by AutoModel
-        for name in dict.fromkeys([pretrained_model_name_or_path, adapter_path]):
-            check_not_an_adapter_folder(name, kwargs.get("subfolder", ""))
-        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-
-    @torch.no_grad()
-    def _init_weights(self, module: nn.Module) -> None:
-        super()._init_weights(module)
-        std = self.config.initializer_range
-        if isinstance(module, Sam3DPatchEmbeddings):
-            # The official depth filter is a default-initialised Conv3d (fan-in 16): U(-1/4, 1/4) for taps and bias.
-            bound = 1 / math.sqrt(module.depth_weight.shape[1])
-            init.normal_(module.projection_weight, std=std)
-            init.zeros_(module.projection_bias)
-            init.uniform_(module.depth_weight, -bound, bound)
-            init.uniform_(module.depth_bias, -bound, bound)
-        elif isinstance(module, Sam3DVisionEncoder):
-            init.trunc_normal_(module.pos_embed, std=std)
-            init.zeros_(module.depth_embed)  # the paper's choice (the official code used ones)
-        elif isinstance(module, Sam3DWindowAttention):
-            init.zeros_(module.rel_pos_d)
-            init.zeros_(module.rel_pos_h)
-            init.zeros_(module.rel_pos_w)
-            init.ones_(module.rel_pos_scale)
-        elif isinstance(module, Sam3DLayerNorm):
-            init.ones_(module.weight)
-            init.zeros_(module.bias)
-        elif isinstance(module, Sam3DPromptEncoderLayer):
-            init.normal_(module.global_query, std=std)
 
 
 def check_pixel_values(pixel_values, config: Sam3DVisionConfig, check_values: bool = True) -> None:
@@ -714,7 +755,7 @@ class Sam3DVisionModel(Sam3DPreTrainedModel):
     >>> import torch
     >>> from sam3d_hf import Sam3DVisionConfig, Sam3DVisionModel
     >>> config = Sam3DVisionConfig(hidden_size=48, num_hidden_layers=4, num_attention_heads=2, mlp_dim=96,
-    ...     adapter_dim=16, output_channels=32, image_size=32)
+    ...     global_attn_indexes=[1, 3], adapter_dim=16, output_channels=32, image_size=32)
     >>> model = Sam3DVisionModel(config).eval()
     >>> outputs = model(torch.randn(1, 1, 32, 32, 32))  # (batch, channel, depth, height, width)
     >>> outputs.last_hidden_state.shape, outputs.feature_maps[3].shape
@@ -734,7 +775,7 @@ class Sam3DVisionModel(Sam3DPreTrainedModel):
         return self.vision_encoder.patch_embed
 
     @capture_outputs(tie_last_hidden_states=False)
-    def forward(self, pixel_values: torch.Tensor, **kwargs) -> Sam3DVisionModelOutput:
+    def forward(self, pixel_values: torch.Tensor, **kwargs: Unpack[Sam3DOutputKwargs]) -> Sam3DVisionModelOutput:
         r"""Encode CT patches.
 
         Args:
@@ -762,7 +803,7 @@ class Sam3DForPromptableSegmentation(Sam3DPreTrainedModel):
     >>> import torch
     >>> from sam3d_hf import Sam3DConfig, Sam3DForPromptableSegmentation
     >>> config = Sam3DConfig(vision_config={"hidden_size": 48, "num_hidden_layers": 4, "num_attention_heads": 2,
-    ...     "mlp_dim": 96, "adapter_dim": 16, "output_channels": 32, "image_size": 32},
+    ...     "mlp_dim": 96, "global_attn_indexes": [1, 3], "adapter_dim": 16, "output_channels": 32, "image_size": 32},
     ...     prompt_encoder_config={"hidden_size": 32, "num_attention_heads": 2, "mlp_dim": 64},
     ...     mask_decoder_config={"hidden_size": 16})
     >>> model = Sam3DForPromptableSegmentation(config).eval()
@@ -775,11 +816,6 @@ class Sam3DForPromptableSegmentation(Sam3DPreTrainedModel):
 
     def __init__(self, config: Sam3DConfig):
         super().__init__(config)
-        # The sub-modules are plain modules reading their sub-config: give each the resolved implementation (as
-        # `SamModel` does for its decoder) unless one was requested for it; `set_attn_implementation` updates all.
-        for sub_config in (config.vision_config, config.prompt_encoder_config, config.mask_decoder_config):
-            if sub_config._attn_implementation is None:
-                sub_config._attn_implementation = config._attn_implementation
         self.vision_encoder = Sam3DVisionEncoder(config.vision_config)
         self.prompt_encoder = Sam3DPromptEncoder(config.prompt_encoder_config)
         self.mask_decoder = Sam3DMaskDecoder(config.mask_decoder_config, config.vision_config.output_channels)
@@ -793,7 +829,7 @@ class Sam3DForPromptableSegmentation(Sam3DPreTrainedModel):
     @classmethod
     def from_sam_pretrained(
         cls, path_or_repo_id: str, config: Sam3DConfig | None = None, **kwargs
-    ) -> Sam3DForPromptableSegmentation:
+    ) -> "Sam3DForPromptableSegmentation":
         """Initialise from SAM 2D weights (a `segment_anything` `.pth` or a transformers `SamModel` folder / Hub id)
         the way the paper does; see `sam3d_hf.convert_sam3d.load_sam_checkpoint` for `kwargs` and the report."""
         from .convert_sam3d import load_sam_checkpoint
@@ -828,7 +864,7 @@ class Sam3DForPromptableSegmentation(Sam3DPreTrainedModel):
         input_labels: torch.LongTensor | None = None,
         image_embeddings: Sam3DImageEmbeddings | None = None,
         labels: torch.LongTensor | None = None,
-        **kwargs,
+        **kwargs: Unpack[Sam3DSegmentationKwargs],
     ) -> Sam3DSegmentationOutput:
         r"""Segment the object the clicks point at.
 
