@@ -141,7 +141,7 @@ def remote_code_files(config: Mapping[str, Any]) -> dict[str, bytes | Path]:
         "impl": f"{registered['impl'].__module__.split('.')[-1]}.{registered['impl'].__name__}",
         "pt": [model_class.__name__ for model_class in registered["pt"]],
     }
-    custom_pipelines = {**config.get("custom_pipelines", {}), TASK: entry}
+    custom_pipelines = {**(config.get("custom_pipelines") or {}), TASK: entry}
     text = json.dumps({**config, "custom_pipelines": custom_pipelines}, indent=2, sort_keys=True) + "\n"
     code = [Path(__file__), *map(Path, get_relative_import_files(__file__))]
     return {"config.json": text.encode("utf-8"), **{path.name: path for path in code}}
