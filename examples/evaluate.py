@@ -53,10 +53,10 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object
-from scipy import ndimage
 from tqdm.auto import tqdm
 
 from sam3d_hf import Sam3DAdapterModel, Sam3DForPromptableSegmentation, Sam3DProcessor
+from sam3d_hf.cli import save_overlay
 from sam3d_hf.convert_sam3d import atomic_write
 from sam3d_hf.data import index_dataset, load_or_create_split
 from sam3d_hf.inference import Sam3DPredictor
@@ -243,8 +243,9 @@ def evaluate_one(case: dict[str, Any], predictor: Sam3DPredictor, args: argparse
         mask, points, labels, title = result.pop("overlay")
         image = np.asarray(nib.load(case["image"]).dataobj, dtype=np.float32)
         window = predictor.processor.image_processor.window
-        save_overlay(args.overlay_dir / f"{case['case_id']}.png", image, tumour, mask.numpy().astype(bool), points,
-                     labels, label_image.affine, window, f"{case['case_id']}: {title}")  # fmt: skip
+        outlines = {"ground truth": (tumour, "lime"), "prediction": (mask.numpy().astype(bool), "red")}
+        save_overlay(args.overlay_dir / f"{case['case_id']}.png", image, label_image.affine, outlines, points, labels,
+                     window, f"{case['case_id']}: {title}")  # fmt: skip
     result.pop("overlay", None)
     return result
 
@@ -275,54 +276,6 @@ def _json_safe(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
-
-
-def _to_display(array: np.ndarray, affine: np.ndarray) -> np.ndarray:
-    """Reorient stored axes to RAS (nibabel orientation), so every scan is shown the same way."""
-    return nib.orientations.apply_orientation(array, nib.orientations.io_orientation(affine))
-
-
-def save_overlay(path, image, tumour, prediction, points, labels, affine, window, title) -> None:
-    """Three orthogonal slices (axial, coronal, sagittal) through the centre of each lesion: ground truth (green),
-    prediction (red), clicks near the slice (yellow: positive, cyan: negative)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    orientation = nib.orientations.io_orientation(affine)
-    image, tumour, prediction = (_to_display(a, affine) for a in (image, tumour, prediction))
-    shape = np.asarray(image.shape)
-    display_points = np.zeros((len(points), 3))
-    for stored_axis, (axis, flip) in enumerate(orientation.astype(int)):  # stored voxel -> RAS display voxel
-        display_points[:, axis] = points[:, stored_axis] if flip > 0 else shape[axis] - 1 - points[:, stored_axis]
-    spacing = np.linalg.norm(affine[:3, :3], axis=0)[np.argsort(orientation[:, 0])]
-    lesions, count = ndimage.label(tumour, np.ones((3, 3, 3)))
-    centres = [np.rint(c).astype(int) for c in ndimage.center_of_mass(tumour, lesions, range(1, count + 1))][:4]
-    # (name, slicing axis, the two shown axes as (horizontal, vertical)): R to the right, A / S upwards.
-    views = (("axial", 2, (0, 1)), ("coronal", 1, (0, 2)), ("sagittal", 0, (1, 2)))
-    figure, axes = plt.subplots(len(centres), 3, figsize=(10, 3.4 * len(centres)), squeeze=False)
-    for row, centre in enumerate(centres):
-        for column, (name, axis, (horizontal, vertical)) in enumerate(views):
-            index = [slice(None)] * 3
-            index[axis] = centre[axis]
-            panel = axes[row, column]
-            panel.imshow(image[tuple(index)].T, cmap="gray", origin="lower", vmin=window[0], vmax=window[1],
-                         aspect=spacing[vertical] / spacing[horizontal])  # fmt: skip
-            for mask, colour in ((tumour, "lime"), (prediction, "red")):
-                if mask[tuple(index)].any():
-                    panel.contour(mask[tuple(index)].T.astype(float), levels=[0.5], colors=colour, linewidths=1)
-            near = np.abs(display_points[:, axis] - centre[axis]) <= 2
-            for label_value, colour in ((1, "yellow"), (0, "cyan")):
-                chosen = near & (labels == label_value)
-                panel.scatter(display_points[chosen, horizontal], display_points[chosen, vertical], s=30, c=colour,
-                              marker="x")  # fmt: skip
-            panel.set_title(f"lesion {row + 1}, {name} slice {centre[axis]}", fontsize=9)
-            panel.set_axis_off()
-    figure.suptitle(f"{title} -- green: ground truth, red: prediction, x: clicks (yellow +, cyan -)", fontsize=10)
-    figure.tight_layout()
-    atomic_write(Path(path), lambda tmp: figure.savefig(tmp, format="png", dpi=90), suffix=".png")
-    plt.close(figure)
 
 
 def save_curve(path: Path, rows: list[dict[str, Any]]) -> None:

@@ -3,7 +3,10 @@
 The folder is what training saved: the model (`config.json` + `model.safetensors`) or the adapter
 (`adapter_config.json` + `adapter_model.safetensors`), and the processor (`processor_config.json`). The card reads the
 preprocessing from that processor, the recipe from the training arguments JSON and the results table and `model-index`
-from the evaluation summary JSON. The folder itself is never modified.
+from the evaluation summary JSON (`sam3d evaluate`'s summary.json: its column named by `--dataset_name` should be the
+card's dataset). A full model's repo also gets the pipeline code and `custom_pipelines` in its config.json, so it
+serves `pipeline("sam3d-segmentation", model=repo_id, trust_remote_code=True)` without sam3d-hf. The folder itself is
+never modified.
 
     # look first: print what would be uploaded and write the card for review
     python examples/push_to_hub.py runs/kits21 --repo-id my-lab/sam3d-kits21 --evaluation runs/kits21/eval.json \
@@ -18,6 +21,7 @@ Log in first (`hf auth login`) or pass `--token`.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from sam3d_hf.hub import push_to_hub, render_model_card, upload_plan
 
@@ -62,11 +66,11 @@ def main(argv: list[str] | None = None) -> int:
         card.save(args.card_out)
         print(f"wrote the card to {args.card_out}")
 
-    # 2. The files taken from the folder (the card, and with --adapter-only the adapter config naming the base, are
-    #    uploaded from memory).
+    # 2. The files: from the folder, the pipeline code from the installed package, and made in memory the config with
+    #    `custom_pipelines`, the card and, with --adapter-only, the adapter config naming the base.
     print(f"files for {args.repo_id}:")
-    for path_in_repo, local in upload_plan(args.folder, adapter_only=args.adapter_only).items():
-        print(f"  {path_in_repo}  <-  {local}")
+    for name, source in upload_plan(args.folder, adapter_only=args.adapter_only).items():
+        print(f"  {name}  <-  {source}" if isinstance(source, Path) else f"  {name}  (made by sam3d-hf)")
     print("  README.md (the card)" + ("\n  adapter_config.json (base set)" if args.adapter_only else ""))
     if args.dry_run:
         return 0

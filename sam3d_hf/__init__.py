@@ -1,20 +1,11 @@
 """sam3d-hf: 3DSAM-adapter (SAM adapted to 3D point-promptable segmentation) for the Hugging Face ecosystem."""
 
+import importlib
+
 from transformers import AutoConfig, AutoModel, AutoModelForMaskGeneration
 
+# Imported here because importing them registers Sam3D with transformers (Auto classes, the pipeline task).
 from .configuration_sam3d import Sam3DConfig, Sam3DMaskDecoderConfig, Sam3DPromptEncoderConfig, Sam3DVisionConfig
-from .convert_sam3d import (
-    ConversionReport,
-    convert_official_checkpoint,
-    convert_official_state_dicts,
-    convert_sam_checkpoint,
-    convert_sam_state_dict,
-    load_official_checkpoint,
-    load_sam_checkpoint,
-    save_converted,
-    to_official_state_dicts,
-)
-from .hub import push_to_hub, render_model_card
 from .image_processing_sam3d import (
     SAM3D_PRESETS,
     Sam3DDatasetPreset,
@@ -22,17 +13,6 @@ from .image_processing_sam3d import (
     Sam3DVolume,
     compute_intensity_statistics,
     load_volume,
-)
-from .inference import Sam3DPrediction, Sam3DPredictor
-from .metrics import (
-    CLICK_PROTOCOLS,
-    correction_click,
-    dice_score,
-    evaluate_case,
-    markdown_table,
-    normalized_surface_dice,
-    simulate_clicks,
-    summarize,
 )
 from .modeling_sam3d import (
     PROCESSOR_GEOMETRY_KEYS,
@@ -43,18 +23,8 @@ from .modeling_sam3d import (
     Sam3DVisionModel,
     Sam3DVisionModelOutput,
 )
-from .peft_sam3d import (
-    DEFAULT_LORA_MODULES_TO_SAVE,
-    DEFAULT_LORA_TARGET_MODULES,
-    Sam3DAdapterConfig,
-    Sam3DAdapterModel,
-    enable_full_finetuning,
-    get_adapter_model,
-    lora_config,
-)
 from .pipeline import Sam3DSegmentationPipeline
 from .processing_sam3d import MODEL_INPUT_KEYS, Sam3DProcessor, cluster_points, save_mask_nifti
-from .synthetic import SYNTHETIC_PROCESSOR_KWARGS, generate_case, generate_dataset
 
 __version__ = "0.1.0.dev0"
 
@@ -66,6 +36,58 @@ AutoModelForMaskGeneration.register(Sam3DConfig, Sam3DForPromptableSegmentation,
 # Saved folders carry the code and an `auto_map`, so they also load with `trust_remote_code=True` without this package.
 Sam3DConfig.register_for_auto_class()
 Sam3DForPromptableSegmentation.register_for_auto_class("AutoModel")
+
+# The rest is imported on first use (PEP 562), so `import sam3d_hf` costs only what the registration needs (no
+# MONAI, peft, datasets, scipy metrics or Hub client code).
+_LAZY = {
+    "hub": ("push_to_hub", "render_model_card"),
+    "inference": ("Sam3DPrediction", "Sam3DPredictor"),
+    "convert_sam3d": (
+        "ConversionReport",
+        "convert_official_checkpoint",
+        "convert_official_state_dicts",
+        "convert_sam_checkpoint",
+        "convert_sam_state_dict",
+        "load_official_checkpoint",
+        "load_sam_checkpoint",
+        "save_converted",
+        "to_official_state_dicts",
+    ),
+    "metrics": (
+        "CLICK_PROTOCOLS",
+        "correction_click",
+        "dice_score",
+        "evaluate_case",
+        "markdown_table",
+        "normalized_surface_dice",
+        "simulate_clicks",
+        "summarize",
+    ),
+    "peft_sam3d": (
+        "DEFAULT_LORA_MODULES_TO_SAVE",
+        "DEFAULT_LORA_TARGET_MODULES",
+        "Sam3DAdapterConfig",
+        "Sam3DAdapterModel",
+        "enable_full_finetuning",
+        "get_adapter_model",
+        "lora_config",
+    ),
+    "synthetic": ("SYNTHETIC_PROCESSOR_KWARGS", "generate_case", "generate_dataset"),
+}
+_LAZY_MODULE = {name: module for module, names in _LAZY.items() for name in names}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY_MODULE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_LAZY_MODULE[name]}", __name__), name)
+    globals()[name] = value  # later look-ups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY_MODULE})
+
 
 __all__ = [
     "CLICK_PROTOCOLS",

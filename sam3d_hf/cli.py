@@ -7,14 +7,29 @@ every file is written under a temporary name and moved into place, so a failure 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
 
-import nibabel as nib
-import numpy as np
-
 from . import __version__
+
+# Nothing heavy is imported at module level: torch, transformers, nibabel and the rest are imported inside the
+# commands, so that building the parser costs only what `import sam3d_hf` costs.
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    """`owner/name` as the Hub spells ids; anything else (`./x`, `x`, `a/b/c`, `~/x`, `x.json`) is a local path, so a
+    missing local path is an error at once instead of Hub look-ups and their retries."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if name.startswith((".", "/", "~")) or name.endswith(".json") or name.count("/") != 1:
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
 
 
 def _load_config(name: str):
@@ -24,7 +39,7 @@ def _load_config(name: str):
 
     from .configuration_sam3d import Sam3DConfig
 
-    looks_local = name.startswith((".", "/", "~")) or name.endswith(".json") or name.count("/") > 1
+    looks_local = not _looks_like_hub_id(name)
     if not Path(name).expanduser().exists() and (looks_local or constants.HF_HUB_OFFLINE):
         where = "" if looks_local else " (HF_HUB_OFFLINE is set, so it cannot be a Hub id)"
         raise ValueError(f"--config {name!r}: no such file or folder{where}; give a Sam3DConfig folder or config.json")
@@ -117,6 +132,8 @@ def _parse_example_args(module, argv: list[str], command: str):
     import io
 
     stderr = io.StringIO()
+    script = sys.argv[:1]
+    sys.argv[:1] = [f"sam3d {command}"]  # argparse names the usage line (`usage: sam3d evaluate ...`) after argv[0]
     try:
         with contextlib.redirect_stderr(stderr):
             return module.parse_args(argv)
@@ -125,6 +142,8 @@ def _parse_example_args(module, argv: list[str], command: str):
             raise
         lines = stderr.getvalue().strip().splitlines() or ["invalid arguments"]
         raise ValueError(lines[-1].split("error: ", 1)[-1]) from None
+    finally:
+        sys.argv[:1] = script
 
 
 def _triple(text: str) -> list[float]:
@@ -134,7 +153,7 @@ def _triple(text: str) -> list[float]:
         values = [float(p) for p in parts]
     except ValueError:
         values = []
-    if len(values) != 3 or not all(np.isfinite(values)):
+    if len(values) != 3 or not all(map(math.isfinite, values)):
         raise argparse.ArgumentTypeError(f"expected three numbers i,j,k (e.g. 60,48,20), got {text!r}")
     return values
 
@@ -147,36 +166,60 @@ def _load_model_and_processor(name: str, preset: str | None):
     from .processing_sam3d import Sam3DProcessor
 
     path = Path(name).expanduser()
-    looks_local = name.startswith((".", "/", "~")) or name.count("/") != 1
-    if not path.exists() and looks_local:
+    if not path.exists() and not _looks_like_hub_id(name):
         raise ValueError(f"--model {name!r}: no such folder; give a model folder (save_pretrained) or a Hub id")
     if path.is_dir() and not (path / "config.json").is_file():
         raise ValueError(f"--model {name!r} has no config.json; give the folder written by save_pretrained")
     try:
         model = Sam3DForPromptableSegmentation.from_pretrained(name, dtype=torch.float32)
         processor = Sam3DProcessor.from_preset(preset) if preset else Sam3DProcessor.from_pretrained(name)
-    except OSError as error:
-        message = str(error).splitlines()[0]
+    # transformers and peft raise KeyError / ValueError for folders they misread (e.g. one that also holds an adapter
+    # config, which transformers hands to peft); the message is kept, on one line, without the traceback.
+    except (OSError, KeyError, ValueError) as error:
+        message = str(error).splitlines()[0] if str(error).strip() else type(error).__name__
+        if isinstance(error, KeyError):
+            message = f"{type(error).__name__}: {message}"
         raise ValueError(f"--model {name!r} could not be loaded: {message}") from None
     return model, processor
 
 
+def _progress(text: str) -> None:
+    print(text, flush=True)
+
+
 def _segment(args: argparse.Namespace) -> int:
     """`sam3d segment`: clicks on one scan -> a NIfTI mask in the scan's geometry (and an optional overlay PNG)."""
+    import nibabel as nib
+    import numpy as np
+
     from .image_processing_sam3d import load_volume
     from .inference import Sam3DPredictor
     from .processing_sam3d import save_mask_nifti
 
+    # What the arguments alone decide, before anything is read or loaded.
+    if not 0 < args.threshold < 1:
+        raise ValueError(f"--threshold is a foreground probability strictly between 0 and 1, got {args.threshold}")
     if not args.output.endswith((".nii", ".nii.gz")):
         raise ValueError(f"--output must end in .nii or .nii.gz, got {args.output!r}")
     if args.overlay and not args.overlay.endswith(".png"):
         raise ValueError(f"--overlay must end in .png, got {args.overlay!r}")
-    for target in filter(None, (args.output, args.overlay)):
-        if not Path(target).resolve().parent.is_dir():
-            raise ValueError(f"cannot write {target!r}: its folder does not exist")
+    for option, target in (("--output", args.output), ("--overlay", args.overlay)):
+        if target is None:
+            continue
+        target = Path(target).expanduser().absolute()
+        blocking = next((p for p in reversed(target.parents) if p.exists() and not p.is_dir()), None)
+        if blocking is not None:
+            raise ValueError(f"{option} {str(target)!r}: {str(blocking)!r} is a file, not a folder")
+        if not target.parent.is_dir():
+            raise ValueError(f"{option} {str(target)!r}: the folder {str(target.parent)!r} does not exist; create it")
+        if target.is_dir():
+            raise ValueError(f"{option} {str(target)!r} is a folder; give a file name")
+
+    _progress(f"reading {args.image}")
     volume = load_volume(args.image)  # reports a missing/unreadable scan before the model is loaded
     points = [*args.point, *args.negative]
     labels = [1] * len(args.point) + [0] * len(args.negative)
+    _progress(f"loading the model {args.model}")
     model, processor = _load_model_and_processor(args.model, args.preset)
     if args.negative and not model.config.prompt_encoder_config.use_point_labels:
         raise ValueError(
@@ -184,16 +227,19 @@ def _segment(args: argparse.Namespace) -> int:
             "this model treats every click as positive: drop --negative"
         )
     predictor = Sam3DPredictor(model, processor)
-    print(f"segmenting {args.image} from {len(args.point)} positive and {len(args.negative)} negative click(s)")
+    _progress("preprocessing the scan (orientation, spacing, intensities)")
     predictor.set_image(volume.nifti if volume.nifti is not None else args.image)
+    _progress(f"encoding and segmenting from {len(args.point)} positive and {len(args.negative)} negative click(s)")
     prediction = predictor.predict(points, labels, points_in=args.points_in, threshold=args.threshold)
     mask = prediction.mask.numpy()
+    _progress(f"writing {args.output}" + (f" and {args.overlay}" if args.overlay else ""))
     save_mask_nifti(mask, volume.nifti if volume.nifti is not None else args.image, args.output)
     if args.overlay:
         voxels = np.asarray(points, dtype=float)
         if args.points_in == "world":  # RAS mm -> stored voxel indices, for drawing
             voxels = nib.affines.apply_affine(np.linalg.inv(volume.affine), voxels)
-        save_overlay(args.overlay, volume.data, mask, voxels, np.asarray(labels), volume.affine, processor)
+        window = processor.image_processor.window
+        save_overlay(args.overlay, volume.data, volume.affine, {"prediction": (mask, "red")}, voxels, labels, window)
     scores = ", ".join(f"{s:.3f}" for s in prediction.scores.tolist())
     spacing = np.prod(volume.spacing)
     print(f"wrote {args.output}: {int(mask.sum())} voxels ({mask.sum() * spacing / 1000:.2f} ml), scores [{scores}]")
@@ -202,39 +248,68 @@ def _segment(args: argparse.Namespace) -> int:
     return 0
 
 
-def save_overlay(path, image, mask, points, labels, affine, processor) -> None:
-    """Three orthogonal slices (shown in RAS) through the mask's centre (the first click's if empty): the mask's
-    outline in red, clicks within 2 slices as x (yellow positive, cyan negative). Written atomically."""
+def save_overlay(path, image, affine, outlines, points, labels, window, title: str | None = None) -> None:
+    """A PNG of three orthogonal slices (axial, coronal, sagittal; RAS, R to the right, A / S upwards; each drawn with
+    its voxel spacing's aspect, so anisotropic scans are not distorted) through the centre of each connected region of
+    the first outline's mask (the 4 largest, one row each; the first click when it is empty): the outlines, and the
+    clicks within 2 slices as x (yellow positive, cyan negative). Written atomically. Used by `sam3d segment --overlay`
+    and examples/evaluate.py.
+
+    Args:
+        path: the `.png` to write.
+        image: the scan, in its stored axis order (NIfTI i, j, k; `Sam3DVolume.data`).
+        affine: `(4, 4)` voxel -> RAS mm of the scan.
+        outlines: `{name: (mask, colour)}`, masks in the scan's stored axis order, e.g. `{"ground truth": (label,
+            "lime"), "prediction": (mask, "red")}`.
+        points: `(N, 3)` clicks, stored voxel indices `(i, j, k)`; labels: `(N,)` 1 positive / 0 negative.
+        window: `(low, high)` grey levels shown (e.g. the processor's HU window).
+        title: first words of the figure's title (the outlines' colours follow).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import nibabel as nib
+    import numpy as np
+    from scipy import ndimage
 
     from .convert_sam3d import atomic_write
 
-    orientation = nib.orientations.io_orientation(affine)
-    image, mask = (nib.orientations.apply_orientation(a, orientation) for a in (image, mask))
+    orientation = nib.orientations.io_orientation(affine)  # stored axis -> (RAS display axis, flip)
+    image = nib.orientations.apply_orientation(image, orientation)
+    masks = {name: (nib.orientations.apply_orientation(mask, orientation), colour) for name, (mask, colour) in
+             outlines.items()}  # fmt: skip
     shape = np.asarray(image.shape)
+    points, labels = np.asarray(points, dtype=float).reshape(-1, 3), np.asarray(labels)
     shown = np.zeros((len(points), 3))
     for stored_axis, (axis, flip) in enumerate(orientation.astype(int)):  # stored voxel -> RAS display voxel
         shown[:, axis] = points[:, stored_axis] if flip > 0 else shape[axis] - 1 - points[:, stored_axis]
-    centre = np.rint(np.argwhere(mask).mean(0) if mask.any() else shown[0]).astype(int).clip(0, shape - 1)
-    window = processor.image_processor.window or (float(image.min()), float(image.max()))
-    figure, axes = plt.subplots(1, 3, figsize=(10, 3.6))
-    for panel, (name, axis, (horizontal, vertical)) in zip(
-        axes, (("axial", 2, (0, 1)), ("coronal", 1, (0, 2)), ("sagittal", 0, (1, 2)))
-    ):
-        index = [slice(None)] * 3
-        index[axis] = centre[axis]
-        panel.imshow(image[tuple(index)].T, cmap="gray", origin="lower", vmin=window[0], vmax=window[1])
-        if mask[tuple(index)].any():
-            panel.contour(mask[tuple(index)].T.astype(float), levels=[0.5], colors="red", linewidths=1)
-        near = np.abs(shown[:, axis] - centre[axis]) <= 2
-        for value, colour in ((1, "yellow"), (0, "cyan")):
-            chosen = near & (labels == value)
-            panel.scatter(shown[chosen, horizontal], shown[chosen, vertical], s=30, c=colour, marker="x")
-        panel.set_title(f"{name} slice {centre[axis]}", fontsize=9)
-        panel.set_axis_off()
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)[np.argsort(orientation[:, 0])]  # mm per display axis
+    first = next(iter(masks.values()))[0].astype(bool)
+    regions, count = ndimage.label(first, np.ones((3, 3, 3)))
+    largest = 1 + np.argsort(-ndimage.sum_labels(first, regions, range(1, count + 1)), kind="stable")[:4]
+    centres = ndimage.center_of_mass(first, regions, largest) if count else shown[:1]
+    centres = [np.rint(c).astype(int).clip(0, shape - 1) for c in centres] or [(shape - 1) // 2]
+    views = (("axial", 2, (0, 1)), ("coronal", 1, (0, 2)), ("sagittal", 0, (1, 2)))  # (name, cut axis, (x, y))
+    figure, axes = plt.subplots(len(centres), 3, figsize=(10, 0.4 + 3.4 * len(centres)), squeeze=False)
+    for row, centre in enumerate(centres):
+        for panel, (name, axis, (horizontal, vertical)) in zip(axes[row], views):
+            index = [slice(None)] * 3
+            index[axis] = centre[axis]
+            index = tuple(index)
+            panel.imshow(image[index].T, cmap="gray", origin="lower", vmin=window[0], vmax=window[1],
+                         aspect=spacing[vertical] / spacing[horizontal])  # fmt: skip
+            for mask, colour in masks.values():
+                if mask[index].any():
+                    panel.contour(mask[index].T.astype(float), levels=[0.5], colors=colour, linewidths=1)
+            near = np.abs(shown[:, axis] - centre[axis]) <= 2
+            for value, colour in ((1, "yellow"), (0, "cyan")):
+                chosen = near & (labels == value)
+                panel.scatter(shown[chosen, horizontal], shown[chosen, vertical], s=30, c=colour, marker="x")
+            panel.set_title(f"#{row + 1} {name} slice {centre[axis]}", fontsize=9)
+            panel.set_axis_off()
+    legend = ", ".join(f"{colour}: {name}" for name, (_, colour) in masks.items())
+    figure.suptitle(f"{title + ' -- ' if title else ''}{legend}, x: clicks (yellow +, cyan -)", fontsize=10)
     figure.tight_layout()
     atomic_write(Path(path), lambda tmp: figure.savefig(tmp, format="png", dpi=90), suffix=".png")
     plt.close(figure)
@@ -287,8 +362,8 @@ def _push(args: argparse.Namespace) -> int:
         license=args.license, **card_kwargs,
     )  # fmt: skip
     print(f"files for {args.repo_id}:")
-    for path_in_repo, local in upload_plan(args.folder, adapter_only=args.adapter_only).items():
-        print(f"  {path_in_repo}  <-  {local}")
+    for name, source in upload_plan(args.folder, adapter_only=args.adapter_only).items():
+        print(f"  {name}  <-  {source}" if isinstance(source, Path) else f"  {name}  (made by sam3d-hf)")
     print("  README.md (the model card, " + f"{len(str(card))} characters)")
     if args.dry_run:
         return 0
@@ -342,7 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="voxel: stored i,j,k (default); world: RAS mm (--point=-9,4,8 if negative)")  # fmt: skip
     segment.add_argument("--output", required=True, help="mask to write (.nii or .nii.gz)")
     segment.add_argument("--overlay", help="also draw three orthogonal slices with the mask's outline (.png)")
-    segment.add_argument("--threshold", type=float, default=0.5, help="foreground probability threshold (0-1)")
+    segment.add_argument("--threshold", type=float, default=0.5,
+                         help="foreground probability threshold, strictly between 0 and 1 (default 0.5)")  # fmt: skip
     segment.add_argument("--preset", help="processor preset when the model folder has no processor_config.json")
     segment.set_defaults(func=_segment)
 
@@ -357,14 +433,17 @@ def build_parser() -> argparse.ArgumentParser:
         "push",
         help="publish a trained folder to the Hugging Face Hub with a rendered model card",
         description="One commit: the folder's model (or adapter) and processor files plus README.md, the model card "
-        "rendered from the processor, --evaluation and --training-args.",
+        "rendered from the processor, --evaluation and --training-args. A full model also gets the pipeline's code and "
+        "`custom_pipelines` in its config.json, so the repo serves pipeline('sam3d-segmentation', model=REPO, "
+        "trust_remote_code=True) without sam3d-hf. The folder itself is not modified.",
     )
     push.add_argument("folder", help="folder written by save_pretrained (model or adapter, and the processor)")
     push.add_argument("--repo-id", required=True, help="target repository, 'owner/name'")
     push.add_argument("--adapter-only", action="store_true", help="publish only the adapter files (needs a base)")
     push.add_argument("--base-model-id", help="Hub id of the base model the adapter goes on")
     push.add_argument("--dataset", help="hub_cards dataset key or your own .yaml (default: from the processor)")
-    push.add_argument("--evaluation", help="evaluation summary JSON (sam3d evaluate's summary.json)")
+    push.add_argument("--evaluation", help="evaluation summary JSON (sam3d evaluate's summary.json; the card reads the "
+                      "column named like its dataset, i.e. evaluate's --dataset_name, or the only one)")  # fmt: skip
     push.add_argument("--training-args", help="the training run's arguments JSON (logs/config.json)")
     push.add_argument("--license", default="apache-2.0", help="licence of the weights (default: SAM's apache-2.0)")
     push.add_argument("--private", action="store_true", help="create the repository private")
@@ -373,8 +452,14 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--dry-run", action="store_true", help="render the card and list the files; upload nothing")
     push.set_defaults(func=_push)
 
-    summary = commands.add_parser("summary", help="print the model's parameter counts for a SAM size")
-    summary.add_argument("--preset", choices=["vit_b", "vit_l", "vit_h"], default="vit_b")
+    summary = commands.add_parser(
+        "summary",
+        help="print the model's parameter counts for a SAM size",
+        description="Builds Sam3DForPromptableSegmentation for a SAM size on the meta device (no memory, no weights) "
+        "and prints its parameter counts per part.",
+    )
+    summary.add_argument("--preset", choices=["vit_b", "vit_l", "vit_h"], default="vit_b",
+                         help="SAM image-encoder size (default vit_b)")  # fmt: skip
     summary.set_defaults(func=_summary)
 
     convert = commands.add_parser(
@@ -407,26 +492,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-PASS_THROUGH = {"evaluate": _evaluate, "train": None}
+PASS_THROUGH = ("evaluate", "train")
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser()
-    from transformers.utils import logging as transformers_logging
-
-    transformers_logging.disable_progress_bar()  # "Loading weights" bars on stderr would bury the one-line errors
     if argv and argv[0] in PASS_THROUGH:  # the example scripts parse their own arguments
         command, rest = argv[0], argv[1:]
         if command == "train" and {"-h", "--help"} & set(rest):
-            print("usage: sam3d train [--accelerate_config FILE] TRAIN_ARGS...  (runs: accelerate launch "
-                  "[--config_file FILE] examples/train.py TRAIN_ARGS)\n")  # fmt: skip
+            print("sam3d train runs `accelerate launch [--config_file FILE] examples/train.py TRAIN_ARGS`.\n"
+                  "  --accelerate_config FILE  Accelerate config file (default: accelerate's own)\n")  # fmt: skip
+        _quiet_transformers()
         try:
             return _evaluate(rest) if command == "evaluate" else _train(rest)
         except (ValueError, TypeError, OSError) as error:
             print(f"sam3d {command}: error: {' '.join(str(error).split())}", file=sys.stderr)
             return 1
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
+    _quiet_transformers()
     try:
         return args.func(args)
     # The library's messages say what was expected and how to fix it; OSError covers what the system refuses
@@ -435,6 +518,13 @@ def main(argv: list[str] | None = None) -> int:
         message = " ".join(str(error).split()) or type(error).__name__
         print(f"sam3d {args.command}: error: {message}", file=sys.stderr)
         return 1
+
+
+def _quiet_transformers() -> None:
+    """No "Loading weights" bars on stderr: they would bury the one-line errors."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
 
 
 if __name__ == "__main__":

@@ -6,9 +6,10 @@ package data `sam3d_hf/hub_cards/` (a `package_dir` mapping), so an installed wh
 source checkout one level up. Dataset files hold only what the processor does not know (name, labels, data licence,
 links, citation): every preprocessing number in a card is read from the processor pushed with the weights.
 
-The user's folder is never written to: the rendered `README.md` (and, for `adapter_only`, the `adapter_config.json`
-that names the base on the Hub) are uploaded from memory; every other file is uploaded from the folder as it is. Write
-a local copy of the card with `render_model_card(folder, ...).save(path)` if you want one.
+The user's folder is never written to: the rendered `README.md`, a full model's `config.json` with the transformers
+pipeline under `custom_pipelines` (its code comes from the installed package) and, for `adapter_only`, the
+`adapter_config.json` that names the base on the Hub are uploaded from memory; every other file is uploaded from the
+folder as it is. Write a local copy of the card with `render_model_card(folder, ...).save(path)` if you want one.
 
 Evaluation summary (read only by [`load_evaluation_summary`]), a JSON file or dict:
 
@@ -47,6 +48,7 @@ from safetensors import safe_open
 
 from .metrics import evaluate_case
 from .peft_sam3d import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, Sam3DAdapterConfig
+from .pipeline import remote_code_files
 from .processing_sam3d import Sam3DProcessor
 
 __all__ = [
@@ -164,7 +166,10 @@ def _load_json(source: str | os.PathLike | Mapping, what: str) -> dict[str, Any]
     return values
 
 
-def _number(value: Any, where: str) -> float:
+def _number(value: Any, where: str, undefined_ok: bool = False) -> float:
+    """A number of the summary; `undefined_ok`: `null` (how evaluate.py writes the NaN std of a single case) is NaN."""
+    if value is None and undefined_ok:
+        return math.nan
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"evaluation summary: {where} must be a number, got {value!r}")
     return float(value)
@@ -172,17 +177,26 @@ def _number(value: Any, where: str) -> float:
 
 def _from_metrics_summary(data: Mapping[str, Any], dataset: str | None) -> dict[str, Any]:
     """The `protocols` format from `sam3d_hf.metrics.summarize(records)` output (`{row: {dataset: stats}}`), bare or
-    wrapped as `{"summary": ..., "tolerance_mm": ..., "split": ...}`; the card's dataset picks the column."""
+    wrapped as `{"summary": ..., "tolerance_mm": ..., "split": ...}`. The column named like the card's dataset is
+    used, else the only column (evaluate.py names it by `--dataset_name`) unless that one names another card's dataset
+    (its key or preset)."""
     summary = data.get("summary", data)
     columns = sorted({column for row in summary.values() for column in row})
+    other_cards = set()  # names that say the column is another card's dataset: its key or one of its presets
+    for key, path in _dataset_files().items():
+        if dataset is not None and key != dataset:
+            other_cards |= {key, *(yaml.safe_load(path.read_text(encoding="utf-8")).get("presets") or [])}
     if dataset in columns:
         column = dataset
-    elif columns == ["all"]:
-        column = "all"
+    elif len(columns) == 1 and columns[0] not in other_cards:
+        column = columns[0]
     else:
+        if dataset is None:
+            raise ValueError(f"the evaluation summary has results for datasets {columns}: pass the dataset to read")
         raise ValueError(
-            f"the evaluation summary has results for datasets {columns}, none of them {dataset!r}; summarize records "
-            "whose 'dataset' is the card's dataset, or pass the card's dataset"
+            f"the evaluation summary has results for datasets {columns}, the card is for {dataset!r}: "
+            f"evaluate with --dataset_name {dataset} (the summary's column name), or give the card the evaluated "
+            "dataset (--dataset)"
         )
     # `summarize` does not record the NSD tolerance: the metrics' default applies unless the wrapper names one.
     tolerance = data.get("tolerance_mm", inspect.signature(evaluate_case).parameters["tolerance_mm"].default)
@@ -196,14 +210,19 @@ def _from_metrics_summary(data: Mapping[str, Any], dataset: str | None) -> dict[
         for row, per_dataset in summary.items()
         if isinstance(stats := per_dataset.get(column), dict)
     }
-    return {"dataset": None if column == "all" else column, "split": data.get("split"), "protocols": protocols}
+    return {
+        "dataset": column if column in _dataset_files() else None,
+        "split": data.get("split"),
+        "protocols": protocols,
+    }
 
 
 def load_evaluation_summary(source: str | os.PathLike | Mapping, dataset: str | None = None) -> dict[str, Any]:
     """Read and check an evaluation summary: the `protocols` format of the module docstring, or the output of
     `sam3d_hf.metrics.summarize(records)` (bare or as `{"summary": ..., "tolerance_mm": ..., "split": ...}`; its rows
-    become the protocols and `dataset` picks its column). Returns `{"dataset", "split", "protocols": {name: {"dice":
-    {"mean", "std"}, "nsd": {"mean", "std"}, "n", "tolerance_mm"}}}` with floats (a std is NaN for one case)."""
+    become the protocols and `dataset` picks its column, or the only one). Returns `{"dataset", "split", "protocols":
+    {name: {"dice": {"mean", "std"}, "nsd": {"mean", "std"}, "n", "tolerance_mm"}}}` with floats; a std may be
+    `null` (NaN: one case) and is then left out of the card."""
     summary = _load_json(source, "evaluation summary")
     inner = summary.get("summary", summary)
     if "protocols" not in summary and isinstance(inner, dict) and inner:
@@ -228,7 +247,10 @@ def load_evaluation_summary(source: str | os.PathLike | Mapping, dataset: str | 
                     f"evaluation summary: protocol {name!r} needs '{metric}': {{'mean': ..., 'std': ...}}, "
                     f"got {stats!r}"
                 )
-            entry[metric] = {k: _number(stats[k], f"{name}.{metric}.{k}") for k in ("mean", "std")}
+            entry[metric] = {
+                "mean": _number(stats["mean"], f"{name}.{metric}.mean"),
+                "std": _number(stats["std"], f"{name}.{metric}.std", undefined_ok=True),
+            }
         n = values.get("n")
         if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
             raise ValueError(f"evaluation summary: protocol {name!r} needs 'n', the number of cases (>0), got {n!r}")
@@ -534,12 +556,15 @@ def render_model_card(
 # ----------------------------------------------------------------------------------------------------------------------
 # Upload
 # ----------------------------------------------------------------------------------------------------------------------
-def upload_plan(folder: str | os.PathLike, adapter_only: bool = False) -> dict[str, Path]:
-    """`{path in the repo: local file}` of what [`push_to_hub`] uploads as it is; the card `README.md` (and, with
-    `adapter_only`, the `adapter_config.json` naming the base) come on top, from memory.
+def upload_plan(folder: str | os.PathLike, adapter_only: bool = False) -> dict[str, Path | bytes]:
+    """`{path in the repo: local file, or content made here}` of what [`push_to_hub`] uploads; the card `README.md`
+    (and, with `adapter_only`, the `adapter_config.json` naming the base) come on top.
 
-    Full model: every file of the folder but `UPLOAD_IGNORE_PATTERNS`. `adapter_only`: the adapter weights (from the
-    folder or its `adapter/` subfolder) and the processor config, both at the top of the repo.
+    Full model: every file of the folder but `UPLOAD_IGNORE_PATTERNS`, with `config.json` naming the
+    `sam3d-segmentation` pipeline under `custom_pipelines` and this package's code next to it (`remote_code_files`;
+    the installed code replaces any copies in the folder), so the repo serves `pipeline("sam3d-segmentation",
+    model=repo_id, trust_remote_code=True)` without sam3d-hf. `adapter_only`: the adapter weights (from the folder or
+    its `adapter/` subfolder) and the processor config, both at the top of the repo.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -551,7 +576,10 @@ def upload_plan(folder: str | os.PathLike, adapter_only: bool = False) -> dict[s
             plan[ADAPTER_WEIGHTS_NAME] = adapter_dir / ADAPTER_WEIGHTS_NAME
         return dict(sorted(plan.items()))
     files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
-    return {name: folder / name for name in filter_repo_objects(files, ignore_patterns=UPLOAD_IGNORE_PATTERNS)}
+    plan = {name: folder / name for name in filter_repo_objects(files, ignore_patterns=UPLOAD_IGNORE_PATTERNS)}
+    if (folder / "config.json").is_file():
+        plan.update(remote_code_files(_load_json(folder / "config.json", "model config")))
+    return dict(sorted(plan.items()))
 
 
 def push_to_hub(
@@ -572,10 +600,12 @@ def push_to_hub(
     """Publish a trained folder to the Hub in one commit, with a rendered model card. Returns the `CommitInfo`.
 
     Full model (default): every file of the folder except checkpoints, logs, hidden files, medical images and the
-    folder's own README (`UPLOAD_IGNORE_PATTERNS`; see [`upload_plan`]). `adapter_only=True`: only
-    `adapter_config.json` (its `base_model_name_or_path` set to `base_model_id`), `adapter_model.safetensors` (from
-    the folder or its `adapter/` subfolder, as examples/train.py writes it) and the processor config, at the top of
-    the repo, against the named base model (also the card's `base_model`). The folder is not modified.
+    folder's own README (`UPLOAD_IGNORE_PATTERNS`), with `config.json` naming the transformers pipeline under
+    `custom_pipelines` and the package's code next to it (the repo then serves `pipeline("sam3d-segmentation", ...,
+    trust_remote_code=True)`; see [`upload_plan`]). `adapter_only=True`: only `adapter_config.json` (its
+    `base_model_name_or_path` set to `base_model_id`), `adapter_model.safetensors` (from the folder or its `adapter/`
+    subfolder, as examples/train.py writes it) and the processor config, at the top of the repo, against the named base
+    model (also the card's `base_model`). The folder is not modified.
 
     Args:
         folder: folder written by `save_pretrained` of the model (or adapter, also in an `adapter/` subfolder) and of
@@ -630,8 +660,8 @@ def push_to_hub(
         license=license,
     )
     operations = [
-        CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path))
-        for name, path in upload_plan(folder, adapter_only).items()
+        CommitOperationAdd(path_in_repo=name, path_or_fileobj=source if isinstance(source, bytes) else str(source))
+        for name, source in upload_plan(folder, adapter_only).items()
     ]
     operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=str(card).encode("utf-8")))
     if adapter_only:

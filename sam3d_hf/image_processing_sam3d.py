@@ -546,6 +546,23 @@ class Sam3DImageProcessor(BaseImageProcessor):
         self.preset = preset
 
     @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs) -> Sam3DImageProcessor:
+        """`BaseImageProcessor.from_pretrained`, except for transformers pipelines other than Sam3D's own.
+
+        `pipeline("mask-generation", model=<Sam3D folder>)` loads the model (it is registered with
+        `AutoModelForMaskGeneration`) and then this image processor, telling it the task (`_from_pipeline`); that
+        pipeline decodes 2D pictures with PIL and would only fail on the first scan. It is refused here, at build time.
+        """
+        task = kwargs.get("_from_pipeline")
+        if task is not None and task != "sam3d-segmentation":  # pipeline.TASK (that module imports this one)
+            raise ValueError(
+                f"pipeline({task!r}) cannot run a Sam3D model: it reads 2D pictures, Sam3D segments 3D scans from "
+                "clicks. Use pipeline('sam3d-segmentation', model=...) after `import sam3d_hf` (or with "
+                "trust_remote_code=True for a repo that carries the code)"
+            )
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
+    @classmethod
     def from_preset(cls, name: str, **overrides) -> Sam3DImageProcessor:
         """Build the processor for one of [`SAM3D_PRESETS`] (`kits21`, `msd_pancreas`, `lits17`, `lits17_code`,
         `msd_colon`); keyword arguments override single values."""

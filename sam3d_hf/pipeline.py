@@ -7,26 +7,30 @@ mask in the original geometry: the data's stored axis order, voxel for voxel, wi
 Coordinates. `points` index the original data's stored axes (NIfTI `(i, j, k)`, i.e.
 `nib.load(path).get_fdata()[i, j, k]`), or are RAS world mm with `points_in="world"`, as for [`Sam3DProcessor`].
 
-Importing `sam3d_hf` registers the task with transformers' `PIPELINE_REGISTRY`; `Sam3DSegmentationPipeline.
-save_pretrained` also records it under `custom_pipelines` in the saved `config.json` (with the code), so a Hub repo
-made from that folder serves `pipeline("sam3d-segmentation", model=repo, trust_remote_code=True)` without this
-package installed.
+Importing `sam3d_hf` registers the task with transformers' `PIPELINE_REGISTRY`. For a Hub repo to serve
+`pipeline("sam3d-segmentation", model=repo, trust_remote_code=True)` without this package installed, its `config.json`
+names the task under `custom_pipelines` and the repo carries the code ([`remote_code_files`]): written by
+`Sam3DSegmentationPipeline.save_pretrained` and `sam3d demo`, uploaded by `sam3d push`. transformers then asks for
+`trust_remote_code=True` even where this package is installed (or pass `pipeline_class=Sam3DSegmentationPipeline`).
 """
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from transformers import AutoModel, Pipeline
+from transformers.dynamic_module_utils import get_relative_import_files
 from transformers.pipelines import PIPELINE_REGISTRY
 
 from .image_processing_sam3d import load_volume
-from .inference import Sam3DPredictor
 from .processing_sam3d import Sam3DProcessor
 
-__all__ = ["Sam3DSegmentationPipeline"]
+__all__ = ["Sam3DSegmentationPipeline", "remote_code_files"]
 
 TASK = "sam3d-segmentation"
 
@@ -77,6 +81,8 @@ class Sam3DSegmentationPipeline(Pipeline):
         if not isinstance(processor, Sam3DProcessor):
             raise TypeError(f"`processor` must be a Sam3DProcessor, got {type(processor).__name__}")
         super().__init__(model=model, **kwargs)
+        from .inference import Sam3DPredictor  # MONAI, imported on first use rather than with the package
+
         self.sam3d_processor = processor
         self.predictor = Sam3DPredictor(self.model, processor)
 
@@ -113,6 +119,32 @@ class Sam3DSegmentationPipeline(Pipeline):
         """Model, processor and this pipeline's code; `config.json` gets `custom_pipelines` for `trust_remote_code`."""
         super().save_pretrained(save_directory, **kwargs)
         self.sam3d_processor.save_pretrained(save_directory)
+
+
+def remote_code_files(config: Mapping[str, Any]) -> dict[str, bytes | Path]:
+    """The files that make a model folder, or its Hub repo, serve `pipeline("sam3d-segmentation", model=...,
+    trust_remote_code=True)` without this package installed; what `Sam3DSegmentationPipeline.save_pretrained`
+    writes, without loading or saving the model (`sam3d push` uploads them, `sam3d demo` writes them).
+
+    Args:
+        config: the folder's `config.json` content (with the `auto_map` that `save_pretrained` writes).
+
+    Returns:
+        `{file name: content}`: `config.json` (the given config with the task under `custom_pipelines`, the entry
+        transformers' `Pipeline.save_pretrained` records) as bytes, and this module with every module it imports
+        relatively (transformers' `get_relative_import_files`, the files `custom_object_save` copies) as paths of the
+        installed source.
+    """
+    registered = Sam3DSegmentationPipeline._registered_impl[TASK]
+    entry = {
+        **registered,
+        "impl": f"{registered['impl'].__module__.split('.')[-1]}.{registered['impl'].__name__}",
+        "pt": [model_class.__name__ for model_class in registered["pt"]],
+    }
+    custom_pipelines = {**(config.get("custom_pipelines") or {}), TASK: entry}
+    text = json.dumps({**config, "custom_pipelines": custom_pipelines}, indent=2, sort_keys=True) + "\n"
+    code = [Path(__file__), *map(Path, get_relative_import_files(__file__))]
+    return {"config.json": text.encode("utf-8"), **{path.name: path for path in code}}
 
 
 PIPELINE_REGISTRY.register_pipeline(TASK, pipeline_class=Sam3DSegmentationPipeline, pt_model=AutoModel, type="image")

@@ -13,7 +13,7 @@ import torch
 from test_conversion import OFFICIAL_TINY, official_tensors
 
 import sam3d_hf
-from sam3d_hf import Sam3DConfig
+from sam3d_hf import Sam3DConfig, Sam3DForPromptableSegmentation
 from sam3d_hf.cli import main
 
 REPOSITORY = Path(__file__).resolve().parents[1]
@@ -80,6 +80,11 @@ def test_missing_config_is_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     line = one_line_error([*argv, "--config", "someone/sam3d-config"], capsys)
     assert "no such file or folder (HF_HUB_OFFLINE is set, so it cannot be a Hub id)" in line
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)  # online: a Hub id would be looked up ...
+    monkeypatch.setattr(Sam3DConfig, "from_pretrained", classmethod(lambda cls, *a, **k: pytest.fail("looked up")))
+    line = one_line_error([*argv, "--config", "nowhere"], capsys)  # ... but a bare name is no Hub id: fails at once
+    assert "--config 'nowhere': no such file or folder; give a Sam3DConfig folder or config.json" in line
+    monkeypatch.undo()
     (tmp_path / "empty").mkdir()  # transformers 5.23 reads an empty folder as the default (ViT-B) config
     line = one_line_error([*argv, "--config", str(tmp_path / "empty")], capsys)
     assert re.search(r"--config '.*empty' is a folder without config.json \(found \[\]\)", line)
@@ -196,7 +201,10 @@ def test_segment_writes_the_predictors_mask_with_negative_clicks(segment_setup, 
     np.testing.assert_allclose(written.affine, segment_setup["image"].affine, atol=1e-5)
     assert (tmp_path / "overlay.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mask.nii.gz", "overlay.png"]  # no temporary files left
-    assert f"wrote {out}" in capsys.readouterr().out
+    out_lines = capsys.readouterr().out.splitlines()
+    steps = ["reading ", "loading the model ", "preprocessing the scan", "encoding and segmenting", "writing "]
+    assert [next(i for i, line in enumerate(out_lines) if line.startswith(s)) for s in steps] == list(range(5))
+    assert out_lines[-2].startswith(f"wrote {out}: ") and out_lines[-1] == f"wrote {tmp_path / 'overlay.png'}"
 
 
 def test_segment_world_points_are_mm(segment_setup, tmp_path):
@@ -270,6 +278,70 @@ def test_segment_user_errors_are_one_line_and_write_nothing(segment_setup, tmp_p
     assert list(tmp_path.glob("*m.nii.gz")) == [] and not list(tmp_path.glob(".tmp*"))
 
 
+def test_segment_checks_its_arguments_before_reading_anything(tmp_path, capsys, monkeypatch):
+    """Mistakes in the arguments alone are reported first: the scan and the model here do not even exist."""
+    monkeypatch.setattr("sam3d_hf.image_processing_sam3d.load_volume", lambda *a, **k: pytest.fail("scan read"))
+    (tmp_path / "a-file").write_text("keep me")
+    argv = ["segment", "--model", str(tmp_path / "no-model"), "--image", str(tmp_path / "no-scan.nii.gz"),
+            "--point", "1,2,3", "--output"]  # fmt: skip
+    for threshold in ("1.5", "0", "nan"):
+        line = one_line_error([*argv, str(tmp_path / "m.nii.gz"), "--threshold", threshold], capsys)
+        assert f"--threshold is a foreground probability strictly between 0 and 1, got {float(threshold)}" in line
+    line = one_line_error([*argv, str(tmp_path / "a-file" / "m.nii.gz")], capsys)
+    assert re.search(r"--output '.*a-file/m.nii.gz': '.*a-file' is a file, not a folder", line)
+    line = one_line_error([*argv, str(tmp_path / "no-dir" / "m.nii.gz")], capsys)
+    assert re.search(r"the folder '.*no-dir' does not exist; create it", line)
+    line = one_line_error([*argv, str(tmp_path / "m.nii.gz"), "--overlay", str(tmp_path / "a-file" / "o.png")], capsys)
+    assert re.search(r"--overlay '.*a-file/o.png': '.*a-file' is a file, not a folder", line)
+    assert (tmp_path / "a-file").read_text() == "keep me" and sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+
+def test_segment_model_load_failures_are_one_line(segment_setup, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    from sam3d_hf import Sam3DAdapterConfig, get_adapter_model
+
+    point = ["--point", ",".join(map(str, segment_setup["lesion"][0]))]
+    argv = _segment_argv(segment_setup, tmp_path / "m.nii.gz", *point)
+    # An adapter saved into the model's folder: transformers then hands the folder to peft, which does not know it.
+    both = tmp_path / "model-and-adapter"
+    shutil.copytree(segment_setup["root"] / "model", both)
+    get_adapter_model(
+        Sam3DForPromptableSegmentation(segment_setup["model"].config), Sam3DAdapterConfig()
+    ).save_pretrained(both)
+    line = one_line_error([*argv[:2], str(both), *argv[3:]], capsys)
+    assert f"--model '{both}' could not be loaded: " in line
+    # A bare name is a local path, never looked up on the Hub (online, huggingface_hub would retry for ~25 s).
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    line = one_line_error([*argv[:2], "no-such-model", *argv[3:]], capsys)
+    assert "--model 'no-such-model': no such folder" in line
+    assert not (tmp_path / "m.nii.gz").exists()
+
+
+def test_overlay_keeps_the_voxel_spacing(tmp_path):
+    """Each panel shows its slice in mm: measured in the PNG, width / height is the physical extent's ratio. The scan
+    is stored S, R, A (permuted) with 3 / 0.5 / 1 mm voxels: 20 mm (R) x 30 mm (A) x 30 mm (S)."""
+    from matplotlib.image import imread
+    from scipy import ndimage
+
+    from sam3d_hf.cli import save_overlay
+
+    affine = np.array([[0, 0.5, 0, 0], [0, 0, 1.0, 0], [3.0, 0, 0, 0], [0, 0, 0, 1]])
+    image = np.full((10, 40, 30), 100.0)  # one grey level: the panels are plain grey rectangles
+    empty = np.zeros(image.shape, dtype=bool)
+    save_overlay(tmp_path / "o.png", image, affine, {"prediction": (empty, "red")}, [[5, 20, 15]], [1], (0, 200))
+    pixels = imread(tmp_path / "o.png")[..., :3]
+    grey = (np.abs(pixels - 0.5) < 0.05).all(-1)
+    regions, _ = ndimage.label(grey)
+    boxes = sorted(
+        ndimage.find_objects(regions), key=lambda box: (box[0].stop - box[0].start) * (box[1].stop - box[1].start)
+    )
+    panels = sorted(boxes[-3:], key=lambda box: box[1].start)  # axial, coronal, sagittal, left to right
+    ratios = [(b[1].stop - b[1].start) / (b[0].stop - b[0].start) for b in panels]
+    # axial: R (20 mm) by A (30 mm); coronal: R by S (30 mm); sagittal: A by S
+    np.testing.assert_allclose(ratios, [20 / 30, 20 / 30, 30 / 30], rtol=0.05)
+
+
 def test_push_dry_run_and_errors(segment_setup, tmp_path, capsys):
     argv = ["push", str(segment_setup["root"] / "model"), "--repo-id", "someone/sam3d-tiny", "--dry-run"]
     assert main(argv) == 0
@@ -299,12 +371,17 @@ def test_push_uploads_through_hub(segment_setup, capsys, monkeypatch):
 def test_evaluate_runs_the_example_and_reports_errors(segment_setup, tmp_path, capsys):
     from sam3d_hf.synthetic import generate_dataset
 
-    data = generate_dataset(tmp_path / "data", num_cases=2, seed=1, num_lesions=1)
+    data = generate_dataset(tmp_path / "data", num_cases=1, seed=1, num_lesions=1)
     argv = ["evaluate", "--model", str(segment_setup["root"] / "model"), "--data_dir", str(data), "--protocols", "1",
             "--output_dir", str(tmp_path / "eval")]  # fmt: skip
     assert main(argv) == 0
     rows = (tmp_path / "eval" / "cases.csv").read_text().splitlines()
-    assert len(rows) == 3  # header + one row per case
+    assert len(rows) == 2  # header + one row per case
+    # Its summary.json (one case: every std is null) and its column (named by --dataset_name) make the card.
+    assert "null" in (tmp_path / "eval" / "summary.json").read_text()
+    push = ["push", str(segment_setup["root"] / "model"), "--repo-id", "me/m", "--dry-run", "--evaluation"]
+    assert main([*push, str(tmp_path / "eval" / "summary.json")]) == 0
+    assert "README.md (the model card" in capsys.readouterr().out
     line = one_line_error([*argv[:-1], str(tmp_path / "eval2"), "--protocols", "7x"], capsys)
     assert "unknown protocol '7x'" in line
     line = one_line_error(["evaluate", "--data_dir", str(data), "--output_dir", str(tmp_path / "e")], capsys)
@@ -334,18 +411,52 @@ def test_train_launches_accelerate_and_reports_errors(tmp_path, capsys, monkeypa
     assert "not installed with the package" in line and "pip install -e ." in line
 
 
-@pytest.mark.parametrize("command", ["segment", "push", "demo", "convert", "evaluate", "train"])
+@pytest.mark.parametrize("command", ["segment", "push", "demo", "convert", "evaluate", "train", "summary"])
 def test_help_is_complete(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     expected = {
-        "segment": ["--model", "--image", "--point", "--negative", "--points-in", "--output", "--overlay"],
-        "push": ["--repo-id", "--adapter-only", "--dry-run"],
+        "segment": [
+            "--model",
+            "--image",
+            "--point",
+            "--negative",
+            "--points-in",
+            "--output",
+            "--overlay",
+            "--threshold",
+        ],
+        "push": ["--repo-id", "--adapter-only", "--dry-run", "--evaluation"],
         "demo": ["--quick", "--output-dir", "--overwrite"],
         "convert": ["--checkpoint", "--output"],
         "evaluate": ["--model", "--data_dir", "--protocols", "--output_dir"],
         "train": ["--accelerate_config", "--data_dir", "--output_dir", "--max_train_steps"],
+        "summary": ["--preset", "SAM image-encoder size"],
     }[command]
     assert all(option in out for option in expected), out
+    assert f"usage: sam3d {command} " in out  # the example scripts' parsers too, not "usage: evaluate.py"
+    assert len(re.findall(r"^usage: ", out, re.M)) == 1, out
+
+
+def test_summary_prints_the_documented_parameter_counts(capsys):
+    """ViT-B figures from docs/design.md (whole model 113,652,352; prompt encoder 2,900,736; mask decoder 7,088,256)."""
+    assert main(["summary"]) == 0
+    counts = dict(re.findall(r"^  (\w+) +([\d.]+) M parameters$", capsys.readouterr().out, re.M))
+    assert counts == {
+        "vision_encoder": f"{(113_652_352 - 2_900_736 - 7_088_256) / 1e6:.2f}",
+        "prompt_encoder": f"{2_900_736 / 1e6:.2f}",
+        "mask_decoder": f"{7_088_256 / 1e6:.2f}",
+        "total": f"{113_652_352 / 1e6:.2f}",
+    }
+    assert main(["summary", "--preset", "vit_l"]) == 0
+    assert float(re.search(r"total +([\d.]+) M", capsys.readouterr().out).group(1)) > 300  # SAM ViT-L: 308 M encoder
+    with pytest.raises(SystemExit) as exit_info:
+        main(["summary", "--preset", "vit_z"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert (
+        err.startswith("sam3d summary: error: argument --preset: invalid choice: 'vit_z'")
+        and len(err.splitlines()) == 1
+    )

@@ -10,10 +10,12 @@ import pytest
 import yaml
 from conftest import TINY
 from huggingface_hub import HfApi
+from transformers.dynamic_module_utils import custom_object_save
 
 from sam3d_hf import Sam3DAdapterConfig, Sam3DConfig, Sam3DForPromptableSegmentation, Sam3DProcessor, get_adapter_model
 from sam3d_hf.hub import load_evaluation_summary, push_to_hub, render_model_card, upload_plan
 from sam3d_hf.metrics import summarize
+from sam3d_hf.pipeline import TASK, Sam3DSegmentationPipeline
 
 REPO = Path(__file__).resolve().parent.parent
 SUMMARY = {
@@ -154,15 +156,24 @@ def _snapshot(folder: Path) -> dict:
 # ----------------------------------------------------------------------------------------------------------------------
 # Uploads
 # ----------------------------------------------------------------------------------------------------------------------
-def test_full_model_uploads_exactly_the_model_processor_and_card(model_folder, hub):
+def test_full_model_uploads_exactly_the_model_processor_pipeline_code_and_card(model_folder, hub, tmp_path):
     folder, saved = model_folder
     before = _snapshot(folder)
     info = push_to_hub(folder, "my-lab/sam3d-kits21", evaluation=SUMMARY, training_args=TRAINING, private=True)
     files = _uploaded(hub)
-    assert set(files) == {*saved, *KEPT, "README.md"}
+    # The pipeline's code as transformers' own Pipeline.save_pretrained copies it (custom_object_save).
+    custom_object_save(Sam3DSegmentationPipeline, tmp_path)
+    code = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+    assert {"pipeline.py", "modeling_sam3d.py", "configuration_sam3d.py", "inference.py"} <= set(code)
+    assert set(files) == {*saved, *KEPT, *code, "README.md"}
     assert {"config.json", "model.safetensors", "processor_config.json"} <= set(saved)
-    for name in set(files) - {"README.md"}:
-        assert files[name] == (folder / name).read_bytes()
+    for name in set(files) - {"README.md", "config.json", *code}:
+        assert files[name] == (folder / name).read_bytes(), name
+    for name in code:  # the package's code, also where the folder has its own copy (modeling_sam3d.py)
+        assert files[name] == code[name], name
+    config = json.loads(files["config.json"])
+    entry = {"impl": "pipeline.Sam3DSegmentationPipeline", "pt": ["AutoModel"], "type": "image"}
+    assert config == {**json.loads((folder / "config.json").read_text()), "custom_pipelines": {TASK: entry}}
     assert files["README.md"] != b"my own notes"
     assert _front_matter(files["README.md"].decode())["library_name"] == "transformers"
     assert hub[0] == ("create_repo", "my-lab/sam3d-kits21", {"private": True, "exist_ok": True, "repo_type": "model"})
@@ -170,7 +181,10 @@ def test_full_model_uploads_exactly_the_model_processor_and_card(model_folder, h
     assert hub[1][2]["revision"] is None
     assert info.commit_url.startswith("https://huggingface.co/my-lab/sam3d-kits21")
     assert _snapshot(folder) == before  # nothing written into the user's folder
-    assert upload_plan(folder) == {name: folder / name for name in sorted(set(files) - {"README.md"})}
+    plan = upload_plan(folder)  # what `sam3d push --dry-run` lists
+    assert {name: v if isinstance(v, bytes) else v.read_bytes() for name, v in plan.items()} == {
+        name: content for name, content in files.items() if name != "README.md"
+    }
 
 
 def test_adapter_only_uploads_adapter_processor_and_card_against_the_base(adapter_folder, hub):
@@ -231,7 +245,9 @@ def test_train_script_output_pushes_as_model_or_as_adapter(train_output_folder, 
     push_to_hub(folder, "my-lab/colon", training_args=folder / "logs" / "config.json")
     files = _uploaded(hub)
     model_files = {p.name for p in folder.iterdir() if p.is_file()}
-    assert set(files) == {*model_files, "adapter/adapter_config.json", "adapter/adapter_model.safetensors", "README.md"}
+    code = {"pipeline.py", "inference.py", "processing_sam3d.py", "image_processing_sam3d.py"}  # for the pipeline
+    adapter = {"adapter/adapter_config.json", "adapter/adapter_model.safetensors"}
+    assert set(files) == {*model_files, *code, *adapter, "README.md"}
     assert "training_info.json" in files and "config.json" in files
     card = files["README.md"].decode()
     assert _table_row(card, "PEFT scheme") == ["adapter"]
@@ -307,8 +323,30 @@ def test_card_reads_the_metrics_summarize_output(model_folder):
     metrics = [m for r in bare["model-index"][0]["results"] for m in r["metrics"]]
     tolerances = {m["args"]["tolerance_mm"] for m in metrics if m["type"] == "nsd"}
     assert tolerances == {5.0}  # the metrics module's default
-    with pytest.raises(ValueError, match=r"results for datasets \['flare22'\], none of them 'kits21'"):
-        render_model_card(model_folder[0], evaluation=summarize([r for r in records if r["dataset"] == "flare22"]))
+
+
+def test_card_reads_evaluates_summary_json_of_one_case_and_picks_the_dataset_column(model_folder, tmp_path):
+    """examples/evaluate.py writes summarize's output with NaN (the std of a single case) as null, in a column named
+    by --dataset_name; the card (here kits21, from the processor) takes its own column, else the only one."""
+    path = tmp_path / "summary.json"
+
+    def card_cells(records):
+        path.write_text(json.dumps(summarize(records)).replace("NaN", "null"))  # JSON has no NaN
+        return _table_row(str(render_model_card(model_folder[0], evaluation=path)), "3DSAM-adapter, 1 click (uniform)")
+
+    one_case = {"dice": 0.8125, "nsd": 0.9375, "num_clicks": 1, "dataset": "hospital_scans"}
+    dice_cell, nsd_cell, _, n = card_cells([one_case])  # the only column, though not named kits21
+    assert "null" in path.read_text()
+    assert _numbers(dice_cell) == [0.8125] and _numbers(nsd_cell) == [0.9375] and int(n) == 1
+    assert "±" not in dice_cell + nsd_cell and "nan" not in (dice_cell + nsd_cell).lower()
+    dice_cell, _, _, n = card_cells([one_case, {**one_case, "dice": 0.5, "dataset": "kits21"}])  # the card's column
+    assert _numbers(dice_cell) == [0.5] and int(n) == 1
+    message = r"datasets \['a', 'b'\], the card is for 'kits21': evaluate with --dataset_name kits21"
+    with pytest.raises(ValueError, match=message):  # several columns, none the card's: name them and the fix
+        card_cells([{**one_case, "dataset": "a"}, {**one_case, "dataset": "b"}])
+    for other in ("msd_pancreas", "lits17_code"):  # another card's dataset (key or preset) is never taken
+        with pytest.raises(ValueError, match=rf"datasets \['{other}'\], the card is for 'kits21'"):
+            card_cells([{**one_case, "dataset": other}])
 
 
 @pytest.mark.parametrize(
