@@ -75,8 +75,10 @@ COMPLETE_MARKER = "checkpoint_complete.json"
 TRAINING_STATE = "training_state.json"
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv=None, prog=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     data = parser.add_argument_group("data")
     data.add_argument(
         "--data_dir", required=True, help="Dataset folder (MSD layout: dataset.json, imagesTr, labelsTr)."

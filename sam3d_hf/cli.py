@@ -136,7 +136,7 @@ def _parse_example_args(module, argv: list[str], command: str):
     sys.argv[:1] = [f"sam3d {command}"]  # argparse names the usage line (`usage: sam3d evaluate ...`) after argv[0]
     try:
         with contextlib.redirect_stderr(stderr):
-            return module.parse_args(argv)
+            return module.parse_args(argv, prog=f"sam3d {command}")
     except SystemExit as exit_info:
         if exit_info.code in (0, None):  # --help
             raise

@@ -8,8 +8,8 @@
 3. Evaluate 1/3/10 clicks and correction rounds (Dice, NSD at 5 mm) on the held-out cases with examples/evaluate.py's
    `main` (cases.csv, summary.json, table.md, overlays/).
 4. Write 1-click predictions of the held-out cases as NIfTI (the scans' own geometry).
-5. Render the model card and add the pipeline code (`pipeline.remote_code_files`, what `sam3d push` uploads), so the
-   model folder serves `pipeline("sam3d-segmentation", model=..., trust_remote_code=True)` without this package.
+5. Render the model card. The folder serves `pipeline("sam3d-segmentation", model=...)` where sam3d-hf is installed;
+   `sam3d push` adds the pipeline's code and `custom_pipelines` to what it uploads, for `trust_remote_code=True`.
 
 Everything is built in a hidden sibling folder and moved to `output_dir` at the end, so a failed or interrupted demo
 leaves no half-written folder behind.
@@ -17,7 +17,6 @@ leaves no half-written folder behind.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -63,7 +62,7 @@ def run_demo(output_dir: str | os.PathLike = "sam3d-demo", quick: bool = False, 
     """Run the demo and write its folder; returns the path of `output_dir`.
 
     Layout of `output_dir`: `data/` (generated MSD-style scans), `model/` (model, processor, `adapter/`, README.md =
-    model card, and the pipeline's code named in config.json's `custom_pipelines`), `training/` (split, logs),
+    model card), `training/` (split, logs),
     `evaluation/` (cases.csv, lesions.csv, summary.json, table.md, overlays), `predictions/<case>.nii.gz` (1-click masks
     of the held-out cases in their scans' geometry).
     """
@@ -74,7 +73,6 @@ def run_demo(output_dir: str | os.PathLike = "sam3d-demo", quick: bool = False, 
     from .inference import Sam3DPredictor
     from .metrics import simulate_clicks
     from .modeling_sam3d import Sam3DForPromptableSegmentation
-    from .pipeline import remote_code_files
     from .processing_sam3d import Sam3DProcessor, save_mask_nifti
     from .synthetic import SYNTHETIC_PROCESSOR_KWARGS, generate_dataset
 
@@ -151,14 +149,7 @@ def run_demo(output_dir: str | os.PathLike = "sam3d-demo", quick: bool = False, 
                 inside = np.argwhere(lesions == largest)
                 example = (case, inside[np.argmin(((inside - inside.mean(0)) ** 2).sum(1))])
 
-        _step(5, "rendering the model card; adding the pipeline code (trust_remote_code) to the model folder")
-        # What `sam3d push` uploads: the folder then serves pipeline("sam3d-segmentation", trust_remote_code=True).
-        config = json.loads((work / "model" / "config.json").read_text(encoding="utf-8"))
-        for name, content in remote_code_files(config).items():
-            if isinstance(content, bytes):
-                (work / "model" / name).write_bytes(content)
-            else:
-                shutil.copyfile(content, work / "model" / name)
+        _step(5, "rendering the model card")
         card = render_model_card(
             work / "model", dataset="synthetic", evaluation=evaluation / "summary.json",
             training_args=work / "training" / "logs" / "config.json", model_name="sam3d-demo",
@@ -179,7 +170,7 @@ def run_demo(output_dir: str | os.PathLike = "sam3d-demo", quick: bool = False, 
     minutes = (time.perf_counter() - started) / 60
     print(f"\ndone in {minutes:.1f} min. Everything is in {output_dir}:")
     for name, what in (
-        ("model/", "model, processor_config.json, adapter/, README.md (the model card) and the pipeline code"),
+        ("model/", "model, processor_config.json, adapter/ and README.md (the model card)"),
         ("evaluation/table.md", "Dice / NSD per protocol (also cases.csv, lesions.csv, summary.json)"),
         ("evaluation/overlays/", "PNG overlays: ground truth, prediction, clicks"),
         ("predictions/", "1-click masks of the held-out cases (NIfTI, the scans' geometry)"),

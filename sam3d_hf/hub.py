@@ -142,9 +142,10 @@ def load_dataset_card_data(dataset: str | os.PathLike) -> dict[str, Any]:
 
 
 def _dataset_for_preset(preset: str | None) -> str:
-    """The `hub_cards` dataset whose `presets` list the processor's preset; `generic` for custom processors."""
+    """The `hub_cards` dataset named by the processor's preset or listing it in its `presets` (a `synthetic` processor
+    gets the `synthetic` card); `generic` for custom processors."""
     for key, path in _dataset_files().items():
-        if preset in (yaml.safe_load(path.read_text(encoding="utf-8")).get("presets") or []):
+        if preset == key or preset in (yaml.safe_load(path.read_text(encoding="utf-8")).get("presets") or []):
             return key
     return "generic"
 

@@ -303,14 +303,18 @@ def test_segment_model_load_failures_are_one_line(segment_setup, tmp_path, capsy
 
     point = ["--point", ",".join(map(str, segment_setup["lesion"][0]))]
     argv = _segment_argv(segment_setup, tmp_path / "m.nii.gz", *point)
-    # An adapter saved into the model's folder: transformers then hands the folder to peft, which does not know it.
+    # Adapter files copied by hand into the model's folder (save_pretrained refuses to put them there): transformers
+    # would hand the folder to peft, which does not know the scheme; the library says so and the CLI prints one line.
     both = tmp_path / "model-and-adapter"
     shutil.copytree(segment_setup["root"] / "model", both)
     get_adapter_model(
         Sam3DForPromptableSegmentation(segment_setup["model"].config), Sam3DAdapterConfig()
-    ).save_pretrained(both)
+    ).save_pretrained(tmp_path / "adapter")
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copy(tmp_path / "adapter" / name, both / name)
     line = one_line_error([*argv[:2], str(both), *argv[3:]], capsys)
     assert f"--model '{both}' could not be loaded: " in line
+    assert "holds a model and a Sam3D adapter" in line and "subfolder" in line
     # A bare name is a local path, never looked up on the Hub (online, huggingface_hub would retry for ~25 s).
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
     line = one_line_error([*argv[:2], "no-such-model", *argv[3:]], capsys)
@@ -375,6 +379,7 @@ def test_evaluate_runs_the_example_and_reports_errors(segment_setup, tmp_path, c
     argv = ["evaluate", "--model", str(segment_setup["root"] / "model"), "--data_dir", str(data), "--protocols", "1",
             "--output_dir", str(tmp_path / "eval")]  # fmt: skip
     assert main(argv) == 0
+    capsys.readouterr()  # the progress bar
     rows = (tmp_path / "eval" / "cases.csv").read_text().splitlines()
     assert len(rows) == 2  # header + one row per case
     # Its summary.json (one case: every std is null) and its column (named by --dataset_name) make the card.
