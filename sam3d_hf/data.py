@@ -435,8 +435,8 @@ def validate_dataset(
             )
         if not np.allclose(label_affine, image_affine, atol=1e-3):
             raise ValueError(
-                f"Case {cid!r}: the label map's affine differs from the image's:\n{label_affine.round(4)}\nvs\n"
-                f"{image_affine.round(4)}\nResample the label map onto the image grid ({row['label']})."
+                f"Case {cid!r}: the label map's affine differs from the image's ({label_affine.round(4).tolist()} vs "
+                f"{image_affine.round(4).tolist()}); resample the label map onto the image grid ({row['label']})."
             )
         path = str(row["label"])
         labels = np.asanyarray(nib.load(path).dataobj) if path.lower().endswith(NIFTI_SUFFIXES) else None
