@@ -8,9 +8,9 @@ Launch with Accelerate (configs in `examples/accelerate_configs/`):
 
 Data: an MSD-style folder (`dataset.json`, `imagesTr/`, `labelsTr/`) or anything `sam3d_hf.data.index_dataset` reads;
 the split is written to `<output_dir>/split.json` once and reused. Outputs in `<output_dir>`:
-`checkpoints/checkpoint_<i>/` (`save_state`, only complete ones are resumed), `logs/metrics.jsonl` (and TensorBoard
-when installed), `best_model/` and `final_model/` (`save_pretrained` model + processor, `adapter/` with the adapter
-files, `training_info.json`).
+`checkpoints/checkpoint_<i>/` (`save_state`, only complete ones are resumed; a save killed midway is moved to
+`incomplete_checkpoints/` at the next start), `logs/metrics.jsonl` (and TensorBoard when installed), `best_model/` and
+`final_model/` (`save_pretrained` model + processor, `adapter/` with the adapter files, `training_info.json`).
 
 Conventions: model tensors `(batch, channel, depth, height, width)`; training clicks are patch voxels `(z, y, x)`;
 validation clicks are voxel indices of the stored label volume (NIfTI `(i, j, k)`), given to `Sam3DProcessor`.
