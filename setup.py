@@ -41,6 +41,8 @@ setup(
             "pydicom>=2.4",
             "segment-anything==1.0",
             "matplotlib>=3.8",
+            # examples/train.py's default --report_to all uses it when installed: the tests run that path
+            "tensorboard>=2.16",
         ],
     },
     entry_points={"console_scripts": ["sam3d=sam3d_hf.cli:main"]},

@@ -1,10 +1,14 @@
 """Peak memory of one training step of the paper's scheme (adapters, norms, new 3D parts, prompt encoder, decoder).
 
-Each setting runs in its own process under an address-space limit, so a setting that does not fit fails with
-MemoryError instead of taking the machine down, and each process's peak RSS is its own:
+ViT-B, batch 1, on the CPU, with and without gradient checkpointing and bf16 autocast (the `--gradient_checkpointing`
+and `--mixed_precision bf16` of examples/train.py). Each setting runs in its own process, so each peak resident set
+size (`ru_maxrss`) is its own, under an address-space limit (`RLIMIT_AS`, which counts reserved as well as resident
+memory), so a setting that does not fit fails with MemoryError instead of taking the machine down:
 
-    python benchmarks/benchmark_memory.py --size 128 --limit_gb 20
-    python benchmarks/benchmark_memory.py --size 64 --settings plain checkpointing bf16 checkpointing+bf16
+    python benchmarks/benchmark_memory.py --size 128 --limit_gb 20     # the four settings at 128³
+    python benchmarks/benchmark_memory.py --size 64 --settings bf16 --limit_gb 0     # 0: no limit
+
+Prints one JSON line per setting as it finishes, then a table of all of them.
 """
 
 from __future__ import annotations
@@ -16,9 +20,12 @@ import subprocess
 import sys
 import time
 
+SETTINGS = ["plain", "checkpointing", "bf16", "checkpointing+bf16"]
+
 
 def one_step(size: int, setting: str, limit_gb: float) -> None:
-    resource.setrlimit(resource.RLIMIT_AS, (int(limit_gb * 2**30), int(limit_gb * 2**30)))
+    if limit_gb > 0:
+        resource.setrlimit(resource.RLIMIT_AS, (int(limit_gb * 2**30), int(limit_gb * 2**30)))
     import torch
 
     from sam3d_hf import Sam3DAdapterConfig, Sam3DConfig, Sam3DForPromptableSegmentation, get_adapter_model
@@ -46,21 +53,32 @@ def one_step(size: int, setting: str, limit_gb: float) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=128, help="cubic patch size (ViT-B)")
-    parser.add_argument("--settings", nargs="+", default=["checkpointing", "plain"])
-    parser.add_argument("--limit_gb", type=float, default=20.0, help="address-space limit per setting")
+    parser.add_argument("--settings", nargs="+", choices=SETTINGS, default=SETTINGS)
+    parser.add_argument("--limit_gb", type=float, default=20.0, help="address-space limit per setting (0: none)")
     parser.add_argument("--_child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._child:
         one_step(args.size, args._child, args.limit_gb)
         return
+    rows = []
     for setting in args.settings:
         command = [sys.executable, __file__, "--size", str(args.size), "--limit_gb", str(args.limit_gb)]
         result = subprocess.run([*command, "--_child", setting], capture_output=True, text=True)
         if result.returncode == 0:
-            print(result.stdout.strip().splitlines()[-1])
+            row = json.loads(result.stdout.strip().splitlines()[-1])
         else:
             reason = "MemoryError" if "MemoryError" in result.stderr or "alloc" in result.stderr else "failed"
-            print(json.dumps({"size": args.size, "setting": setting, "result": f"{reason} under {args.limit_gb} GB"}))
+            row = {"size": args.size, "setting": setting, "result": f"{reason} under {args.limit_gb} GB"}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    limit = "no" if args.limit_gb <= 0 else f"a {args.limit_gb} GB"
+    print(f"\nViT-B training step, batch 1, {args.size}³ patch, CPU, {limit} address-space limit per setting")
+    print("| setting | peak RSS (GB) | step (s) |\n|---|---|---|")
+    for row in rows:
+        if "result" in row:
+            print(f"| {row['setting']} | {row['result']} | |")
+        else:
+            print(f"| {row['setting']} | {row['peak_rss_gb']:.2f} | {row['step_s']:.1f} |")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ Generates a synthetic dataset (`sam3d_hf.synthetic`), fills the preprocessed-vol
 one-off cost per dataset), then times the same training steps of the tiny config (adapter fine-tuning, AdamW,
 gradient clipping, as `examples/train.py`):
 - with batches from `DataLoader(Sam3DTrainingDataset(...), collate_fn=sam3d_collate)` (crop, augmentation, clicks);
-- on the same batches already collated in memory;
+- on the same batches already collated in memory (the two alternate in blocks of 5 steps);
 - and the data pipeline alone (no model).
 A ratio near 1 means the model, not the data, sets the pace. Add `--model_config vit_b` for the paper's model.
 """
@@ -89,16 +89,19 @@ def main() -> None:
         data_seconds = time.perf_counter() - start
 
         train_step(kept[0])  # warm-up (allocator, first-call overheads)
+        # The two kinds of steps alternate in blocks of 5, so that a change of load on a shared machine falls on both.
         stream = batches()
-        start = time.perf_counter()
-        for _ in range(args.steps):
-            train_step(next(stream))
-        pipeline_seconds = time.perf_counter() - start
-
-        start = time.perf_counter()
-        for batch in kept:
-            train_step(batch)
-        memory_seconds = time.perf_counter() - start
+        pipeline_seconds = memory_seconds = 0.0
+        for first in range(0, args.steps, 5):
+            block = range(first, min(first + 5, args.steps))
+            start = time.perf_counter()
+            for _ in block:
+                train_step(next(stream))
+            pipeline_seconds += time.perf_counter() - start
+            start = time.perf_counter()
+            for i in block:
+                train_step(kept[i])
+            memory_seconds += time.perf_counter() - start
 
     print(
         f"{args.model_config} model, patch {patch}, batch {args.batch_size}, {args.steps} steps, "

@@ -8,9 +8,9 @@ Launch with Accelerate (configs in `examples/accelerate_configs/`):
 
 Data: an MSD-style folder (`dataset.json`, `imagesTr/`, `labelsTr/`) or anything `sam3d_hf.data.index_dataset` reads;
 the split is written to `<output_dir>/split.json` once and reused. Outputs in `<output_dir>`:
-`checkpoints/checkpoint_<i>/` (`save_state`, only complete ones are resumed), `logs/metrics.jsonl` (and TensorBoard
-when installed), `best_model/` and `final_model/` (`save_pretrained` model + processor, `adapter/` with the adapter
-files, `training_info.json`).
+`checkpoints/checkpoint_<i>/` (`save_state`, only complete ones are resumed; a save killed midway is moved to
+`incomplete_checkpoints/` at the next start), `logs/metrics.jsonl` (and TensorBoard when installed), `best_model/` and
+`final_model/` (`save_pretrained` model + processor, `adapter/` with the adapter files, `training_info.json`).
 
 Conventions: model tensors `(batch, channel, depth, height, width)`; training clicks are patch voxels `(z, y, x)`;
 validation clicks are voxel indices of the stored label volume (NIfTI `(i, j, k)`), given to `Sam3DProcessor`.
@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import os
+import random
 import shutil
 import tempfile
 import warnings
@@ -48,7 +49,7 @@ from sam3d_hf import (
     get_adapter_model,
     lora_config,
 )
-from sam3d_hf.convert_sam3d import atomic_write
+from sam3d_hf.convert_sam3d import atomic_write, set_usual_modes
 from sam3d_hf.data import Sam3DTrainingDataset, index_dataset, load_or_create_split, sam3d_collate, validate_dataset
 
 logger = get_logger(__name__)
@@ -190,10 +191,10 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda temporary: Path(temporary).write_text(text, encoding="utf-8"))
 
 
-def current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def tensorboard_hparams(config: dict) -> dict:
+    """The arguments as TensorBoard hyperparameters: `add_hparams` takes only int, float, str and bool, so lists
+    (`patch_size`) become strings, as the diffusers examples do."""
+    return {k: str(v) if isinstance(v, (list, tuple)) else v for k, v in config.items()}
 
 
 def checkpoint_index(folder: Path) -> int:
@@ -219,10 +220,51 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
     return sorted(folders, key=checkpoint_index)
 
 
+def set_aside_incomplete_checkpoints(output_dir: Path) -> list[Path]:
+    """Move the checkpoint folders that are not complete (a save, or the deletion of an old checkpoint, killed
+    midway) to `<output_dir>/incomplete_checkpoints/`: Accelerate would refuse to save over them, and resuming
+    ignores them anyway. Complete checkpoints are never touched. Returns the new locations."""
+    moved = []
+    for folder in list_checkpoints(output_dir):
+        if is_complete(folder):
+            continue
+        aside = output_dir / "incomplete_checkpoints"
+        aside.mkdir(exist_ok=True)
+        target, n = aside / folder.name, 1
+        while target.exists():
+            target, n = aside / f"{folder.name}.{n}", n + 1
+        os.replace(folder, target)
+        moved.append(target)
+    return moved
+
+
 def mark_complete(folder: Path, training_state: dict) -> None:
     atomic_write_text(folder / TRAINING_STATE, json.dumps(training_state, indent=2))
     files = {p.name: p.stat().st_size for p in folder.iterdir() if p.is_file() and p.name != COMPLETE_MARKER}
     atomic_write_text(folder / COMPLETE_MARKER, json.dumps({"files": files}, indent=2))
+
+
+def remove_old_checkpoints(output_dir: Path, limit: int) -> None:
+    """Keep the newest `limit` complete checkpoints. Called once the new checkpoint's marker is written (Accelerate's
+    own `total_limit` deletes the oldest one *before* writing the new one, so a kill during the save of a run with a
+    limit of 1 would leave nothing to resume from). The marker goes first: a deletion killed midway leaves an
+    incomplete folder, set aside at the next start."""
+    for folder in [p for p in list_checkpoints(output_dir) if is_complete(p)][:-limit]:
+        (folder / COMPLETE_MARKER).unlink()
+        shutil.rmtree(folder)
+
+
+def rng_fingerprint() -> str:
+    """A short hash of the global random states that `save_state` stores and `load_state` restores (Python, NumPy,
+    torch CPU and CUDA): recorded with each checkpoint and logged after a resume, so the two can be compared."""
+    digest = hashlib.sha256(repr(random.getstate()).encode())
+    name, keys, position, has_gauss, cached = np.random.get_state()
+    digest.update(keys.tobytes() + repr((name, position, has_gauss, cached)).encode())
+    digest.update(torch.get_rng_state().numpy().tobytes())
+    if torch.cuda.is_available():
+        for state in torch.cuda.get_rng_state_all():
+            digest.update(state.numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def save_model_folder(trainee, processor: Sam3DProcessor, finetune: str, target: Path, info: dict) -> None:
@@ -230,7 +272,6 @@ def save_model_folder(trainee, processor: Sam3DProcessor, finetune: str, target:
     under a temporary name next to `target`, then swap it into place: readers never see a half-written folder."""
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-    os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp gives 0700
     retired = staging.with_name(staging.name + ".old")
     try:
         if finetune == "adapter":
@@ -243,6 +284,7 @@ def save_model_folder(trainee, processor: Sam3DProcessor, finetune: str, target:
             trainee.save_pretrained(staging)
         processor.save_pretrained(staging)
         atomic_write_text(staging / "training_info.json", json.dumps(info, indent=2))
+        set_usual_modes(staging)  # mkdtemp gives 0700 and save_pretrained writes its safetensors 0600
         if target.exists():
             os.replace(target, retired)
         os.replace(staging, target)
@@ -384,8 +426,7 @@ def main(argv=None) -> None:
         project_config=ProjectConfiguration(
             project_dir=str(output_dir),
             logging_dir=str(logging_dir),
-            automatic_checkpoint_naming=True,
-            total_limit=args.checkpoints_total_limit,
+            automatic_checkpoint_naming=True,  # no total_limit: remove_old_checkpoints keeps the newest complete ones
         ),
         # The sampler's order depends only on (seed, epoch): a resumed run sees the same batches.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
@@ -398,7 +439,7 @@ def main(argv=None) -> None:
             logging.getLogger(name).setLevel(logging.ERROR)
     set_seed(args.seed)
 
-    existing = list_checkpoints(output_dir)
+    existing = [p for p in list_checkpoints(output_dir) if is_complete(p)]
     if existing and not args.resume_from_checkpoint:
         raise SystemExit(
             f"error: {output_dir}/checkpoints already holds {len(existing)} checkpoint(s); pass "
@@ -414,13 +455,13 @@ def main(argv=None) -> None:
         # 16 voxels of context around click clusters at 128³, as the processor's default; scaled for small patches.
         margin = min(args.patch_size) // 8
         processor = Sam3DProcessor.from_preset(args.preset, patch_size=tuple(args.patch_size), cluster_margin=margin)
-    dataset = index_dataset(args.data_dir)
     split_file = Path(args.split_file) if args.split_file else output_dir / "split.json"
-    with accelerator.main_process_first():  # the main process writes the split, the others read it
-        split = load_or_create_split(dataset["case_id"], split_file, seed=args.seed)
-    try:
+    try:  # every data error ends here, as one line, before the model is built
+        dataset = index_dataset(args.data_dir)
+        with accelerator.main_process_first():  # the main process writes the split, the others read it
+            split = load_or_create_split(dataset["case_id"], split_file, seed=args.seed)
         validate_dataset(dataset, processor)  # every case, test included: a broken file is reported now
-    except ValueError as err:
+    except (ValueError, TypeError) as err:
         raise SystemExit(f"error: the dataset in {args.data_dir} is not usable: {err}") from None
     by_id = {row["case_id"]: row for row in dataset}
     train_rows = [by_id[c] for c in split["train"]]
@@ -475,15 +516,26 @@ def main(argv=None) -> None:
     )
     updates_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
     num_epochs = math.ceil(max_train_steps / updates_per_epoch)
-    accelerator.init_trackers("sam3d-train", config={k: v for k, v in vars(args).items() if v is not None})
+    accelerator.init_trackers("sam3d-train")
+    config = {k: v for k, v in vars(args).items() if v is not None}
+    for tracker in accelerator.trackers:  # logs/config.json keeps the lists (the model card reads it)
+        tracker.store_init_configuration(config if tracker.name == "jsonl" else tensorboard_hparams(config))
+
+    # Checkpoints a killed save left incomplete are set aside, so that the next save can take their name.
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        for folder in set_aside_incomplete_checkpoints(output_dir):
+            logger.warning(f"Moved the incomplete checkpoint (a save killed midway) to {folder}; delete it at will.")
+    accelerator.wait_for_everyone()
+    checkpoints = list_checkpoints(output_dir)  # all complete now; the next save gets the next number
+    accelerator.project_configuration.iteration = checkpoint_index(checkpoints[-1]) + 1 if checkpoints else 0
 
     # Resume: weights, optimiser, scheduler, RNG from the newest *complete* checkpoint; epoch and batch position from
     # its step count (the sampler order depends only on seed and epoch).
     global_step, best_dice = 0, -1.0
     if args.resume_from_checkpoint:
-        complete = [p for p in list_checkpoints(output_dir) if is_complete(p)]
         if args.resume_from_checkpoint == "latest":
-            path = complete[-1] if complete else None
+            path = checkpoints[-1] if checkpoints else None
         else:
             path = Path(args.resume_from_checkpoint)
             if not is_complete(path):
@@ -491,17 +543,12 @@ def main(argv=None) -> None:
         if path is None:
             logger.warning(f"No complete checkpoint in {output_dir}/checkpoints: starting from scratch.")
         else:
-            accelerator.wait_for_everyone()
-            if accelerator.is_main_process:  # incomplete leftovers of a killed save would block the next name
-                for folder in list_checkpoints(output_dir):
-                    if checkpoint_index(folder) > checkpoint_index(path) or not is_complete(folder):
-                        shutil.rmtree(folder)
-            accelerator.wait_for_everyone()
             logger.info(f"Resuming from {path}")
             accelerator.load_state(str(path))
-            accelerator.project_configuration.iteration = checkpoint_index(path) + 1
             state = json.loads((path / TRAINING_STATE).read_text(encoding="utf-8"))
             global_step, best_dice = state["global_step"], state["best_dice"]
+            # the random states just restored: equal to the ones this checkpoint's save recorded
+            accelerator.log({"resumed_rng_fingerprint": rng_fingerprint()}, step=global_step)
     batches_done = global_step * args.gradient_accumulation_steps
     first_epoch, skip_batches = divmod(batches_done, len(train_dataloader))
 
@@ -518,9 +565,11 @@ def main(argv=None) -> None:
 
     def checkpoint() -> None:
         location = Path(accelerator.save_state())
+        state = {"global_step": global_step, "best_dice": best_dice, "rng_fingerprint": rng_fingerprint()}
         accelerator.wait_for_everyone()  # every rank's files are written before the marker
         if accelerator.is_main_process:
-            mark_complete(location, {"global_step": global_step, "best_dice": best_dice})
+            mark_complete(location, state)
+            remove_old_checkpoints(output_dir, args.checkpoints_total_limit)
         accelerator.wait_for_everyone()
 
     def validate() -> None:
@@ -582,9 +631,16 @@ def main(argv=None) -> None:
     accelerator.wait_for_everyone()
     final = accelerator.unwrap_model(trainee)
     if accelerator.is_main_process:
-        info = {"global_step": global_step, "best_validation_dice": best_dice}
+        validated = best_dice >= 0
+        info = {"global_step": global_step, "best_validation_dice": best_dice if validated else None}
         save_model_folder(final, processor, args.finetune, output_dir / "final_model", info)
-        logger.info(f"Saved {output_dir / 'final_model'} (best validation Dice {best_dice:.4f} in best_model/)")
+        if validated:
+            logger.info(f"Saved {output_dir / 'final_model'} (best validation Dice {best_dice:.4f} in best_model/)")
+        else:
+            logger.info(
+                f"Saved {output_dir / 'final_model'}; no validation score was recorded (--validation_steps 0, no "
+                "validation case, or no lesion in the validation cases), so there is no best_model/"
+            )
     if args.save_rank_checksums:  # lets a test check that every rank holds the same weights
         path = output_dir / f"weights_rank{accelerator.process_index}.json"
         atomic_write_text(path, json.dumps(weight_checksums(model), indent=0, sort_keys=True))

@@ -779,6 +779,15 @@ def _usual_mode(is_dir: bool) -> int:
     return (0o777 if is_dir else 0o666) & ~umask
 
 
+def set_usual_modes(folder: str | os.PathLike) -> None:
+    """Give `folder` and everything under it the modes `open()` / `mkdir()` would give under the user's umask: folders
+    made with `tempfile.mkdtemp` (0700) and files some writers create private (0600, e.g. `save_pretrained`'s
+    safetensors) become readable as the user's other files are, before they are renamed into place."""
+    folder = Path(folder)
+    for item in [folder, *folder.rglob("*")]:
+        item.chmod(_usual_mode(item.is_dir()))
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None], suffix: str = ".tmp") -> None:
     """Create or replace the file `path` atomically: `write(temporary)` fills a temporary file in the same folder,
     which gets the usual mode (umask respected) and is then renamed over `path`. A reader sees the old file or the
@@ -843,8 +852,7 @@ def save_converted(
     try:
         model.save_pretrained(staging)
         (staging / "conversion_report.json").write_text(json.dumps(report.to_dict(), indent=2, default=str) + "\n")
-        for item in [staging, *staging.iterdir()]:  # temporary files are private (0600/0700): use the usual modes
-            item.chmod(_usual_mode(item.is_dir()))
+        set_usual_modes(staging)  # temporary files are private (0600/0700)
         if output.exists():
             old = output.with_name(f".{output.name}.old-{os.getpid()}")
             os.replace(output, old)

@@ -435,8 +435,8 @@ def validate_dataset(
             )
         if not np.allclose(label_affine, image_affine, atol=1e-3):
             raise ValueError(
-                f"Case {cid!r}: the label map's affine differs from the image's:\n{label_affine.round(4)}\nvs\n"
-                f"{image_affine.round(4)}\nResample the label map onto the image grid ({row['label']})."
+                f"Case {cid!r}: the label map's affine differs from the image's ({label_affine.round(4).tolist()} vs "
+                f"{image_affine.round(4).tolist()}); resample the label map onto the image grid ({row['label']})."
             )
         path = str(row["label"])
         labels = np.asanyarray(nib.load(path).dataobj) if path.lower().endswith(NIFTI_SUFFIXES) else None
@@ -680,10 +680,11 @@ class Sam3DTrainingDataset(torch.utils.data.Dataset):
     Each item: the case's cached volume ([`PreprocessedCache`]) -> pad to the crop size (image with the air value
     `image_processor.pad_value`, labels with 0) -> `RandCropByPosNegLabeld` with foreground : background centres 1 : 1
     (background centres only inside the body, i.e. above the air value) -> with `augment`, the paper's Table 4:
-    `RandZoomd` [0.9, 1.1] p=0.3 (on a crop `ceil(patch / 0.9)` large, then centre-cropped to the patch, so zooming
-    out never pads), `RandFlipd` on each axis p=0.5, `RandRotate90d` p=0.5 in the `(H, W)` plane (only when
-    `patch[1] == patch[2]`; a quarter turn of a non-square plane would change the shape), `RandShiftIntensityd`
-    offsets 0.1 p=0.5 (in z-score units) -> clicks from [`sample_points`]. A case without the target value gives
+    `RandZoomd` [0.9, 1.1] p=0.3, `RandRotate90d` p=0.5 (1 to 3 quarter turns) in the axial `(H, W)` plane,
+    `RandFlipd` on each axis p=0.5, `RandShiftIntensityd` offsets 0.1 p=0.5 (in z-score units) -> clicks from
+    [`sample_points`]. With `augment` the crop is `ceil(D / 0.9) x S x S` with `S = ceil(max(H, W) / 0.9)`, zoomed
+    and turned, then centre-cropped to the patch: zooming out never pads, and the quarter turn works for every patch
+    shape (a non-square `H != W` patch is cut from the turned square plane). A case without the target value gives
     background patches only.
 
     Randomness comes from `(seed, epoch, index)` only (`numpy.random.SeedSequence`), never from the global RNG state:
@@ -760,7 +761,10 @@ class Sam3DTrainingDataset(torch.utils.data.Dataset):
     def _build_transforms(self) -> tuple[mt.Compose, mt.Compose]:
         """(padding to the crop size, random crop + augmentations)."""
         patch = self.patch_size
-        crop = tuple(int(np.ceil(p / 0.9)) for p in patch) if self.augment else patch
+        crop = patch
+        if self.augment:  # room to zoom out by 0.9 without padding, and a square (H, W) plane for the quarter turns
+            side = max(patch[1:])
+            crop = tuple(int(np.ceil(c / 0.9)) for c in (patch[0], side, side))
         pad_value = self.image_processor.pad_value
         keys = ["image", "label"]
         pad = mt.Compose(
@@ -787,14 +791,13 @@ class Sam3DTrainingDataset(torch.utils.data.Dataset):
                 mt.RandZoomd(
                     keys=keys, prob=0.3, min_zoom=0.9, max_zoom=1.1, mode=("trilinear", "nearest"), keep_size=False
                 ),
+                mt.RandRotate90d(keys=keys, prob=0.5, max_k=3, spatial_axes=(1, 2)),
                 mt.CenterSpatialCropd(keys=keys, roi_size=patch),
                 mt.RandFlipd(keys=keys, prob=0.5, spatial_axis=0),
                 mt.RandFlipd(keys=keys, prob=0.5, spatial_axis=1),
                 mt.RandFlipd(keys=keys, prob=0.5, spatial_axis=2),
+                mt.RandShiftIntensityd(keys="image", offsets=0.1, prob=0.5),
             ]
-            if patch[1] == patch[2]:
-                steps.append(mt.RandRotate90d(keys=keys, prob=0.5, max_k=3, spatial_axes=(1, 2)))
-            steps.append(mt.RandShiftIntensityd(keys="image", offsets=0.1, prob=0.5))
         return pad, mt.Compose(steps)
 
     def set_epoch(self, epoch: int) -> None:

@@ -1,5 +1,6 @@
 """Training data: layouts, splits, validation, the preprocessed cache, patch sampling, clicks and determinism."""
 
+import itertools
 import json
 import logging
 import os
@@ -419,6 +420,87 @@ def test_items_shapes_clicks_and_labels(tmp_path, msd_root, processor):
     assert seen_empty and seen_full
 
 
+def test_augmentations_are_the_papers_table_4(tmp_path, processor):
+    """The MONAI chain holds the Table 4 transforms with their probabilities and ranges (and none without augment)."""
+    rows = [{"case_id": "a", "image": "a.nii.gz", "label": "a_seg.nii.gz"}]  # never read: the chain alone
+    chain = Sam3DTrainingDataset(rows, processor, patch_size=(12, 12, 20), cache_dir=tmp_path).transform.transforms
+    found = {}
+    for transform in chain:
+        found.setdefault(type(transform).__name__, []).append(transform)
+    (zoom,) = found["RandZoomd"]
+    assert (zoom.prob, zoom.rand_zoom.min_zoom, zoom.rand_zoom.max_zoom) == (0.3, (0.9,), (1.1,))
+    (turn,) = found["RandRotate90d"]
+    assert (turn.prob, turn.max_k, turn.spatial_axes) == (0.5, 3, (1, 2))
+    assert sorted((f.prob, f.flipper.spatial_axis) for f in found["RandFlipd"]) == [(0.5, 0), (0.5, 1), (0.5, 2)]
+    (shift,) = found["RandShiftIntensityd"]
+    assert (shift.prob, shift.shifter.offsets) == (0.5, (-0.1, 0.1))
+    (crop,) = found["RandCropByPosNegLabeld"]
+    assert crop.cropper.spatial_size == (14, 23, 23)  # ceil(12 / 0.9), then a square plane of ceil(20 / 0.9)
+    plain = Sam3DTrainingDataset(rows, processor, patch_size=(12, 12, 20), augment=False, cache_dir=tmp_path)
+    assert [type(t).__name__ for t in plain.transform.transforms] == ["RandCropByPosNegLabeld"]
+
+
+def test_augmentations_flip_turn_zoom_and_shift_samples(tmp_path, processor):
+    """What the chain does to samples, seen from outside: a volume of distinct integers exactly the crop size (so
+    the crop takes all of it) goes through 400 items. An item that equals, up to one constant offset, one of the 32
+    (quarter turns in the axial plane) x (flips of each axis) arrangements of the centre patch was not zoomed, and
+    says which turn and flips it got and its intensity offset; an item that matches none was zoomed. The frequencies
+    must be those of Table 4 (bands of 3 to 4 binomial standard deviations), on a non-square patch (H != W)."""
+    patch = (12, 12, 20)
+    rows = [{"case_id": "a", "image": "a.nii.gz", "label": "a_seg.nii.gz"}]
+    train = Sam3DTrainingDataset(
+        rows,
+        processor,
+        patch,
+        num_positive_points=1,
+        num_background_points=1,
+        cache_dir=tmp_path,
+        samples_per_volume=400,
+    )
+    crop = (14, 23, 23)
+    image = np.random.default_rng(0).permutation(np.prod(crop)).reshape(1, *crop).astype(np.float32) + 10
+    label = np.zeros((1, *crop), np.float32)
+    label[0, 4:10, 6:15, 9:18] = 1  # foreground centres exist: the positive crops run too
+    train._volume = lambda case_index: {"image": image, "label": label}  # the cache and the files are bypassed
+
+    def arrangements(volume):
+        for k in range(4):
+            turned = np.rot90(volume, k, axes=(1, 2))
+            start = [n // 2 - p // 2 for n, p in zip(turned.shape, patch)]  # MONAI's centre crop
+            centre = turned[tuple(slice(s, s + p) for s, p in zip(start, patch))]
+            for flips in itertools.product((False, True), repeat=3):
+                axes = [a for a, f in enumerate(flips) if f]
+                yield (k, flips), np.flip(centre, axes) if axes else centre
+
+    candidates = list(arrangements(image[0]))
+    label_candidates = dict(arrangements(label[0]))
+    zoomed, turns, flips, offsets = 0, [], [], []
+    for index in range(len(train)):
+        item = train[index]
+        out, labels = item["pixel_values"][0].numpy(), item["labels"].numpy()
+        offset = float(out.flat[0] - np.round(out.flat[0]))
+        match = [key for key, candidate in candidates if np.allclose(out - offset, candidate, rtol=0, atol=2e-3)]
+        if not match:
+            zoomed += 1
+            continue
+        (key,) = match
+        assert np.array_equal(labels, label_candidates[key])  # the label map moved with the image
+        turns.append(key[0])
+        flips.append(key[1])
+        offsets.append(offset)
+    n = len(turns)
+    # zoom p=0.3; a factor in [1, 1 + 1/23) leaves this crop's size, hence its voxels, unchanged: 0.3 x 0.78 = 0.235
+    assert 0.15 <= zoomed / len(train) <= 0.32, zoomed
+    assert 0.4 <= turns.count(0) / n <= 0.6  # no turn with p=0.5, else 1, 2 or 3 quarter turns alike
+    for k in (1, 2, 3):
+        assert 0.1 <= turns.count(k) / n <= 0.24, (k, turns.count(k))
+    for axis in range(3):
+        assert 0.4 <= np.mean([f[axis] for f in flips]) <= 0.6, axis
+    shifted = [abs(o) for o in offsets if abs(o) > 1e-3]
+    assert 0.4 <= len(shifted) / n <= 0.6  # p=0.5, offsets drawn from [-0.1, 0.1]
+    assert max(shifted) <= 0.1 + 1e-3 and max(shifted) > 0.08 and min(shifted) < 0.03
+
+
 def test_volume_smaller_than_patch_is_padded_with_air_and_background(tmp_path, msd_root, processor):
     row = index_dataset(msd_root)[0]
     depth = PreprocessedCache(processor, tmp_path).get(row)["pixel_values"].shape[1]
@@ -496,7 +578,7 @@ def test_training_dataset_errors(tmp_path, msd_root, processor):
 
 def test_a_batch_trains_the_tiny_model(tmp_path, msd_root, processor):
     """The contract with the model: a collated batch goes straight into forward and gives a finite loss and gradients
-    (non-cubic patch: the rot90 augmentation is left out, the shapes still match the model's image_size)."""
+    (non-cubic patch, H != W: the quarter turns run too, the shapes still match the model's image_size)."""
     train = Sam3DTrainingDataset(index_dataset(msd_root), processor, patch_size=PATCH, cache_dir=tmp_path)
     batch = next(iter(torch.utils.data.DataLoader(train, batch_size=2, shuffle=False, collate_fn=sam3d_collate)))
     assert batch["labels"].shape == (2, *PATCH) and batch["input_points"].shape == (2, 43, 3)

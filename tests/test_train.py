@@ -1,21 +1,29 @@
-"""examples/train.py run for real: two DDP processes, SIGKILL + resume, kills during a save, bad data, argument checks.
+"""examples/train.py run for real: two DDP processes, SIGKILL + resume, kills during a save, bad data, every option,
+TensorBoard, the README's commands, argument checks.
 
 Every run uses the tiny config on a small generated dataset (an anisotropic, non-cubic 32x24x40 patch, batch 2 with
-several clicks); the processes are started with `accelerate launch` exactly as a user would.
+several clicks). The reference run, the DDP run, the killed runs and the README's commands are started as a user
+would (`accelerate launch`, or `python` for the killed ones); the other runs call the script's `main()` in this
+process, as `accelerate launch` with the CPU config would run it, which saves a new interpreter (about 20 s) each.
 """
 
 import hashlib
 import importlib.util
 import json
+import logging
 import os
+import re
+import shlex
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 
@@ -35,6 +43,29 @@ def load_train_module():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def train():
+    return load_train_module()
+
+
+def call_main(train, argv: list[str]) -> None:
+    """The script's `main(argv)` in this process; Accelerate's process-wide state is reset before and after."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    try:
+        train.main(argv)
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+
+
+def run_main(train, output_dir: Path, data_dir: Path, *extra: str) -> None:
+    call_main(train, ["--data_dir", str(data_dir), "--output_dir", str(output_dir),
+                      "--cache_dir", str(data_dir.parent / "cache"), *TINY_ARGS, *extra])  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -111,9 +142,12 @@ def test_run_writes_loadable_outputs(reference_run):
     assert [r["step"] for r in records if "validation_dice" in r] == [0, 3, 6]
     assert all(0 <= r["validation_dice"] <= 1 for r in records if "validation_dice" in r)
     # total_limit 3 keeps all three checkpoints; each one is complete and records its step.
-    checkpoints = sorted((reference_run / "checkpoints").iterdir())
-    steps = [json.loads((c / "training_state.json").read_text())["global_step"] for c in checkpoints]
-    assert steps == [3, 6, 7]
+    states = [
+        json.loads((c / "training_state.json").read_text()) for c in sorted((reference_run / "checkpoints").iterdir())
+    ]
+    assert [state["global_step"] for state in states] == [3, 6, 7]
+    # the random states move on between checkpoints (a new epoch's DataLoader draws a seed): the fingerprint sees it
+    assert len({state["rng_fingerprint"] for state in states}) == 3
     # The final folder reloads: model + processor, and the adapter files reproduce its outputs on the same base.
     final = reference_run / "final_model"
     model = Sam3DForPromptableSegmentation.from_pretrained(final)
@@ -132,6 +166,13 @@ def test_run_writes_loadable_outputs(reference_run):
     for name, array in stored.items():
         assert hashlib.sha256(array.astype(np.float32).tobytes()).hexdigest() == checksums[name], name
     assert not list(reference_run.glob(".*")), "a temporary folder was left behind"
+    # The model folders get the user's usual modes (save_pretrained writes its safetensors 0600, mkdtemp gives 0700).
+    umask = os.umask(0)
+    os.umask(umask)
+    for folder in ("final_model", "best_model"):
+        for item in [reference_run / folder, *(reference_run / folder).rglob("*")]:
+            usual = (0o777 if item.is_dir() else 0o666) & ~umask
+            assert item.stat().st_mode & 0o777 == usual, (item, oct(item.stat().st_mode))
 
 
 def load_safetensors(path: Path) -> dict[str, np.ndarray]:
@@ -194,14 +235,19 @@ train.main(sys.argv[1:])
 """
 
 
-def start_and_kill(wrapper: str, tmp_path: Path, output_dir: Path, data_dir: Path) -> None:
+def kill_during_save(in_folder: str) -> str:
+    wrapper = KILL_DURING_SAVE.replace("{script!r}", repr(str(SCRIPT)))
+    return wrapper.replace("{in_folder!r}", repr(os.path.join(in_folder, "optimizer.bin")))
+
+
+def start_and_kill(wrapper: str, tmp_path: Path, output_dir: Path, data_dir: Path, *extra: str) -> None:
     """Start the run through `wrapper` (which pauses at a known point and touches a sentinel), SIGKILL it there."""
     sentinel = tmp_path / "paused"
     script = tmp_path / "wrapped_train.py"
     script.write_text(wrapper.replace("{sentinel!r}", repr(str(sentinel))))
     command = [sys.executable, str(script), "--data_dir", str(data_dir), "--output_dir", str(output_dir),
                "--cache_dir", str(data_dir.parent / "cache"), *TINY_ARGS]  # fmt: skip
-    process = subprocess.Popen([*command, *RUN_ARGS], env=environment(), stdout=subprocess.DEVNULL,
+    process = subprocess.Popen([*command, *RUN_ARGS, *extra], env=environment(), stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
     try:
         deadline = time.monotonic() + 300
@@ -218,60 +264,301 @@ def start_and_kill(wrapper: str, tmp_path: Path, output_dir: Path, data_dir: Pat
         process.stderr.close()
 
 
-def resume_and_compare(output_dir: Path, data_dir: Path, reference_run: Path, resumed_at: int) -> None:
-    result = run(launch_command(SCRIPT, output_dir, data_dir, *RUN_ARGS, "--resume_from_checkpoint", "latest"))
-    assert f"starting at step {resumed_at}" in result.stderr
+def resume_and_compare(train, caplog, output_dir, data_dir, reference_run, resumed_at: int, *extra: str) -> None:
+    """Resume with `--resume_from_checkpoint latest`: it starts at step `resumed_at` with the random states the
+    uninterrupted run had there, and the following steps and the final weights equal the uninterrupted run's."""
+    caplog.set_level(logging.INFO)
+    run_main(train, output_dir, data_dir, *RUN_ARGS, *extra, "--resume_from_checkpoint", "latest")
+    assert f"starting at step {resumed_at}" in caplog.text
     reference, resumed = step_losses(reference_run), step_losses(output_dir)
     assert sorted(resumed) == [1, 2, 3, 4, 5, 6, 7]
     for step in range(resumed_at + 1, 8):  # the steps after the checkpoint equal the uninterrupted run's
         assert resumed[step] == pytest.approx(reference[step], rel=1e-6, abs=1e-7), step
     assert final_weights(output_dir) == final_weights(reference_run)
+    if resumed_at:  # the states load_state restored are the ones the uninterrupted run saved at that step
+        records = [json.loads(line) for line in (output_dir / "logs" / "metrics.jsonl").read_text().splitlines()]
+        (restored,) = [r for r in records if "resumed_rng_fingerprint" in r]
+        states = [json.loads(p.read_text()) for p in (reference_run / "checkpoints").glob("*/training_state.json")]
+        (saved,) = [s["rng_fingerprint"] for s in states if s["global_step"] == resumed_at]
+        assert restored == {"step": resumed_at, "resumed_rng_fingerprint": saved}
 
 
-def test_sigkill_after_checkpoint_then_resume_matches_uninterrupted_run(data_dir, tmp_path, reference_run):
+def checkpoint_steps(train, output_dir: Path) -> list[int]:
+    folders = train.list_checkpoints(output_dir)
+    assert all(train.is_complete(f) for f in folders)
+    return [json.loads((f / "training_state.json").read_text())["global_step"] for f in folders]
+
+
+def test_sigkill_after_checkpoint_then_resume_matches_uninterrupted_run(train, caplog, data_dir, tmp_path,
+                                                                        reference_run):  # fmt: skip
     output_dir = tmp_path / "killed"
     wrapper = KILL_AFTER_CHECKPOINT.replace("{script!r}", repr(str(SCRIPT))).replace("{step}", "3")
     start_and_kill(wrapper, tmp_path, output_dir, data_dir)
     losses = step_losses(output_dir)
     assert max(losses) == 3  # killed right after the step-3 checkpoint: steps 4 to 7 come from the resumed run
-    resume_and_compare(output_dir, data_dir, reference_run, resumed_at=3)
+    resume_and_compare(train, caplog, output_dir, data_dir, reference_run, resumed_at=3)
 
 
-def test_sigkill_during_save_keeps_the_last_complete_checkpoint(data_dir, tmp_path, reference_run):
+def test_sigkill_during_save_keeps_the_last_complete_checkpoint(train, caplog, data_dir, tmp_path, reference_run):
     output_dir = tmp_path / "killed_in_save"
     # checkpoint_1 is the step-6 save: killed with its optimiser file half-written.
-    wrapper = KILL_DURING_SAVE.replace("{script!r}", repr(str(SCRIPT)))
-    wrapper = wrapper.replace("{in_folder!r}", repr(os.path.join("checkpoint_1", "optimizer.bin")))
-    start_and_kill(wrapper, tmp_path, output_dir, data_dir)
-    train = load_train_module()
+    start_and_kill(kill_during_save("checkpoint_1"), tmp_path, output_dir, data_dir)
     folders = train.list_checkpoints(output_dir)
     assert [f.name for f in folders] == ["checkpoint_0", "checkpoint_1"]
     assert train.is_complete(folders[0]) and not train.is_complete(folders[1])
-    resume_and_compare(output_dir, data_dir, reference_run, resumed_at=3)
-    # The resumed run replaced the incomplete folder with complete ones (total_limit 3 -> steps 3, 6, 7).
+    resume_and_compare(train, caplog, output_dir, data_dir, reference_run, resumed_at=3)
+    # The incomplete folder was set aside; the resumed run wrote complete ones (total_limit 3 -> steps 3, 6, 7).
+    assert checkpoint_steps(train, output_dir) == [3, 6, 7]
+    assert [p.name for p in (output_dir / "incomplete_checkpoints").iterdir()] == ["checkpoint_1"]
+
+
+def test_sigkill_during_the_first_save_then_resume(train, caplog, data_dir, tmp_path, reference_run):
+    """No complete checkpoint yet: the half-written checkpoint_0 must not block the saves of the next run."""
+    output_dir = tmp_path / "killed_in_first_save"
+    start_and_kill(kill_during_save("checkpoint_0"), tmp_path, output_dir, data_dir)
+    (folder,) = train.list_checkpoints(output_dir)
+    assert folder.name == "checkpoint_0" and not train.is_complete(folder)
+    resume_and_compare(train, caplog, output_dir, data_dir, reference_run, resumed_at=0)
+    assert checkpoint_steps(train, output_dir) == [3, 6, 7]
+    assert [p.name for p in (output_dir / "incomplete_checkpoints").iterdir()] == ["checkpoint_0"]
+
+
+def test_limit_of_one_checkpoint_survives_a_kill_during_a_save(train, caplog, data_dir, tmp_path, reference_run):
+    """The old checkpoint goes only once the new one is complete: a kill during a save leaves the previous one."""
+    output_dir = tmp_path / "limit_one"
+    start_and_kill(kill_during_save("checkpoint_1"), tmp_path, output_dir, data_dir, "--checkpoints_total_limit", "1")
     folders = train.list_checkpoints(output_dir)
-    assert all(train.is_complete(f) for f in folders)
-    assert [json.loads((f / "training_state.json").read_text())["global_step"] for f in folders] == [3, 6, 7]
+    assert [f.name for f in folders] == ["checkpoint_0", "checkpoint_1"]
+    assert train.is_complete(folders[0]) and not train.is_complete(folders[1])
+    resume_and_compare(train, caplog, output_dir, data_dir, reference_run, 3, "--checkpoints_total_limit", "1")
+    assert checkpoint_steps(train, output_dir) == [7]
 
 
-def test_bad_data_stops_before_the_first_step_naming_the_case(data_dir, tmp_path):
+def test_tensorboard_records_the_run(train, data_dir, tmp_path):
+    """`--report_to tensorboard` (and the default `all` when tensorboard is installed): its hparams take only
+    scalars and strings, so the list-valued arguments reach it as strings; the scalars equal the JSON-lines ones."""
+    import yaml
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    output_dir = tmp_path / "tensorboard"
+    run_main(train, output_dir, data_dir, "--max_train_steps", "2", "--validation_steps", "0",
+             "--report_to", "tensorboard")  # fmt: skip
+    events = EventAccumulator(str(output_dir / "logs" / "sam3d-train")).Reload()
+    logged = {event.step: event.value for event in events.Scalars("train_loss")}
+    assert logged == pytest.approx(step_losses(output_dir), rel=1e-6) and sorted(logged) == [1, 2]
+    (hparams,) = (output_dir / "logs" / "sam3d-train").glob("*/hparams.yml")
+    assert yaml.safe_load(hparams.read_text())["patch_size"] == "[32, 24, 40]"
+    assert json.loads((output_dir / "logs" / "config.json").read_text())["patch_size"] == [32, 24, 40]
+
+
+def relabel(root: Path, case: str, change) -> None:
+    """Rewrite the label map of `case` in the MSD folder `root` with `change(data, affine) -> (data, affine)`."""
+    path = root / "labelsTr" / f"{case}.nii.gz"
+    image = nib.load(path)
+    data, affine = change(np.asanyarray(image.dataobj), image.affine.copy())
+    nib.save(nib.Nifti1Image(data, affine), path)
+
+
+def drop_target(root: Path, case: str) -> None:
+    for path in (root / "labelsTr").glob("*.nii.gz"):  # every case: the tumour (2) becomes organ (1)
+        relabel(root, path.name.split(".")[0], lambda data, affine: (np.minimum(data, 1).astype(np.uint8), affine))
+
+
+def shifted(data, affine):
+    affine[:3, 3] += 2.0
+    return data, affine
+
+
+BAD_DATA = {
+    "missing label file": (lambda root, case: (root / "labelsTr" / f"{case}.nii.gz").unlink(), "does not exist"),
+    "shape mismatch": (lambda root, case: relabel(root, case, lambda d, a: (d[:-1], a)), "the label map has shape"),
+    "affine mismatch": (lambda root, case: relabel(root, case, shifted), "affine differs from the image's"),
+    "split naming missing cases": (
+        lambda root, case: (root / "split.json").write_text(
+            json.dumps({"train": [case, "ghost_9"], "validation": [], "test": []})
+        ),
+        "not in the dataset: ['ghost_9']",
+    ),
+    "empty dataset": (
+        lambda root, case: (root / "dataset.json").write_text(json.dumps({"name": "empty", "training": []})),
+        "No case found",
+    ),
+    "no label map holds the target value": (drop_target, "No case holds the target label value 2"),
+}
+
+
+@pytest.mark.parametrize("problem", BAD_DATA)
+def test_bad_data_stops_before_the_model_with_one_error_line(train, data_dir, tmp_path, monkeypatch, problem):
     broken = tmp_path / "broken"
     shutil.copytree(data_dir, broken)
-    entries = json.loads((broken / "dataset.json").read_text())["training"]
-    label = broken / entries[0]["label"]
-    label.unlink()
-    case = Path(entries[0]["image"]).name.split(".")[0]
-    command = launch_command(SCRIPT, tmp_path / "out", broken, "--max_train_steps", "2")
-    result = subprocess.run(command, env=environment(), capture_output=True, text=True, timeout=600)
-    assert result.returncode != 0
-    assert case in result.stderr and "not usable" in result.stderr
+    case = Path(json.loads((broken / "dataset.json").read_text())["training"][0]["image"]).name.split(".")[0]
+    damage, message = BAD_DATA[problem]
+    damage(broken, case)
+
+    def build_model(args):
+        raise AssertionError("the model was built before the data was checked")
+
+    monkeypatch.setattr(train, "build_model", build_model)
+    extra = ["--split_file", str(broken / "split.json")] if (broken / "split.json").exists() else []
+    with pytest.raises(SystemExit) as stopped:
+        run_main(train, tmp_path / "out", broken, "--max_train_steps", "2", *extra)
+    text = str(stopped.value.code)
+    assert text.startswith("error: the dataset in") and "\n" not in text and message in text, text
+    if problem in ("missing label file", "shape mismatch", "affine mismatch"):
+        assert f"Case {case!r}" in text  # the message names the case
     assert not (tmp_path / "out" / "logs" / "metrics.jsonl").exists()  # no step was taken
 
 
-def test_refuses_to_overwrite_checkpoints_without_resume(data_dir, reference_run):
-    command = launch_command(SCRIPT, reference_run, data_dir, *RUN_ARGS)
-    result = subprocess.run(command, env=environment(), capture_output=True, text=True, timeout=600)
-    assert result.returncode != 0 and "--resume_from_checkpoint latest" in result.stderr
+def test_refuses_to_overwrite_checkpoints_without_resume(train, data_dir, reference_run):
+    with pytest.raises(SystemExit, match="--resume_from_checkpoint latest"):
+        run_main(train, reference_run, data_dir, *RUN_ARGS)
+
+
+def write_sam_checkpoint(path: Path) -> dict:
+    """A random SAM checkpoint in segment_anything's own format (`image_encoder.*`, as `sam_vit_b_01ec64.pth`) at
+    the tiny size, from segment_anything's `ImageEncoderViT`. The package's `__init__` imports torchvision (not a
+    dependency here), so only its `modeling` subpackage is loaded, and sys.modules is left as it was."""
+    from functools import partial
+
+    import torch
+
+    before = {name: module for name, module in sys.modules.items() if name.startswith("segment_anything")}
+    package = types.ModuleType("segment_anything")
+    package.__path__ = list(importlib.util.find_spec("segment_anything").submodule_search_locations)
+    sys.modules["segment_anything"] = package
+    try:
+        from segment_anything.modeling.image_encoder import ImageEncoderViT
+
+        encoder = ImageEncoderViT(
+            img_size=256, patch_size=16, embed_dim=48, depth=4, num_heads=2, mlp_ratio=2.0, out_chans=32,
+            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), use_rel_pos=True, window_size=4,
+            global_attn_indexes=(1, 3),
+        )  # fmt: skip
+    finally:
+        for name in [name for name in sys.modules if name.startswith("segment_anything")]:
+            del sys.modules[name]
+        sys.modules.update(before)
+    generator = torch.Generator().manual_seed(7)
+    state_dict = {
+        f"image_encoder.{k}": torch.randn(v.shape, generator=generator) for k, v in encoder.state_dict().items()
+    }
+    torch.save(state_dict, path)
+    return state_dict
+
+
+def spy_on_the_model(train, monkeypatch) -> list:
+    """Record the output dtype of the first ViT block's first MLP layer at every call (autocast makes it bf16; a
+    checkpointed block runs it again in the backward pass)."""
+    calls, build_model = [], train.build_model
+
+    def spied(args):
+        trainee, model = build_model(args)
+        model.vision_encoder.layers[0].mlp.lin1.register_forward_hook(lambda module, i, out: calls.append(out.dtype))
+        return trainee, model
+
+    monkeypatch.setattr(train, "build_model", spied)
+    return calls
+
+
+def test_lora_from_a_sam_checkpoint_with_checkpointing_and_bf16(train, data_dir, tmp_path, monkeypatch):
+    import torch
+
+    sam = write_sam_checkpoint(tmp_path / "sam_tiny.pth")
+    calls = spy_on_the_model(train, monkeypatch)
+    output_dir = tmp_path / "lora"
+    run_main(train, output_dir, data_dir, "--max_train_steps", "2", "--validation_steps", "0", "--finetune", "lora",
+             "--sam_checkpoint", str(tmp_path / "sam_tiny.pth"), "--gradient_checkpointing",
+             "--mixed_precision", "bf16")  # fmt: skip
+    assert calls == [torch.bfloat16] * 4  # 2 steps, each block run twice (forward, then recomputed in backward)
+    final = load_safetensors(output_dir / "final_model" / "model.safetensors")
+    # frozen by LoRA (not a target, not trained in full): the SAM checkpoint's tensor, untouched
+    expected = sam["image_encoder.blocks.0.mlp.lin1.weight"].numpy()
+    assert np.array_equal(final["vision_encoder.layers.0.mlp.lin1.weight"], expected)
+    adapter_config = json.loads((output_dir / "final_model" / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["peft_type"] == "LORA"
+
+
+def test_full_finetuning_with_accumulation_and_workers(train, data_dir, tmp_path, monkeypatch, reference_run):
+    calls = spy_on_the_model(train, monkeypatch)
+    output_dir = tmp_path / "full"
+    run_main(train, output_dir, data_dir, "--max_train_steps", "2", "--validation_steps", "0", "--finetune", "full",
+             "--train_batch_size", "1", "--gradient_accumulation_steps", "2",
+             "--dataloader_num_workers", "1")  # fmt: skip
+    assert len(calls) == 4  # 2 optimiser steps of 2 batches
+    # Step 1 averages the losses of the sampler's first two patches (from a worker): the reference run's first batch
+    # of 2, from the same initial weights (same seed), gave the same loss.
+    assert step_losses(output_dir)[1] == pytest.approx(step_losses(reference_run)[1], rel=1e-5)
+    # Full fine-tuning trains what the adapter scheme freezes; no adapter files.
+    final = load_safetensors(output_dir / "final_model" / "model.safetensors")
+    frozen = load_safetensors(reference_run / "final_model" / "model.safetensors")
+    name = "vision_encoder.layers.0.mlp.lin1.weight"
+    assert not np.array_equal(final[name], frozen[name])
+    assert not (output_dir / "final_model" / "adapter").exists()
+
+
+def test_init_from_a_trained_model(train, data_dir, tmp_path, reference_run, caplog):
+    caplog.set_level(logging.INFO)
+    output_dir = tmp_path / "init_from"
+    run_main(train, output_dir, data_dir, "--max_train_steps", "2", "--validation_steps", "0",
+             "--init_from", str(reference_run / "final_model"), "--seed", "5")  # fmt: skip
+    final = load_safetensors(output_dir / "final_model" / "model.safetensors")
+    start = load_safetensors(reference_run / "final_model" / "model.safetensors")
+    name = "vision_encoder.layers.0.mlp.lin1.weight"  # frozen: the starting model's, not seed 5's random weights
+    assert np.array_equal(final[name], start[name])
+    # no validation: said as such, not as a best Dice of -1
+    assert json.loads((output_dir / "final_model" / "training_info.json").read_text())["best_validation_dice"] is None
+    assert "no validation score was recorded" in caplog.text and "Dice -1" not in caplog.text
+    assert not (output_dir / "best_model").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The README's "Fine-tune on your data" runs as written
+# ----------------------------------------------------------------------------------------------------------------------
+def fine_tune_section() -> str:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    return text.split("## Fine-tune on your data", 1)[1].split("\n## ", 1)[0]
+
+
+def readme_commands(section: str) -> list[list[str]]:
+    """The `accelerate launch ... examples/train.py` commands of the section, as argument lists."""
+    blocks = re.findall(r"^```bash\n(.*?)^```", section, flags=re.S | re.M)
+    commands = [shlex.split(block.replace("\\\n", " ")) for block in blocks]
+    return [c for c in commands if c[:2] == ["accelerate", "launch"] and "examples/train.py" in c]
+
+
+def test_readme_fine_tune_commands_run_as_written(train, tmp_path, monkeypatch, caplog):
+    """The section's Python block makes the data, its CPU command trains through `accelerate launch` (fewer steps),
+    the resume it describes (the same command with `--resume_from_checkpoint latest`, run in this process) continues;
+    the GPU command's arguments are accepted by the script (no GPU, SAM weights or pancreas data here)."""
+    section = fine_tune_section()
+    (python,) = re.findall(r"^```python\n(.*?)^```", section, flags=re.S | re.M)
+    cpu, gpu = readme_commands(section)
+    os.symlink(ROOT / "examples", tmp_path / "examples")  # the commands name examples/ relative to the repository
+    monkeypatch.setenv("SAM3D_HF_CACHE", str(tmp_path / "cache"))  # the default cache, not ~/.cache
+    monkeypatch.chdir(tmp_path)
+    exec(compile(python, "README.md", "exec"), {"__name__": "__readme__"})
+    fewer = ["--max_train_steps", "2", "--validation_steps", "2", "--checkpointing_steps", "2"]  # argparse: last wins
+    launch = [sys.executable, "-m", "accelerate.commands.launch", *cpu[2:], *fewer]
+    result = subprocess.run(launch, cwd=tmp_path, env={**environment(), "SAM3D_HF_CACHE": str(tmp_path / "cache")},
+                            capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    caplog.set_level(logging.INFO)
+    script_args = cpu[cpu.index("examples/train.py") + 1 :]
+    call_main(train, [*script_args, "--max_train_steps", "3", *fewer[2:], "--resume_from_checkpoint", "latest"])
+    output_dir = tmp_path / cpu[cpu.index("--output_dir") + 1]
+    assert "starting at step 2" in caplog.text
+    assert sorted(step_losses(output_dir)) == [1, 2, 3]
+    assert (output_dir / "best_model" / "model.safetensors").exists()
+    assert (output_dir / "final_model" / "model.safetensors").exists()
+    assert any((tmp_path / "cache").iterdir())  # the preprocessed volumes went where the README says
+
+    assert (ROOT / gpu[gpu.index("--config_file") + 1]).is_file()
+    (tmp_path / gpu[gpu.index("--data_dir") + 1]).mkdir()
+    args = train.parse_args(gpu[gpu.index("examples/train.py") + 1 :])
+    assert (args.model_config, args.patch_size, args.finetune) == ("vit_b", [128, 128, 128], "adapter")
+    from sam3d_hf import Sam3DProcessor
+
+    assert Sam3DProcessor.from_preset(args.preset).image_processor.target_label is not None
 
 
 @pytest.mark.parametrize(
@@ -284,16 +571,14 @@ def test_refuses_to_overwrite_checkpoints_without_resume(data_dir, reference_run
         (["--sam_checkpoint", "a.pth", "--init_from", "b"], "not allowed with argument"),
     ],
 )
-def test_argument_sanity_checks(data_dir, tmp_path, capsys, argv, message):
-    train = load_train_module()
+def test_argument_sanity_checks(train, data_dir, tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit):
         train.parse_args(["--data_dir", str(data_dir), "--output_dir", str(tmp_path), *argv])
     assert message in capsys.readouterr().err
 
 
-def test_validation_clicks_are_lesion_centres():
+def test_validation_clicks_are_lesion_centres(train):
     """Two balls (one touching the scan border): each click is the ball's centre, known from the construction."""
-    train = load_train_module()
     i, j, k = np.indices((30, 26, 20))
     truth = ((i - 8) ** 2 + (j - 9) ** 2 + (k - 10) ** 2 <= 16) | ((i - 22) ** 2 + (j - 18) ** 2 + (k - 5) ** 2 <= 25)
     clicks = train.lesion_clicks(truth)
