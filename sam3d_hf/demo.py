@@ -67,6 +67,7 @@ def run_demo(output_dir: str | os.PathLike = "sam3d-demo", quick: bool = False, 
     of the held-out cases in their scans' geometry).
     """
     from .cli import _examples_dir, _load_example, _train_command
+    from .convert_sam3d import set_usual_modes
     from .data import _write_json
     from .hub import render_model_card
     from .image_processing_sam3d import Sam3DImageProcessor
@@ -156,16 +157,13 @@ def run_demo(output_dir: str | os.PathLike = "sam3d-demo", quick: bool = False, 
         )  # fmt: skip
         card.save(work / "model" / "README.md")
 
+        set_usual_modes(work)  # mkdtemp made it 0700: the demo's folder gets the user's usual modes
         if output_dir.exists():  # --overwrite: the old folder goes only once the new one is complete
             shutil.rmtree(output_dir)
         os.replace(work, output_dir)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
-    # The work folder was made 0700 by mkdtemp; the demo's folder gets the user's usual mode.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(output_dir, 0o777 & ~umask)
 
     minutes = (time.perf_counter() - started) / 60
     print(f"\ndone in {minutes:.1f} min. Everything is in {output_dir}:")

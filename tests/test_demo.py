@@ -33,6 +33,10 @@ def test_quick_demo_writes_everything_and_its_segment_line_works(tmp_path, capsy
     assert list((demo / "evaluation" / "overlays").glob("*.png"))
     # A local folder serves the installed pipeline without trust_remote_code (custom_pipelines would demand it).
     assert "custom_pipelines" not in json.loads((demo / "model" / "config.json").read_text())
+    umask = os.umask(0)
+    os.umask(umask)
+    for item in [demo, *demo.rglob("*")]:  # the user's usual modes, not mkdtemp's 0700 or save_pretrained's 0600
+        assert item.stat().st_mode & 0o777 == (0o777 if item.is_dir() else 0o666) & ~umask, item
     card = (demo / "model" / "README.md").read_text()
     assert "model-index" in card and "Dice" in card
     table = (demo / "evaluation" / "table.md").read_text()
