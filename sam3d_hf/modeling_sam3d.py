@@ -432,17 +432,23 @@ PEFT_TYPE = "SAM3D_SPATIAL_ADAPTER"
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 
 
+def _sam3d_adapter_config(folder: Path) -> dict | None:
+    """The Sam3D spatial adapter config in `folder`, or `None` (none there, or not ours to judge)."""
+    try:
+        values = json.loads((folder / ADAPTER_CONFIG_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return values if isinstance(values, dict) and values.get("peft_type") == PEFT_TYPE else None
+
+
 def check_not_an_adapter_folder(name_or_path: str | os.PathLike | None, subfolder: str = "") -> None:
     """`ValueError` if the local folder `name_or_path` holds a Sam3D spatial adapter's `adapter_config.json`:
     transformers' `from_pretrained` reads such a folder as a peft adapter, and peft does not know this scheme."""
     if name_or_path is None:
         return
     folder = Path(name_or_path, subfolder)
-    try:
-        values = json.loads((folder / ADAPTER_CONFIG_NAME).read_text(encoding="utf-8"))
-    except (OSError, ValueError):  # no adapter config here (or not ours to judge): transformers goes on
-        return
-    if not isinstance(values, dict) or values.get("peft_type") != PEFT_TYPE:
+    values = _sam3d_adapter_config(folder)
+    if values is None:
         return
     if (folder / "config.json").is_file():
         raise ValueError(
@@ -484,6 +490,18 @@ class Sam3DPreTrainedModel(PreTrainedModel):
         for name in dict.fromkeys([pretrained_model_name_or_path, adapter_path]):
             check_not_an_adapter_folder(name, kwargs.get("subfolder", ""))
         return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs):
+        """transformers' `save_pretrained`, after refusing a folder that holds a Sam3D adapter: the model could not be
+        loaded from it (see [`check_not_an_adapter_folder`]). Nothing is written then."""
+        if _sam3d_adapter_config(Path(save_directory)) is not None:
+            raise ValueError(
+                f"{os.fspath(save_directory)!r} holds a Sam3D adapter ({ADAPTER_CONFIG_NAME}): a model saved there "
+                "could not be loaded, because transformers reads a folder with an adapter_config.json as a peft "
+                "adapter. Save the model in a folder of its own (and the adapter in a subfolder of it, e.g. "
+                f"{os.fspath(Path(save_directory, 'adapter'))!r}). Nothing was written."
+            )
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:

@@ -311,6 +311,10 @@ def test_adapter_save_into_a_model_folder_is_refused_and_the_model_still_loads(t
     (tmp_path / "config.json").rename(folder / "config.json")
 
     wrapped.save_pretrained(folder / "adapter")  # what the message says to do
+    # The other order: a model saved into a folder that holds an adapter is refused too, writing nothing.
+    with pytest.raises(ValueError, match=r"'.*adapter' holds a Sam3D adapter .*could not be loaded.*Nothing was"):
+        base.save_pretrained(folder / "adapter")
+    assert {p.name for p in (folder / "adapter").iterdir()} == {"adapter_config.json", "adapter_model.safetensors"}
     loaded = Sam3DAdapterModel.from_pretrained(
         Sam3DForPromptableSegmentation.from_pretrained(folder), folder / "adapter"
     )
