@@ -77,9 +77,10 @@ TRAINING_STATE = "training_state.json"
 
 
 def parse_args(argv=None, prog=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+        """The module docstring as written, and every option's default."""
+
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=Formatter)
     data = parser.add_argument_group("data")
     data.add_argument(
         "--data_dir", required=True, help="Dataset folder (MSD layout: dataset.json, imagesTr, labelsTr)."
@@ -89,14 +90,22 @@ def parse_args(argv=None, prog=None) -> argparse.Namespace:
     )
     data.add_argument("--preset", default="kits21", help="Processor preset (window, statistics, tumour label).")
     data.add_argument("--processor", help="A saved Sam3DProcessor folder instead of --preset.")
-    data.add_argument("--patch_size", type=int, nargs=3, default=[128, 128, 128], metavar=("D", "H", "W"))
-    data.add_argument("--num_positive_points", type=int, default=40)
-    data.add_argument("--num_background_points", type=int, default=10)
-    data.add_argument("--num_negative_points", type=int, default=3)
+    data.add_argument(
+        "--patch_size", type=int, nargs=3, default=[128, 128, 128], metavar=("D", "H", "W"),
+        help="Training patch (voxels of the processor's resampled grid), multiples of 4.",
+    )  # fmt: skip
+    data.add_argument("--num_positive_points", type=int, default=40, help="Clicks in the patch's tumour (paper: 40).")
+    data.add_argument(
+        "--num_background_points", type=int, default=10, help="Clicks when the patch holds no tumour (paper: 10)."
+    )
+    data.add_argument(
+        "--num_negative_points", type=int, default=3,
+        help="Negative clicks near the lesion (models trained here take point labels; 0: none).",
+    )  # fmt: skip
     data.add_argument("--samples_per_volume", type=int, default=1, help="Random patches per training scan per epoch.")
     data.add_argument("--no_augment", action="store_true", help="Disable training augmentation.")
     data.add_argument("--cache_dir", help="Preprocessed-volume cache (default ~/.cache/sam3d-hf/preprocessed).")
-    data.add_argument("--dataloader_num_workers", type=int, default=0)
+    data.add_argument("--dataloader_num_workers", type=int, default=0, help="DataLoader worker processes.")
     data.add_argument("--max_validation_cases", type=int, help="Validate on the first N validation cases only.")
 
     model = parser.add_argument_group("model")
@@ -106,32 +115,41 @@ def parse_args(argv=None, prog=None) -> argparse.Namespace:
         "--sam_checkpoint", help="SAM 2D weights (.pth, SamModel folder or Hub id), converted on the fly."
     )
     init.add_argument("--init_from", help="A sam3d-hf model folder or Hub id to start from.")
-    model.add_argument("--finetune", choices=["adapter", "lora", "full"], default="adapter")
+    model.add_argument(
+        "--finetune", choices=["adapter", "lora", "full"], default="adapter",
+        help="The paper's spatial adapters, or the LoRA / full fine-tuning baselines.",
+    )  # fmt: skip
     model.add_argument("--adapter_dim", type=int, help="Spatial adapter width (default: the model config's).")
-    model.add_argument("--lora_rank", type=int, default=16)
+    model.add_argument("--lora_rank", type=int, default=16, help="LoRA rank (--finetune lora).")
     model.add_argument("--gradient_checkpointing", action="store_true", help="Recompute ViT blocks in backward.")
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--train_batch_size", type=int, default=1, help="Patches per device per step.")
-    optim.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    optim.add_argument("--learning_rate", type=float, default=1e-4)
-    optim.add_argument("--adam_beta1", type=float, default=0.9)
-    optim.add_argument("--adam_beta2", type=float, default=0.999)
-    optim.add_argument("--weight_decay", type=float, default=1e-5)
-    optim.add_argument("--lr_warmup_steps", type=int, default=0)
-    optim.add_argument("--max_grad_norm", type=float, default=1.0)
+    optim.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Batches per optimiser step.")
+    optim.add_argument("--learning_rate", type=float, default=1e-4, help="AdamW peak learning rate (paper: 1e-4).")
+    optim.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1.")
+    optim.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2.")
+    optim.add_argument("--weight_decay", type=float, default=1e-5, help="AdamW weight decay.")
+    optim.add_argument("--lr_warmup_steps", type=int, default=0, help="Linear warm-up, then linear decay to 0.")
+    optim.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping (global L2 norm).")
     optim.add_argument("--max_train_steps", type=int, help="Optimiser steps; overrides --num_train_epochs.")
-    optim.add_argument("--num_train_epochs", type=int, default=100)
+    optim.add_argument("--num_train_epochs", type=int, default=100, help="Epochs, unless --max_train_steps is given.")
     optim.add_argument("--mixed_precision", choices=["no", "bf16", "fp16"], help="Default: the accelerate config's.")
-    optim.add_argument("--seed", type=int, default=0)
+    optim.add_argument("--seed", type=int, default=0, help="Seeds the split, crops, augmentation, clicks and init.")
 
     run = parser.add_argument_group("run")
-    run.add_argument("--output_dir", required=True)
-    run.add_argument("--checkpointing_steps", type=int, default=500)
-    run.add_argument("--checkpoints_total_limit", type=int, default=3)
+    run.add_argument("--output_dir", required=True, help="Run folder: split, logs, checkpoints, best/final model.")
+    run.add_argument("--checkpointing_steps", type=int, default=500, help="save_state every N optimiser steps.")
+    run.add_argument(
+        "--checkpoints_total_limit", type=int, default=3,
+        help="Complete checkpoints kept (older ones go only once a newer one is complete).",
+    )  # fmt: skip
     run.add_argument("--resume_from_checkpoint", help="'latest' (newest complete checkpoint) or a checkpoint folder.")
     run.add_argument("--validation_steps", type=int, default=500, help="Validation Dice every N steps (0: never).")
-    run.add_argument("--report_to", choices=["jsonl", "tensorboard", "all"], default="all")
+    run.add_argument(
+        "--report_to", choices=["jsonl", "tensorboard", "all"], default="all",
+        help="Trackers: logs/metrics.jsonl, TensorBoard (when installed), or both.",
+    )  # fmt: skip
     run.add_argument("--find_unused_parameters", action="store_true", help="DDP option, for custom trainable sets.")
     run.add_argument("--save_rank_checksums", action="store_true", help="Write each rank's weight hashes at the end.")
     args = parser.parse_args(argv)

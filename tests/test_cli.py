@@ -1,5 +1,6 @@
 """The `sam3d` command line: a user mistake is one clear line on stderr and exit status 1, never a traceback."""
 
+import itertools
 import json
 import os
 import re
@@ -416,6 +417,16 @@ def test_train_launches_accelerate_and_reports_errors(tmp_path, capsys, monkeypa
     assert "not installed with the package" in line and "pip install -e ." in line
 
 
+def _options_without_help(help_text: str) -> list[str]:
+    """Option lines of argparse's help with no text after them (on the same line or the indented next one)."""
+    lines = [*help_text.splitlines(), ""]
+    return [
+        line.strip()
+        for line, following in itertools.pairwise(lines)
+        if re.match(r"^  -", line) and not re.match(r"^  \S.*?\s{2,}\S", line) and not re.match(r"^\s{8,}\S", following)
+    ]
+
+
 @pytest.mark.parametrize("command", ["segment", "push", "demo", "convert", "evaluate", "train", "summary"])
 def test_help_is_complete(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -441,6 +452,7 @@ def test_help_is_complete(command, capsys):
         "summary": ["--preset", "SAM image-encoder size"],
     }[command]
     assert all(option in out for option in expected), out
+    assert _options_without_help(out) == []
     assert f"usage: sam3d {command} " in out  # the example scripts' parsers too, not "usage: evaluate.py"
     assert len(re.findall(r"^usage: ", out, re.M)) == 1, out
 
