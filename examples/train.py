@@ -35,7 +35,13 @@ import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.tracking import GeneralTracker, on_main_process
-from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, ProjectConfiguration, set_seed
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    DistributedDataParallelKwargs,
+    ProjectConfiguration,
+    gather_object,
+    set_seed,
+)
 from scipy import ndimage
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
@@ -395,8 +401,8 @@ def dice(prediction: np.ndarray, truth: np.ndarray) -> float:
 
 
 @torch.no_grad()
-def evaluate(model, processor: Sam3DProcessor, rows, accelerator: Accelerator) -> float:
-    """Mean Dice over the validation scans that contain the target structure."""
+def validation_scores(model, processor: Sam3DProcessor, rows, accelerator: Accelerator) -> list[tuple[str, float]]:
+    """`(case_id, Dice)` of each of `rows`' scans that contains the target structure (the others are skipped)."""
     target_label = processor.image_processor.target_label
     scores = []
     was_training = model.training
@@ -418,9 +424,9 @@ def evaluate(model, processor: Sam3DProcessor, rows, accelerator: Accelerator) -
                 )
             logits.append(out.logits.float().cpu())
         mask = processor.post_process_masks(torch.cat(logits), inputs).numpy().astype(bool)
-        scores.append(dice(mask, truth))
+        scores.append((row["case_id"], dice(mask, truth)))
     model.train(was_training)
-    return float(np.mean(scores)) if scores else float("nan")
+    return scores
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -592,17 +598,25 @@ def main(argv=None) -> None:
 
     def validate() -> None:
         nonlocal best_dice
-        if accelerator.is_main_process and validation_rows:
-            score = evaluate(accelerator.unwrap_model(trainee), processor, validation_rows, accelerator)
-            accelerator.log({"validation_dice": score}, step=global_step)
+        if not validation_rows:
+            return
+        # Each process scores its share of the scans (N GPUs validate N times faster, and no rank waits on another
+        # for the whole validation); every rank then holds all the scores, in case order, so `best_dice` agrees.
+        with accelerator.split_between_processes(validation_rows) as rows:
+            scores = validation_scores(accelerator.unwrap_model(trainee), processor, rows, accelerator)
+        scores = dict(gather_object(scores))  # every rank's (case_id, Dice) pairs, in case order
+        score = float(np.mean(list(scores.values()))) if scores else float("nan")
+        if accelerator.is_main_process:
+            per_case = {f"validation_dice/{case_id}": value for case_id, value in scores.items()}
+            accelerator.log({"validation_dice": score, **per_case}, step=global_step)
             logger.info(f"step {global_step}: validation Dice {score:.4f} (best {max(best_dice, 0):.4f})")
-            if score > best_dice:
-                best_dice = score
+        if score > best_dice:
+            best_dice = score
+            if accelerator.is_main_process:
                 info = {"global_step": global_step, "validation_dice": score}
                 save_model_folder(
                     accelerator.unwrap_model(trainee), processor, args.finetune, output_dir / "best_model", info
                 )
-        best_dice = broadcast_float(accelerator, best_dice)
 
     if global_step == 0 and args.validation_steps:
         validate()  # the curve starts at the initial weights
@@ -663,15 +677,6 @@ def main(argv=None) -> None:
         path = output_dir / f"weights_rank{accelerator.process_index}.json"
         atomic_write_text(path, json.dumps(weight_checksums(model), indent=0, sort_keys=True))
     accelerator.end_training()
-
-
-def broadcast_float(accelerator: Accelerator, value: float) -> float:
-    """Main process's value on every rank (validation runs on the main process only)."""
-    if accelerator.num_processes == 1:
-        return value
-    from accelerate.utils import broadcast
-
-    return broadcast(torch.tensor([value], dtype=torch.float64, device=accelerator.device)).item()
 
 
 if __name__ == "__main__":

@@ -198,6 +198,37 @@ def test_two_processes_hold_identical_weights(data_dir, tmp_path, reference_run)
     assert ddp_losses[1] == pytest.approx(single[1], rel=1e-5)
 
 
+def validation_records(output_dir: Path) -> dict[int, dict[str, float]]:
+    """The validation scores logged at each step: the mean and one per scan."""
+    records = [json.loads(line) for line in (output_dir / "logs" / "metrics.jsonl").read_text().splitlines()]
+    return {r.pop("step"): r for r in records if "validation_dice" in r}
+
+
+def test_processes_share_the_validation_scans_and_agree_on_the_score(data_dir, tmp_path):
+    """Two processes validate one scan each and report the mean of both, as one process does with both."""
+    lesion_cases = [
+        path.name.split(".")[0]
+        for path in sorted((data_dir / "labelsTr").glob("*.nii.gz"))
+        if (np.asanyarray(nib.load(path).dataobj) == 2).any()  # the kits21 preset's tumour label
+    ]
+    cases = sorted(path.name.split(".")[0] for path in (data_dir / "labelsTr").glob("*.nii.gz"))
+    validation = lesion_cases[-2:]
+    split = {"train": [c for c in cases if c not in validation][:2], "validation": validation, "test": []}
+    split["test"] = [c for c in cases if c not in split["train"] + validation]
+    (tmp_path / "split.json").write_text(json.dumps(split))
+    argv = ["--split_file", str(tmp_path / "split.json"), "--max_validation_cases", "2", "--train_batch_size", "1",
+            "--max_train_steps", "1", "--validation_steps", "1000", "--checkpointing_steps", "1000"]  # fmt: skip
+    run(launch_command(SCRIPT, tmp_path / "one", data_dir, *argv))
+    run(launch_command(SCRIPT, tmp_path / "two", data_dir, *argv, processes=2), ACCELERATE_USE_CPU="1")
+    one, two = validation_records(tmp_path / "one"), validation_records(tmp_path / "two")
+    assert list(one) == list(two) == [0]  # the initial weights: the same in both runs (same seed)
+    assert sorted(two[0]) == sorted(one[0]) == ["validation_dice", *(f"validation_dice/{c}" for c in validation)]
+    assert two[0] == pytest.approx(one[0], abs=1e-6)
+    first, second = (one[0][f"validation_dice/{c}"] for c in validation)
+    assert abs(first - second) > 1e-3  # so a rank that kept only its own scan's score would be seen
+    assert one[0]["validation_dice"] == pytest.approx((first + second) / 2)
+
+
 KILL_AFTER_CHECKPOINT = """
 import importlib.util, pathlib, sys, time
 spec = importlib.util.spec_from_file_location("train_example", {script!r})
