@@ -600,8 +600,8 @@ def main(argv=None) -> None:
         nonlocal best_dice
         if not validation_rows:
             return
-        # Each process scores its share of the scans (N GPUs validate N times faster, and no rank waits on another
-        # for the whole validation); every rank then holds all the scores, in case order, so `best_dice` agrees.
+        # Each process scores its share of the scans (no rank idles through a whole validation waiting for another);
+        # every rank then holds all the scores, in case order, so `best_dice` agrees.
         with accelerator.split_between_processes(validation_rows) as rows:
             scores = validation_scores(accelerator.unwrap_model(trainee), processor, rows, accelerator)
         scores = dict(gather_object(scores))  # every rank's (case_id, Dice) pairs, in case order

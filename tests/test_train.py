@@ -114,6 +114,12 @@ def step_losses(output_dir: Path) -> dict[int, float]:
     return losses
 
 
+def validation_records(output_dir: Path) -> dict[int, dict[str, float]]:
+    """The validation scores logged at each step: the mean and one per scan."""
+    records = [json.loads(line) for line in (output_dir / "logs" / "metrics.jsonl").read_text().splitlines()]
+    return {r.pop("step"): r for r in records if "validation_dice" in r}
+
+
 def final_weights(output_dir: Path) -> dict[str, str]:
     return json.loads((output_dir / "weights_rank0.json").read_text())
 
@@ -138,9 +144,9 @@ def test_run_writes_loadable_outputs(reference_run):
 
     losses = step_losses(reference_run)
     assert sorted(losses) == [1, 2, 3, 4, 5, 6, 7]
-    records = [json.loads(line) for line in (reference_run / "logs" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records if "validation_dice" in r] == [0, 3, 6]
-    assert all(0 <= r["validation_dice"] <= 1 for r in records if "validation_dice" in r)
+    validations = validation_records(reference_run)
+    assert list(validations) == [0, 3, 6]
+    assert all(0 <= record["validation_dice"] <= 1 for record in validations.values())
     # total_limit 3 keeps all three checkpoints; each one is complete and records its step.
     states = [
         json.loads((c / "training_state.json").read_text()) for c in sorted((reference_run / "checkpoints").iterdir())
@@ -196,12 +202,6 @@ def test_two_processes_hold_identical_weights(data_dir, tmp_path, reference_run)
     ddp_losses = step_losses(output_dir)
     single = step_losses(reference_run)
     assert ddp_losses[1] == pytest.approx(single[1], rel=1e-5)
-
-
-def validation_records(output_dir: Path) -> dict[int, dict[str, float]]:
-    """The validation scores logged at each step: the mean and one per scan."""
-    records = [json.loads(line) for line in (output_dir / "logs" / "metrics.jsonl").read_text().splitlines()]
-    return {r.pop("step"): r for r in records if "validation_dice" in r}
 
 
 def test_processes_share_the_validation_scans_and_agree_on_the_score(data_dir, tmp_path):
