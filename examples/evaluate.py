@@ -433,6 +433,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
         if accelerator.is_main_process:
             shutil.rmtree(staging, ignore_errors=True)
         raise
+    finally:
+        # A process that exits with its process group alive can abort in Gloo's teardown ("terminate called without
+        # an active exception", 1 run in 16 with two CPU processes), which fails the launch of a complete evaluation.
+        accelerator.end_training()
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from accelerate import Accelerator
 from conftest import PATCH, TINY, randomize
 
 from sam3d_hf import (
@@ -61,6 +62,19 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("evaluate")
     data = generate_dataset(root / "data", num_cases=4, seed=1, num_lesions=2, orientation="oblique")
     return {"root": root, "data": data, "model": save_model(root / "model", use_point_labels=True)}
+
+
+@pytest.fixture
+def ended(monkeypatch) -> list[int]:
+    """How many times a run ended its Accelerator (which destroys the process group of a multi-process run)."""
+    calls, end_training = [], Accelerator.end_training
+
+    def counted(self):
+        calls.append(1)
+        end_training(self)
+
+    monkeypatch.setattr(Accelerator, "end_training", counted)
+    return calls
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -211,7 +225,9 @@ def test_errors(setup, tmp_path):
         script.main([*base, "--model", str(plain), "--base", str(plain)])
 
 
-def test_a_failed_run_leaves_nothing_and_an_output_is_replaced_only_once_complete(setup, tmp_path):
+def test_a_failed_run_leaves_nothing_and_an_output_is_replaced_only_once_complete(setup, tmp_path, ended):
+    """Also: a run ends its Accelerator whether it fails or succeeds. A process that exits with its process group alive
+    can abort in Gloo's teardown, which fails a multi-process launch at random (seen in CI)."""
     data = shutil.copytree(setup["data"], tmp_path / "task")
     model = save_model(tmp_path / "model", use_point_labels=False, preset=None)
     out = tmp_path / "runs" / "eval"  # its parent does not exist either
@@ -224,8 +240,10 @@ def test_a_failed_run_leaves_nothing_and_an_output_is_replaced_only_once_complet
     with pytest.raises(ValueError, match="Could not read"):
         script.main(argv)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "task"]  # no runs/, no hidden partial folder
+    assert len(ended) == 1
     second.write_bytes(scan)
     script.main(argv)
+    assert len(ended) == 2
     assert {r["dataset"] for r in read_csv(out / "cases.csv")} == {"task"}  # no preset: the data folder's name
     assert len(list((out / "overlays").iterdir())) == 2
     with pytest.raises(ValueError, match=r"not empty.*--overwrite"):
