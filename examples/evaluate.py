@@ -151,8 +151,7 @@ def load_model(args: argparse.Namespace) -> tuple[torch.nn.Module, Sam3DProcesso
 
 
 def select_cases(args: argparse.Namespace) -> list[dict[str, Any]]:
-    dataset = index_dataset(args.data_dir)
-    cases = [dict(row) for row in dataset if row["label"] is not None]
+    cases = [dict(row) for row in index_dataset(args.data_dir, labelled_only=True)]
     if args.split_file is not None:
         wanted = set(load_or_create_split([c["case_id"] for c in cases], args.split_file, seed=args.seed)[args.split])
         cases = [c for c in cases if c["case_id"] in wanted]

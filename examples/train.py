@@ -481,7 +481,7 @@ def main(argv=None) -> None:
         processor = Sam3DProcessor.from_preset(args.preset, patch_size=tuple(args.patch_size), cluster_margin=margin)
     split_file = Path(args.split_file) if args.split_file else output_dir / "split.json"
     try:  # every data error ends here, as one line, before the model is built
-        dataset = index_dataset(args.data_dir)
+        dataset = index_dataset(args.data_dir, labelled_only=True)  # evaluate.py splits the same labelled cases
         with accelerator.main_process_first():  # the main process writes the split, the others read it
             split = load_or_create_split(dataset["case_id"], split_file, seed=args.seed)
         validate_dataset(dataset, processor)  # every case, test included: a broken file is reported now

@@ -233,7 +233,7 @@ def _detect_layout(root: Path) -> str:
     raise ValueError(f"Could not recognise the dataset layout of {root}. {_LAYOUT_HELP}")
 
 
-def index_dataset(root: str | os.PathLike, layout: str = "auto") -> datasets.Dataset:
+def index_dataset(root: str | os.PathLike, layout: str = "auto", labelled_only: bool = False) -> datasets.Dataset:
     """Index a dataset folder as a `datasets.Dataset` of file paths, one row per case.
 
     Layouts:
@@ -248,6 +248,14 @@ def index_dataset(root: str | os.PathLike, layout: str = "auto") -> datasets.Dat
           file name without suffix.
         * `"auto"` (default): the first of these that matches.
 
+    Args:
+        root: the dataset folder.
+        layout: one of the layouts above.
+        labelled_only: leave out the cases without a label file (e.g. KiTS19's or a folder's unlabelled test scans),
+            with a warning naming them, as training and evaluation do: a split made from labelled cases only is the
+            same in both. A label file that is named (by `dataset.json`) but missing is not left out:
+            [`validate_dataset`] reports it.
+
     Returns:
         `datasets.Dataset` with string columns `case_id`, `image` (path) and `label` (path, or None when the case has
         no label file), sorted by case id (numerically for LiTS). The paths are plain strings: to look at the scans,
@@ -255,7 +263,7 @@ def index_dataset(root: str | os.PathLike, layout: str = "auto") -> datasets.Dat
         are reported by [`validate_dataset`].
 
     Raises:
-        ValueError: unknown layout, unrecognised folder, or no case found.
+        ValueError: unknown layout, unrecognised folder, no case found, or (`labelled_only`) no case with a label.
     """
     root = Path(root)
     if layout not in LAYOUTS:
@@ -267,6 +275,18 @@ def index_dataset(root: str | os.PathLike, layout: str = "auto") -> datasets.Dat
     rows = {"msd": _index_msd, "kits21": _index_kits21, "lits17": _index_lits17, "folder": _index_folder}[layout](root)
     if not rows:
         raise ValueError(f"No case found in {root} with the {layout!r} layout. {_LAYOUT_HELP}")
+    if labelled_only:
+        unlabelled = [r["case_id"] for r in rows if r["label"] is None]
+        rows = [r for r in rows if r["label"] is not None]
+        if not rows:
+            raise ValueError(
+                f"None of the {len(unlabelled)} cases in {root} ({layout!r} layout) has a label file. {_LAYOUT_HELP}"
+            )
+        if unlabelled:
+            logger.warning(
+                "%d case(s) of %s have no label file and are left out: %s%s",
+                len(unlabelled), root, unlabelled[:10], " ..." if len(unlabelled) > 10 else "",
+            )  # fmt: skip
     ids = [r["case_id"] for r in rows]
     duplicates = sorted({c for c in ids if ids.count(c) > 1})
     if duplicates:

@@ -115,6 +115,21 @@ def test_index_generic_folder_matched_by_name(tmp_path):
         assert ds["label"] == [str(tmp_path / "labels" / "a.nii"), str(tmp_path / "labels" / "b.nii.gz"), None]
 
 
+def test_labelled_only_leaves_out_the_cases_without_a_label_and_names_them(tmp_path, caplog):
+    for name in ("b", "a"):
+        _save(0, tmp_path / "images" / f"{name}.nii.gz", tmp_path / "labels" / f"{name}.nii.gz")
+    _save(2, tmp_path / "images" / "unlabelled.nii.gz", None)
+    with caplog.at_level(logging.WARNING, logger="sam3d_hf.data"):
+        ds = index_dataset(tmp_path, labelled_only=True)
+    assert ds["case_id"] == ["a", "b"] and None not in ds["label"]
+    assert "1 case(s)" in caplog.text and "'unlabelled'" in caplog.text
+    for name in ("a", "b"):
+        (tmp_path / "labels" / f"{name}.nii.gz").unlink()
+    assert index_dataset(tmp_path)["case_id"] == ["a", "b", "unlabelled"]
+    with pytest.raises(ValueError, match=r"None of the 3 cases .* has a label file"):
+        index_dataset(tmp_path, labelled_only=True)
+
+
 def test_index_errors(tmp_path):
     with pytest.raises(ValueError, match="layout"):
         index_dataset(tmp_path, layout="nnunet")

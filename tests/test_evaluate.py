@@ -261,6 +261,22 @@ def test_a_failed_run_leaves_nothing_and_an_output_is_replaced_only_once_complet
     assert [p.name for p in out.parent.iterdir()] == ["eval"]
 
 
+def test_scans_without_a_label_are_left_out_as_in_training(setup, tmp_path):
+    """The split evaluate.py makes leaves out unlabelled scans, as train.py's does (same cases, same seed)."""
+    data = shutil.copytree(setup["data"], tmp_path / "task")
+    meta = json.loads((data / "dataset.json").read_text())
+    labelled = sorted(Path(entry["image"]).name.split(".")[0] for entry in meta["training"])
+    shutil.copy(data / "imagesTr" / f"{labelled[0]}.nii.gz", data / "imagesTr" / "unlabelled_9.nii.gz")
+    meta["training"].append({"image": "./imagesTr/unlabelled_9.nii.gz"})
+    (data / "dataset.json").write_text(json.dumps(meta))
+    load_script().main(["--model", str(setup["model"]), "--data_dir", str(data), "--protocols", "1", "--max_cases",
+                        "1", "--split", "train", "--split_file", str(tmp_path / "split.json"), "--output_dir",
+                        str(tmp_path / "out")])  # fmt: skip
+    split = json.loads((tmp_path / "split.json").read_text())
+    assert sorted(split["train"] + split["validation"] + split["test"]) == labelled
+    assert read_csv(tmp_path / "out" / "cases.csv")[0]["case_id"] in labelled
+
+
 def test_automatic_mode_is_its_own_row(setup, tmp_path, capsys):
     out = tmp_path / "automatic"
     load_script().main(["--model", str(setup["model"]), "--data_dir", str(setup["data"]), "--automatic",

@@ -440,6 +440,29 @@ def test_bad_data_stops_before_the_model_with_one_error_line(train, data_dir, tm
     assert not (tmp_path / "out" / "logs" / "metrics.jsonl").exists()  # no step was taken
 
 
+def test_scans_without_a_label_are_left_out_of_the_split(train, data_dir, tmp_path, monkeypatch):
+    """A KiTS19-like folder whose test scans have no label trains on the labelled ones (the data checks pass and the
+    split names only those), instead of refusing the whole dataset."""
+    folder = shutil.copytree(data_dir, tmp_path / "folder")
+    meta = json.loads((folder / "dataset.json").read_text())
+    labelled = sorted(Path(entry["image"]).name.split(".")[0] for entry in meta["training"])
+    shutil.copy(folder / "imagesTr" / f"{labelled[0]}.nii.gz", folder / "imagesTr" / "unlabelled_9.nii.gz")
+    meta["training"].append({"image": "./imagesTr/unlabelled_9.nii.gz"})  # as MSD's "test" entries: no label
+    (folder / "dataset.json").write_text(json.dumps(meta))
+
+    class DataAccepted(Exception):
+        pass
+
+    def build_model(args):
+        raise DataAccepted
+
+    monkeypatch.setattr(train, "build_model", build_model)
+    with pytest.raises(DataAccepted):
+        run_main(train, tmp_path / "out", folder, "--max_train_steps", "2")
+    split = json.loads((tmp_path / "out" / "split.json").read_text())
+    assert sorted(split["train"] + split["validation"] + split["test"]) == labelled
+
+
 def test_refuses_to_overwrite_checkpoints_without_resume(train, data_dir, reference_run):
     with pytest.raises(SystemExit, match="--resume_from_checkpoint latest"):
         run_main(train, reference_run, data_dir, *RUN_ARGS)
