@@ -1,4 +1,7 @@
+import json
 import os
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -66,3 +69,15 @@ def tiny_inputs() -> dict:
         "input_points": torch.tensor([[[3.0, 4.0, 5.0], [30.0, 20.0, 40.5]], [[39.0, 0.0, 43.0], [0.0, 0.0, 0.0]]]),
         "input_labels": torch.tensor([[1, 1], [1, -1]]),
     }
+
+
+def copy_with_an_unlabelled_scan(msd_folder: Path, destination: Path) -> tuple[Path, list[str]]:
+    """A copy of an MSD task folder whose dataset.json also lists a scan without a label (as a KiTS19 checkout's test
+    cases); returns the copy and the ids of the labelled cases."""
+    folder = shutil.copytree(msd_folder, destination)
+    meta = json.loads((folder / "dataset.json").read_text())
+    labelled = sorted(Path(entry["image"]).name.split(".")[0] for entry in meta["training"])
+    shutil.copy(folder / "imagesTr" / f"{labelled[0]}.nii.gz", folder / "imagesTr" / "unlabelled_9.nii.gz")
+    meta["training"].append({"image": "./imagesTr/unlabelled_9.nii.gz"})
+    (folder / "dataset.json").write_text(json.dumps(meta))
+    return folder, labelled

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
-from conftest import PATCH, TINY, randomize
+from conftest import PATCH, TINY, copy_with_an_unlabelled_scan, randomize
 
 from sam3d_hf import (
     Sam3DAdapterConfig,
@@ -263,12 +263,7 @@ def test_a_failed_run_leaves_nothing_and_an_output_is_replaced_only_once_complet
 
 def test_scans_without_a_label_are_left_out_as_in_training(setup, tmp_path):
     """The split evaluate.py makes leaves out unlabelled scans, as train.py's does (same cases, same seed)."""
-    data = shutil.copytree(setup["data"], tmp_path / "task")
-    meta = json.loads((data / "dataset.json").read_text())
-    labelled = sorted(Path(entry["image"]).name.split(".")[0] for entry in meta["training"])
-    shutil.copy(data / "imagesTr" / f"{labelled[0]}.nii.gz", data / "imagesTr" / "unlabelled_9.nii.gz")
-    meta["training"].append({"image": "./imagesTr/unlabelled_9.nii.gz"})
-    (data / "dataset.json").write_text(json.dumps(meta))
+    data, labelled = copy_with_an_unlabelled_scan(setup["data"], tmp_path / "task")
     load_script().main(["--model", str(setup["model"]), "--data_dir", str(data), "--protocols", "1", "--max_cases",
                         "1", "--split", "train", "--split_file", str(tmp_path / "split.json"), "--output_dir",
                         str(tmp_path / "out")])  # fmt: skip

@@ -26,6 +26,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import copy_with_an_unlabelled_scan
 
 from sam3d_hf.synthetic import generate_dataset
 
@@ -443,12 +444,7 @@ def test_bad_data_stops_before_the_model_with_one_error_line(train, data_dir, tm
 def test_scans_without_a_label_are_left_out_of_the_split(train, data_dir, tmp_path, monkeypatch):
     """A KiTS19-like folder whose test scans have no label trains on the labelled ones (the data checks pass and the
     split names only those), instead of refusing the whole dataset."""
-    folder = shutil.copytree(data_dir, tmp_path / "folder")
-    meta = json.loads((folder / "dataset.json").read_text())
-    labelled = sorted(Path(entry["image"]).name.split(".")[0] for entry in meta["training"])
-    shutil.copy(folder / "imagesTr" / f"{labelled[0]}.nii.gz", folder / "imagesTr" / "unlabelled_9.nii.gz")
-    meta["training"].append({"image": "./imagesTr/unlabelled_9.nii.gz"})  # as MSD's "test" entries: no label
-    (folder / "dataset.json").write_text(json.dumps(meta))
+    folder, labelled = copy_with_an_unlabelled_scan(data_dir, tmp_path / "folder")
 
     class DataAccepted(Exception):
         pass
