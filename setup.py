@@ -1,8 +1,14 @@
+import re
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+# One home for the version: sam3d_hf/version.py (read as text: importing the package needs its dependencies).
+VERSION = re.search(r'__version__ = "([^"]+)"', Path("sam3d_hf/version.py").read_text(encoding="utf-8")).group(1)
 
 setup(
     name="sam3d-hf",
-    version="0.1.0.dev0",
+    version=VERSION,
     description="3DSAM-adapter: SAM adapted to 3D point-promptable tumour segmentation in CT, for Hugging Face",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
@@ -31,6 +37,8 @@ setup(
     ],
     extras_require={
         "io": ["pynrrd>=1.0", "pydicom>=2.4"],
+        # `sam3d train --report_to tensorboard` (the default `all` logs to TensorBoard only when it is installed).
+        "train": ["tensorboard>=2.16"],
         # examples/evaluate.py draws overlays and curves.
         "eval": ["matplotlib>=3.8"],
         "dev": [

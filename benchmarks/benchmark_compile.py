@@ -32,7 +32,7 @@ def main() -> None:
     args = parser.parse_args()
     if not args.warm_cache:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="sam3d-compile-")
-    config = Sam3DConfig(**TINY) if args.preset == "tiny" else Sam3DConfig()
+    config = Sam3DConfig.from_preset("tiny", **TINY) if args.preset == "tiny" else Sam3DConfig()
     model = randomize(Sam3DForPromptableSegmentation(config), std=0.05).eval()
     generator = torch.Generator().manual_seed(0)
     pixel_values = torch.randn(1, 1, *args.patch, generator=generator)

@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from sam3d_hf import Sam3DImageProcessor
-from sam3d_hf.data import Sam3DTrainingDataset, index_dataset, sam3d_collate
+from sam3d_hf.data import index_dataset
+from sam3d_hf.sampling import Sam3DTrainingDataset, sam3d_collate
 from sam3d_hf.synthetic import SYNTHETIC_PROCESSOR_KWARGS, generate_dataset
 
 

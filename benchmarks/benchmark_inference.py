@@ -30,21 +30,9 @@ from sam3d_hf.inference import Sam3DPredictor
 from sam3d_hf.metrics import dice_score, simulate_clicks
 from sam3d_hf.synthetic import SYNTHETIC_PROCESSOR_KWARGS, generate_case
 
-# A small model for the bf16 comparison and quick runs (every path of the ViT-B computation, far fewer channels).
-TINY = {
-    "vision_config": {
-        "hidden_size": 48,
-        "num_hidden_layers": 4,
-        "num_attention_heads": 2,
-        "mlp_dim": 96,
-        "adapter_dim": 16,
-        "output_channels": 32,
-        "image_size": (40, 24, 44),
-        "global_attn_indexes": [1, 3],
-    },
-    "prompt_encoder_config": {"hidden_size": 32, "num_attention_heads": 2, "mlp_dim": 64},
-    "mask_decoder_config": {"hidden_size": 16},
-}
+# A small model for the bf16 comparison and quick runs: the library's tiny preset (every path of the ViT-B
+# computation, far fewer channels) at an anisotropic, non-cubic patch.
+TINY = {"vision_config": {"image_size": (40, 24, 44)}}
 
 
 def randomize(model: torch.nn.Module, seed: int = 0, std: float = 0.2) -> torch.nn.Module:
@@ -90,7 +78,7 @@ def bench_click(config: Sam3DConfig, patch: tuple[int, int, int], repeats: int) 
 
 
 def bench_bf16(num_cases: int) -> None:
-    model = randomize(Sam3DForPromptableSegmentation(Sam3DConfig(**TINY))).eval()
+    model = randomize(Sam3DForPromptableSegmentation(Sam3DConfig.from_preset("tiny", **TINY))).eval()
     image_processor = Sam3DImageProcessor(**{**SYNTHETIC_PROCESSOR_KWARGS, "target_spacing": (2.0, 2.0, 2.0)})
     processor = Sam3DProcessor(image_processor, patch_size=(40, 24, 44), cluster_margin=4)
     predictors = {"fp32": Sam3DPredictor(model, processor), "bf16": Sam3DPredictor(model, processor, bf16=True)}
@@ -122,7 +110,7 @@ def main() -> None:
     parser.add_argument("--skip_timing", action="store_true")
     args = parser.parse_args()
     if not args.skip_timing:
-        config = Sam3DConfig() if args.preset == "vit_b" else Sam3DConfig(**TINY)
+        config = Sam3DConfig() if args.preset == "vit_b" else Sam3DConfig.from_preset("tiny", **TINY)
         bench_click(config, tuple(args.patch), args.repeats)
     if args.bf16_cases:
         bench_bf16(args.bf16_cases)

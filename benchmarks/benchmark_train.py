@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 from sam3d_hf import Sam3DAdapterConfig, Sam3DProcessor, get_adapter_model
-from sam3d_hf.data import Sam3DTrainingDataset, index_dataset, sam3d_collate
+from sam3d_hf.data import index_dataset
+from sam3d_hf.sampling import Sam3DTrainingDataset, sam3d_collate
 from sam3d_hf.synthetic import generate_dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))

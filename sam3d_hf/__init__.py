@@ -25,8 +25,7 @@ from .modeling_sam3d import (
 )
 from .pipeline import Sam3DSegmentationPipeline
 from .processing_sam3d import MODEL_INPUT_KEYS, Sam3DProcessor, cluster_points, save_mask_nifti
-
-__version__ = "0.1.0.dev0"
+from .version import __version__ as __version__
 
 AutoConfig.register(Sam3DConfig.model_type, Sam3DConfig, exist_ok=True)
 AutoConfig.register(Sam3DVisionConfig.model_type, Sam3DVisionConfig, exist_ok=True)

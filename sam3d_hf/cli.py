@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from . import __version__
+from .version import __version__
 
 # Nothing heavy is imported at module level: torch, transformers, nibabel and the rest are imported inside the
 # commands, so that building the parser costs only what `import sam3d_hf` costs.
@@ -104,30 +104,9 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _examples_dir() -> Path:
-    """`examples/` of the source checkout this package runs from; a wheel install has none."""
-    folder = Path(__file__).resolve().parents[1] / "examples"
-    if not (folder / "train.py").is_file() or not (folder / "evaluate.py").is_file():
-        raise ValueError(
-            f"this command runs the example scripts, which are not installed with the package (looked in {folder}); "
-            "clone the sam3d-hf repository and `pip install -e .` from it"
-        )
-    return folder
-
-
-def _load_example(name: str):
-    """Import `examples/<name>.py` of the checkout as a module (its `main(argv)` is the shared code path)."""
-    import importlib.util
-
-    path = _examples_dir() / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"sam3d_example_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _parse_example_args(module, argv: list[str], command: str):
-    """The example's own `parse_args`, its usage errors reduced to one line (`sam3d <command>: error: ...`)."""
+def _parse_module_args(module, argv: list[str], command: str):
+    """The library module's own `parse_args` (`sam3d_hf.training`, `sam3d_hf.evaluation`), its usage errors reduced to
+    one line (`sam3d <command>: error: ...`)."""
     import contextlib
     import io
 
@@ -195,6 +174,7 @@ def _segment(args: argparse.Namespace) -> int:
     from .image_processing_sam3d import load_volume
     from .inference import Sam3DPredictor
     from .processing_sam3d import save_mask_nifti
+    from .visualization import save_overlay
 
     # What the arguments alone decide, before anything is read or loaded.
     if not 0 < args.threshold < 1:
@@ -248,103 +228,32 @@ def _segment(args: argparse.Namespace) -> int:
     return 0
 
 
-def save_overlay(path, image, affine, outlines, points, labels, window, title: str | None = None) -> None:
-    """A PNG of three orthogonal slices (axial, coronal, sagittal; RAS, R to the right, A / S upwards; each drawn with
-    its voxel spacing's aspect, so anisotropic scans are not distorted) through the centre of each connected region of
-    the first outline's mask (the 4 largest, one row each; the first click when it is empty): the outlines, and the
-    clicks within 2 slices as x (yellow positive, cyan negative). Written atomically. Used by `sam3d segment --overlay`
-    and examples/evaluate.py.
-
-    Args:
-        path: the `.png` to write.
-        image: the scan, in its stored axis order (NIfTI i, j, k; `Sam3DVolume.data`).
-        affine: `(4, 4)` voxel -> RAS mm of the scan.
-        outlines: `{name: (mask, colour)}`, masks in the scan's stored axis order, e.g. `{"ground truth": (label,
-            "lime"), "prediction": (mask, "red")}`.
-        points: `(N, 3)` clicks, stored voxel indices `(i, j, k)`; labels: `(N,)` 1 positive / 0 negative.
-        window: `(low, high)` grey levels shown (e.g. the processor's HU window).
-        title: first words of the figure's title (the outlines' colours follow).
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import nibabel as nib
-    import numpy as np
-    from scipy import ndimage
-
-    from .convert_sam3d import atomic_write
-
-    orientation = nib.orientations.io_orientation(affine)  # stored axis -> (RAS display axis, flip)
-    image = nib.orientations.apply_orientation(image, orientation)
-    masks = {name: (nib.orientations.apply_orientation(mask, orientation), colour) for name, (mask, colour) in
-             outlines.items()}  # fmt: skip
-    shape = np.asarray(image.shape)
-    points, labels = np.asarray(points, dtype=float).reshape(-1, 3), np.asarray(labels)
-    shown = np.zeros((len(points), 3))
-    for stored_axis, (axis, flip) in enumerate(orientation.astype(int)):  # stored voxel -> RAS display voxel
-        shown[:, axis] = points[:, stored_axis] if flip > 0 else shape[axis] - 1 - points[:, stored_axis]
-    spacing = np.linalg.norm(affine[:3, :3], axis=0)[np.argsort(orientation[:, 0])]  # mm per display axis
-    first = next(iter(masks.values()))[0].astype(bool)
-    regions, count = ndimage.label(first, np.ones((3, 3, 3)))
-    largest = 1 + np.argsort(-ndimage.sum_labels(first, regions, range(1, count + 1)), kind="stable")[:4]
-    centres = ndimage.center_of_mass(first, regions, largest) if count else shown[:1]
-    centres = [np.rint(c).astype(int).clip(0, shape - 1) for c in centres] or [(shape - 1) // 2]
-    views = (("axial", 2, (0, 1)), ("coronal", 1, (0, 2)), ("sagittal", 0, (1, 2)))  # (name, cut axis, (x, y))
-    figure, axes = plt.subplots(len(centres), 3, figsize=(10, 0.4 + 3.4 * len(centres)), squeeze=False)
-    for row, centre in enumerate(centres):
-        for panel, (name, axis, (horizontal, vertical)) in zip(axes[row], views):
-            index = [slice(None)] * 3
-            index[axis] = centre[axis]
-            index = tuple(index)
-            panel.imshow(image[index].T, cmap="gray", origin="lower", vmin=window[0], vmax=window[1],
-                         aspect=spacing[vertical] / spacing[horizontal])  # fmt: skip
-            for mask, colour in masks.values():
-                if mask[index].any():
-                    panel.contour(mask[index].T.astype(float), levels=[0.5], colors=colour, linewidths=1)
-            near = np.abs(shown[:, axis] - centre[axis]) <= 2
-            for value, colour in ((1, "yellow"), (0, "cyan")):
-                chosen = near & (labels == value)
-                panel.scatter(shown[chosen, horizontal], shown[chosen, vertical], s=30, c=colour, marker="x")
-            panel.set_title(f"#{row + 1} {name} slice {centre[axis]}", fontsize=9)
-            panel.set_axis_off()
-    legend = ", ".join(f"{colour}: {name}" for name, (_, colour) in masks.items())
-    figure.suptitle(f"{title + ' -- ' if title else ''}{legend}, x: clicks (yellow +, cyan -)", fontsize=10)
-    figure.tight_layout()
-    atomic_write(Path(path), lambda tmp: figure.savefig(tmp, format="png", dpi=90), suffix=".png")
-    plt.close(figure)
-
-
 def _evaluate(argv: list[str]) -> int:
-    """`sam3d evaluate ...`: examples/evaluate.py's `main` with the same arguments."""
-    module = _load_example("evaluate")
-    _parse_example_args(module, argv, "evaluate")
-    module.main(argv)
+    """`sam3d evaluate ...`: `sam3d_hf.evaluation.main` with the same arguments, in this process."""
+    from . import evaluation
+
+    _parse_module_args(evaluation, argv, "evaluate")
+    evaluation.main(argv)
     return 0
 
 
-def _train_command(argv: list[str], accelerate_config: str | None) -> list[str]:
-    """`accelerate launch [--config_file C] examples/train.py ARGV` for this Python."""
-    launcher = ["--config_file", accelerate_config] if accelerate_config else []
-    script = _examples_dir() / "train.py"
-    return [sys.executable, "-m", "accelerate.commands.launch", *launcher, os.fspath(script), *argv]
-
-
 def _train(argv: list[str]) -> int:
-    """`sam3d train [--accelerate_config FILE] ...`: examples/train.py through `accelerate launch`, in a subprocess."""
+    """`sam3d train [--accelerate_config FILE] ...`: `accelerate launch -m sam3d_hf.training`, in a subprocess."""
     import subprocess
 
-    accelerate_config = None
+    from . import training
+
+    launch_options = []
     if "--accelerate_config" in argv:
         at = argv.index("--accelerate_config")
         if at + 1 >= len(argv):
             raise ValueError("--accelerate_config needs a file")
-        accelerate_config = argv[at + 1]
+        launch_options = ["--config_file", argv[at + 1]]
         argv = argv[:at] + argv[at + 2 :]
-        if not Path(accelerate_config).is_file():
-            raise ValueError(f"--accelerate_config {accelerate_config!r}: no such file")
-    _parse_example_args(_load_example("train"), argv, "train")  # argument mistakes: one line, before launching
-    result = subprocess.run(_train_command(argv, accelerate_config))
+        if not Path(launch_options[1]).is_file():
+            raise ValueError(f"--accelerate_config {launch_options[1]!r}: no such file")
+    _parse_module_args(training, argv, "train")  # argument mistakes: one line, before launching
+    result = subprocess.run(training.launch_command(argv, launch_options))
     if result.returncode:
         raise SystemExit(f"sam3d train: error: training failed (exit status {result.returncode}; see above)")
     return 0
@@ -361,15 +270,22 @@ def _push(args: argparse.Namespace) -> int:
         args.folder, repo_id=args.repo_id, base_model=args.base_model_id, adapter=args.adapter_only or None,
         license=args.license, **card_kwargs,
     )  # fmt: skip
+    if args.card_out:
+        card.save(args.card_out)
+        print(f"wrote the card to {args.card_out}")
     print(f"files for {args.repo_id}:")
     for name, source in upload_plan(args.folder, adapter_only=args.adapter_only).items():
         print(f"  {name}  <-  {source}" if isinstance(source, Path) else f"  {name}  (made by sam3d-hf)")
     print("  README.md (the model card, " + f"{len(str(card))} characters)")
+    if args.adapter_only:
+        print("  adapter_config.json (the folder's, naming the base model)")
     if args.dry_run:
+        print(f"\nREADME.md, as it would be uploaded:\n\n{card}")
         return 0
     info = push_to_hub(
         args.folder, args.repo_id, adapter_only=args.adapter_only, base_model_id=args.base_model_id,
-        license=args.license, private=args.private, revision=args.revision, token=args.token, **card_kwargs,
+        license=args.license, private=args.private, revision=args.revision, token=args.token,
+        commit_message=args.commit_message, **card_kwargs,
     )  # fmt: skip
     print(f"pushed: {info.commit_url}")
     return 0
@@ -390,9 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
         "demo",
         help="generate synthetic CT, fine-tune a small model on the CPU, evaluate it, write everything to a folder",
         description="Offline, on the CPU: generates synthetic CT scans with lesions (sam3d_hf.synthetic), fine-tunes "
-        "a small configuration through examples/train.py (Accelerate), evaluates 1/3/10-click and correction-round "
-        "Dice and NSD on held-out cases (examples/evaluate.py) and writes the model, processor, adapter, predictions "
-        "(NIfTI), overlays, metrics table and model card into --output-dir. Needs the source checkout (examples/).",
+        "a small configuration with sam3d_hf.training (accelerate launch), evaluates 1/3/10-click and correction-round "
+        "Dice and NSD on held-out cases (sam3d_hf.evaluation) and writes the model, processor, adapter, predictions "
+        "(NIfTI), overlays, metrics table and model card into --output-dir.",
     )
     demo.add_argument("--output-dir", default="sam3d-demo", help="folder to write (default ./sam3d-demo)")
     demo.add_argument("--quick", action="store_true", help="a 1-2 minute run: fewer cases and steps, no Dice target")
@@ -423,10 +339,10 @@ def build_parser() -> argparse.ArgumentParser:
     segment.set_defaults(func=_segment)
 
     for name, help_text in (
-        ("evaluate", "evaluate a model on a test set (examples/evaluate.py: Dice/NSD per click protocol)"),
-        ("train", "fine-tune through `accelerate launch examples/train.py` (--accelerate_config FILE optional)"),
+        ("evaluate", "evaluate a model on a test set (sam3d_hf.evaluation: Dice/NSD per click protocol)"),
+        ("train", "fine-tune through `accelerate launch -m sam3d_hf.training` (--accelerate_config FILE optional)"),
     ):
-        # Their options are the example scripts' own: `sam3d train --help` prints them.
+        # Their options are the library modules' own: `sam3d train --help` prints them.
         commands.add_parser(name, help=help_text, add_help=False)
 
     push = commands.add_parser(
@@ -449,7 +365,10 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--private", action="store_true", help="create the repository private")
     push.add_argument("--revision", help="branch to commit to (created if missing)")
     push.add_argument("--token", help="Hub token (default: the logged-in user's)")
-    push.add_argument("--dry-run", action="store_true", help="render the card and list the files; upload nothing")
+    push.add_argument("--commit-message", default="Upload Sam3D checkpoint with sam3d-hf", help="the commit's message")
+    push.add_argument("--card-out", help="also write the rendered card to this file, for review")
+    push.add_argument("--dry-run", action="store_true",
+                      help="list the files and print the card as it would be uploaded; upload nothing")  # fmt: skip
     push.set_defaults(func=_push)
 
     summary = commands.add_parser(
@@ -497,10 +416,10 @@ PASS_THROUGH = ("evaluate", "train")
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in PASS_THROUGH:  # the example scripts parse their own arguments
+    if argv and argv[0] in PASS_THROUGH:  # sam3d_hf.training and sam3d_hf.evaluation parse their own arguments
         command, rest = argv[0], argv[1:]
         if command == "train" and {"-h", "--help"} & set(rest):
-            print("sam3d train runs `accelerate launch [--config_file FILE] examples/train.py TRAIN_ARGS`.\n"
+            print("sam3d train runs `accelerate launch [--config_file FILE] -m sam3d_hf.training TRAIN_ARGS`.\n"
                   "  --accelerate_config FILE  Accelerate config file (default: accelerate's own)\n")  # fmt: skip
         _quiet_transformers()
         try:

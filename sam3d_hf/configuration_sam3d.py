@@ -289,6 +289,27 @@ SAM_PRESETS = {
         "global_attn_indexes": [7, 15, 23, 31],
     },
 }
+# A model small enough to train on a CPU in minutes (the demo, the tests, the benchmarks' small case) that still runs
+# every code path: 4 blocks, 0 and 2 shifted, 1 and 3 with SAM's long ("global") relative-position tables, all four
+# levels tapped; the 16x16 position table is pooled and the 8-row depth table resized for most patch sizes, and the
+# 8^3 windows are padded unless the token grid is a multiple of 8. Its weights are random: there is no tiny SAM.
+TINY_PRESET = {
+    "vision_config": {
+        "hidden_size": 48,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 2,
+        "mlp_dim": 96,
+        "adapter_dim": 16,
+        "output_channels": 32,
+        "sam_image_size": 256,
+        "sam_window_size": 4,
+        "global_attn_indexes": [1, 3],
+        "depth_embed_size": 8,
+    },
+    "prompt_encoder_config": {"hidden_size": 32, "num_attention_heads": 2, "mlp_dim": 64},
+    "mask_decoder_config": {"hidden_size": 16},
+}
+CONFIG_PRESETS = ("tiny", *SAM_PRESETS)
 
 
 class Sam3DConfig(PretrainedConfig):
@@ -346,17 +367,39 @@ class Sam3DConfig(PretrainedConfig):
         raise TypeError(f"{name} must be a dict or a {cls.__name__}, got {type(value).__name__}")
 
     @classmethod
+    def from_preset(cls, name: str, **kwargs) -> Sam3DConfig:
+        """A named configuration: SAM's `vit_b` (the paper's model), `vit_l`, `vit_h`, or `tiny` (`TINY_PRESET`, for
+        CPU runs and tests). A sub-config dict in `kwargs` (`vision_config={"image_size": (64, 128, 128)}`) updates
+        the preset's entries of that sub-config; other keywords are `Sam3DConfig` arguments."""
+        if name == "tiny":
+            values = {key: dict(value) for key, value in TINY_PRESET.items()}
+        elif name in SAM_PRESETS:
+            vision = dict(SAM_PRESETS[name])
+            vision["mlp_dim"] = 4 * vision["hidden_size"]
+            values = {"vision_config": vision}
+        else:
+            raise ValueError(f"Unknown preset {name!r}; expected one of {list(CONFIG_PRESETS)}")
+        for key in cls.sub_configs:
+            override = kwargs.pop(key, None) or {}
+            if not isinstance(override, dict):
+                raise TypeError(f"{key} override must be a dict, got {type(override).__name__}")
+            values[key] = {**values.get(key, {}), **override}
+        return cls(**values, **kwargs)
+
+    @classmethod
     def from_sam_preset(cls, name: str, **kwargs) -> Sam3DConfig:
-        """Config for SAM `vit_b`, `vit_l` or `vit_h`; `vision_config` entries in `kwargs` override the preset."""
+        """[`from_preset`] for SAM's sizes `vit_b`, `vit_l`, `vit_h` only (what a SAM checkpoint can initialise)."""
         if name not in SAM_PRESETS:
             raise ValueError(f"Unknown SAM preset {name!r}; expected one of {sorted(SAM_PRESETS)}")
-        vision = dict(SAM_PRESETS[name])
-        vision["mlp_dim"] = 4 * vision["hidden_size"]
-        override = kwargs.pop("vision_config", None) or {}
-        if not isinstance(override, dict):
-            raise TypeError(f"vision_config override must be a dict, got {type(override).__name__}")
-        vision.update(override)
-        return cls(vision_config=vision, **kwargs)
+        return cls.from_preset(name, **kwargs)
 
 
-__all__ = ["SAM_PRESETS", "Sam3DConfig", "Sam3DMaskDecoderConfig", "Sam3DPromptEncoderConfig", "Sam3DVisionConfig"]
+__all__ = [
+    "CONFIG_PRESETS",
+    "SAM_PRESETS",
+    "TINY_PRESET",
+    "Sam3DConfig",
+    "Sam3DMaskDecoderConfig",
+    "Sam3DPromptEncoderConfig",
+    "Sam3DVisionConfig",
+]

@@ -10,9 +10,12 @@
 Every conversion returns a [`ConversionReport`] that accounts for each tensor: every target tensor is copied,
 transformed (axis permutation, channel sum, reshape, inflation) or newly initialised, and every source tensor is
 either used by a copied/transformed target or ignored with the reason. Nothing is dropped silently. Pickles are only
-ever read with `torch.load(..., weights_only=True)`; [`save_converted`] writes safetensors + JSON, atomically, with
-the modes the user's umask gives (as does [`atomic_write`], the package's helper for single files). The official
-layout and its axis permutations: docs/design.md "Official checkpoint layout".
+ever read with `torch.load(..., weights_only=True)`; [`save_converted`] writes safetensors + JSON, atomically
+(`sam3d_hf.files`). The official layout and its axis permutations: docs/design.md "Official checkpoint layout".
+
+The models are built from their config through transformers' registry (`AutoModel.from_config`, where `sam3d_hf`
+registers `Sam3DForPromptableSegmentation` for `Sam3DConfig`), so this module does not import the modeling module,
+which reaches it for `Sam3DForPromptableSegmentation.from_sam_pretrained`.
 """
 
 from __future__ import annotations
@@ -21,19 +24,17 @@ import json
 import logging
 import os
 import re
-import shutil
-import tempfile
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import safetensors.torch
 import torch
+from transformers import AutoModel, PreTrainedModel
 
 from .configuration_sam3d import SAM_PRESETS, Sam3DConfig
-from .modeling_sam3d import Sam3DForPromptableSegmentation
+from .files import staged_folder, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -264,9 +265,15 @@ def config_from_official(encoder_dict: dict, prompt_dict: dict, decoder_dict: di
     return Sam3DConfig(vision_config=vision, prompt_encoder_config=prompt, mask_decoder_config=decoder, **overrides)
 
 
+def _build_model(config: Sam3DConfig) -> PreTrainedModel:
+    """A freshly initialised `Sam3DForPromptableSegmentation` for `config` (see the module docstring for why through
+    the registry)."""
+    return AutoModel.from_config(config)
+
+
 def convert_official_state_dicts(
     encoder_dict: dict, prompt_dict: dict, decoder_dict: dict, config: Sam3DConfig | None = None
-) -> tuple[Sam3DForPromptableSegmentation, ConversionReport]:
+) -> tuple[PreTrainedModel, ConversionReport]:
     """Build a model from the three state dicts of an official snapshot (`encoder_dict`, `feature_dict[3]`,
     `decoder_dict`), in float32. Raises if a model tensor has no source or a source tensor is unknown."""
     report = ConversionReport(details={"source format": "official 3DSAM-adapter snapshot"})
@@ -275,7 +282,7 @@ def convert_official_state_dicts(
     _map_section("feature_dict[3]", prompt_dict, _PROMPT_RULES, report, state_dict)
     _map_section("decoder_dict", decoder_dict, _DECODER_RULES, report, state_dict)
     config = config or config_from_official(encoder_dict, prompt_dict, decoder_dict)
-    model = Sam3DForPromptableSegmentation(config)
+    model = _build_model(config)
     expected = model.state_dict()
     missing = [_official_key(key) for key in expected if key not in state_dict]
     if missing:
@@ -347,7 +354,7 @@ def _official_key(key: str) -> tuple[str | None, str, str | None]:
     return None, key, None
 
 
-def to_official_state_dicts(model: Sam3DForPromptableSegmentation) -> tuple[dict, dict, dict]:
+def to_official_state_dicts(model: PreTrainedModel) -> tuple[dict, dict, dict]:
     """The inverse of [`convert_official_state_dicts`]: `(encoder_dict, feature_dict[3], decoder_dict)` in the
     official layout (`(H, W, D)` kernel axes), with exactly the tensors the official forward uses. The official
     modules also hold tensors their forward never reads (the prompt module's `cross_attn_token_to_image` and Fourier
@@ -401,9 +408,7 @@ def _torch_load(path: str | os.PathLike) -> object:
         ) from None
 
 
-def load_official_checkpoint(
-    path: str | os.PathLike, **config_overrides
-) -> tuple[Sam3DForPromptableSegmentation, ConversionReport]:
+def load_official_checkpoint(path: str | os.PathLike, **config_overrides) -> tuple[PreTrainedModel, ConversionReport]:
     """Read an official 3DSAM-adapter `*.pth.tar` training snapshot (safely: `weights_only=True`) and convert it.
 
     The snapshot is a dict with `encoder_dict`, `feature_dict` (a list of 4 prompt-module state dicts; only index 3
@@ -564,7 +569,7 @@ def _sam_preset(architecture: dict) -> str | None:
 
 def convert_sam_state_dict(
     state_dict: dict[str, torch.Tensor], config: Sam3DConfig | None = None, **config_kwargs
-) -> tuple[Sam3DForPromptableSegmentation, ConversionReport]:
+) -> tuple[PreTrainedModel, ConversionReport]:
     """Initialise a model from a SAM 2D state dict, as the paper does (docs/design.md "Initialisation from SAM and
     what is trained").
 
@@ -660,7 +665,7 @@ def convert_sam_state_dict(
             "channel (CT), set num_channels=1"
         )
 
-    model = Sam3DForPromptableSegmentation(config)
+    model = _build_model(config)
     expected = model.state_dict()
     wrong = [
         (k, tuple(v.shape), tuple(expected[k].shape))
@@ -745,7 +750,7 @@ def load_sam_checkpoint(
     revision: str | None = None,
     cache_dir: str | os.PathLike | None = None,
     **config_kwargs,
-) -> tuple[Sam3DForPromptableSegmentation, ConversionReport]:
+) -> tuple[PreTrainedModel, ConversionReport]:
     """Build a model initialised from SAM 2D weights the way the paper does; see [`convert_sam_state_dict`].
 
     Args:
@@ -772,51 +777,6 @@ def load_sam_checkpoint(
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _usual_mode(is_dir: bool) -> int:
-    """The mode `open()` / `mkdir()` would give under the user's umask (mkstemp / mkdtemp give 0600 / 0700)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return (0o777 if is_dir else 0o666) & ~umask
-
-
-def set_usual_modes(folder: str | os.PathLike) -> None:
-    """Give `folder` and everything under it the modes `open()` / `mkdir()` would give under the user's umask: folders
-    made with `tempfile.mkdtemp` (0700) and files some writers create private (0600, e.g. `save_pretrained`'s
-    safetensors) become readable as the user's other files are, before they are renamed into place."""
-    folder = Path(folder)
-    for item in [folder, *folder.rglob("*")]:
-        item.chmod(_usual_mode(item.is_dir()))
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None], suffix: str = ".tmp") -> None:
-    """Create or replace the file `path` atomically: `write(temporary)` fills a temporary file in the same folder,
-    which gets the usual mode (umask respected) and is then renamed over `path`. A reader sees the old file or the
-    complete new one, never a half-written one; on failure `path` is untouched and the temporary file is removed.
-    `suffix` ends the temporary name, for writers that choose the format by extension (`.nii.gz`). A missing folder
-    is an error that names it (folders are not created here)."""
-    path = Path(path)
-    if path.parent.exists() and not path.parent.is_dir():
-        raise NotADirectoryError(
-            f"cannot write {os.fspath(path)!r}: {os.fspath(path.parent)!r} is a file, not a folder"
-        )
-    if not path.parent.is_dir():
-        raise FileNotFoundError(
-            f"cannot write {os.fspath(path)!r}: folder {os.fspath(path.parent)!r} does not exist; create it first"
-        )
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
-    os.close(handle)
-    try:
-        write(temporary)
-        with open(temporary, "rb") as file:  # on disk before the rename, so a crash never exposes an empty file
-            os.fsync(file.fileno())
-        os.chmod(temporary, _usual_mode(is_dir=False))
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
-
-
 def _check_output(output_dir: str | os.PathLike, overwrite: bool) -> Path:
     """`output_dir` as an absolute path, after checking that a converted model can be written there."""
     output = Path(output_dir).absolute()
@@ -837,7 +797,7 @@ def _check_output(output_dir: str | os.PathLike, overwrite: bool) -> Path:
 
 
 def save_converted(
-    model: Sam3DForPromptableSegmentation,
+    model: PreTrainedModel,
     report: ConversionReport,
     output_dir: str | os.PathLike,
     *,
@@ -847,22 +807,9 @@ def save_converted(
     `output_dir`, atomically: everything is written to a temporary sibling folder that is then renamed. An existing
     non-empty `output_dir` is only replaced with `overwrite=True`; an existing file is never replaced."""
     output = _check_output(output_dir, overwrite)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    try:
+    with staged_folder(output) as staging:
         model.save_pretrained(staging)
-        (staging / "conversion_report.json").write_text(json.dumps(report.to_dict(), indent=2, default=str) + "\n")
-        set_usual_modes(staging)  # temporary files are private (0600/0700)
-        if output.exists():
-            old = output.with_name(f".{output.name}.old-{os.getpid()}")
-            os.replace(output, old)
-            os.replace(staging, output)
-            shutil.rmtree(old)
-        else:
-            os.replace(staging, output)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
+        write_json(staging / "conversion_report.json", report.to_dict(), default=str)
     return output
 
 

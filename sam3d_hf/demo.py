@@ -2,11 +2,11 @@
 
 1. Generate synthetic CT scans with lesions (`sam3d_hf.synthetic.generate_dataset`) and a split whose held-out
    cases all hold a lesion.
-2. Fine-tune a small configuration (examples/train.py's tiny config, spatial adapters as in the paper; offline
-   there are no SAM weights, so the frozen ViT weights are random) through `accelerate launch examples/train.py`:
-   the one training loop of the project.
-3. Evaluate 1/3/10 clicks and correction rounds (Dice, NSD at 5 mm) on the held-out cases with examples/evaluate.py's
-   `main` (cases.csv, summary.json, table.md, overlays/).
+2. Fine-tune a small configuration (the `tiny` preset, spatial adapters as in the paper; offline there are no SAM
+   weights, so the frozen ViT weights are random) through `accelerate launch -m sam3d_hf.training`: the one training
+   loop of the package.
+3. Evaluate 1/3/10 clicks and correction rounds (Dice, NSD at 5 mm) on the held-out cases with
+   `sam3d_hf.evaluation.main` (cases.csv, summary.json, table.md, overlays/).
 4. Write 1-click predictions of the held-out cases as NIfTI (the scans' own geometry).
 5. Render the model card. The folder serves `pipeline("sam3d-segmentation", model=...)` where sam3d-hf is installed;
    `sam3d push` adds the pipeline's code and `custom_pipelines` to what it uploads, for `trust_remote_code=True`.
@@ -22,7 +22,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -66,9 +65,8 @@ def run_demo(output_dir: str | os.PathLike = "sam3d-demo", quick: bool = False, 
     `evaluation/` (cases.csv, lesions.csv, summary.json, table.md, overlays), `predictions/<case>.nii.gz` (1-click masks
     of the held-out cases in their scans' geometry).
     """
-    from .cli import _examples_dir, _load_example, _train_command
-    from .convert_sam3d import set_usual_modes
-    from .data import _write_json
+    from . import evaluation, training
+    from .files import make_staging_folder, replace_folder, write_json
     from .hub import render_model_card
     from .image_processing_sam3d import Sam3DImageProcessor
     from .inference import Sam3DPredictor
@@ -83,12 +81,10 @@ def run_demo(output_dir: str | os.PathLike = "sam3d-demo", quick: bool = False, 
         raise ValueError(f"{output_dir} is a file; choose a folder for the demo (--output-dir)")
     if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
         raise ValueError(f"{output_dir} already exists and is not empty; pass --overwrite or choose --output-dir")
-    _examples_dir()  # says clearly when the checkout's examples/ are missing, before any work
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
     # `kill` (SIGTERM) ends Python without unwinding; as an exception it reaches the clean-up below.
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    work = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
+    work = make_staging_folder(output_dir)
     started = time.perf_counter()
     try:
         _step(1, f"generating {settings['num_cases']} synthetic CT scans")
@@ -101,12 +97,12 @@ def run_demo(output_dir: str | os.PathLike = "sam3d-demo", quick: bool = False, 
         split = {"train": rest[1:], "validation": rest[:1], "test": test, "seed": seed}
         split["fractions"] = [len(split[k]) / len(cases) for k in ("train", "validation", "test")]
         (work / "training").mkdir()
-        _write_json(work / "training" / "split.json", split)
+        write_json(work / "training" / "split.json", split)
         image_processor = Sam3DImageProcessor(**SYNTHETIC_PROCESSOR_KWARGS, target_spacing=TARGET_SPACING)
         processor_dir = work / "training" / "processor"
         Sam3DProcessor(image_processor, patch_size=PATCH_SIZE, cluster_margin=4).save_pretrained(processor_dir)
 
-        _step(2, f"fine-tuning the tiny model for {settings['steps']} steps (accelerate launch examples/train.py)")
+        _step(2, f"fine-tuning the tiny model for {settings['steps']} steps (accelerate launch -m sam3d_hf.training)")
         train_argv = [
             "--data_dir", str(data_dir), "--output_dir", str(work / "training"), "--processor", str(processor_dir),
             "--split_file", str(work / "training" / "split.json"), "--cache_dir", str(work / "cache"),
@@ -114,21 +110,21 @@ def run_demo(output_dir: str | os.PathLike = "sam3d-demo", quick: bool = False, 
             "--checkpointing_steps", str(settings["steps"]), "--checkpoints_total_limit", "1", "--seed", str(seed),
             *TRAIN_ARGS,
         ]  # fmt: skip
-        config = _examples_dir() / "accelerate_configs" / "cpu.yaml"
         environment = {**os.environ, "HF_HUB_OFFLINE": "1"}
-        if subprocess.run(_train_command(train_argv, str(config)), env=environment).returncode:
+        command = training.launch_command(train_argv, training.CPU_LAUNCH_OPTIONS)
+        if subprocess.run(command, env=environment).returncode:
             raise SystemExit("sam3d demo: error: training failed (see its output above); nothing was kept")
         shutil.move(work / "training" / "final_model", work / "model")
         shutil.rmtree(work / "training" / "checkpoints", ignore_errors=True)
         shutil.rmtree(work / "cache", ignore_errors=True)
 
-        _step(3, f"evaluating {len(test)} held-out case(s): clicks {settings['protocols']} (examples/evaluate.py)")
-        evaluation = work / "evaluation"
-        _load_example("evaluate").main([
+        _step(3, f"evaluating {len(test)} held-out case(s): clicks {settings['protocols']} (sam3d_hf.evaluation)")
+        evaluation_dir = work / "evaluation"
+        evaluation.main([
             "--model", str(work / "model"), "--data_dir", str(data_dir), "--split_file",
             str(work / "training" / "split.json"), "--split", "test", "--protocols", settings["protocols"],
             "--rounds", str(settings["rounds"]), "--dataset_name", "synthetic", "--seed", str(seed),
-            "--output_dir", str(evaluation),
+            "--output_dir", str(evaluation_dir),
         ])  # fmt: skip
 
         _step(4, "writing 1-click predictions of the held-out cases as NIfTI")
@@ -152,15 +148,12 @@ def run_demo(output_dir: str | os.PathLike = "sam3d-demo", quick: bool = False, 
 
         _step(5, "rendering the model card")
         card = render_model_card(
-            work / "model", dataset="synthetic", evaluation=evaluation / "summary.json",
+            work / "model", dataset="synthetic", evaluation=evaluation_dir / "summary.json",
             training_args=work / "training" / "logs" / "config.json", model_name="sam3d-demo",
         )  # fmt: skip
         card.save(work / "model" / "README.md")
 
-        set_usual_modes(work)  # mkdtemp made it 0700: the demo's folder gets the user's usual modes
-        if output_dir.exists():  # --overwrite: the old folder goes only once the new one is complete
-            shutil.rmtree(output_dir)
-        os.replace(work, output_dir)
+        replace_folder(work, output_dir)  # --overwrite: the old folder goes only once the new one is complete
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise

@@ -18,6 +18,7 @@ Coordinate conventions used throughout this module
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -175,6 +176,10 @@ def _read_path(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, nib.spa
     if not os.path.exists(path):
         raise FileNotFoundError(f"Image path {path!r} does not exist.")
     supported = "a NIfTI file (.nii, .nii.gz), an NRRD file (.nrrd, .nhdr) or a folder holding one DICOM series"
+    needed = "pydicom" if os.path.isdir(path) else "nrrd" if _has_suffix(path, NRRD_SUFFIXES) else None
+    if needed is not None and importlib.util.find_spec(needed) is None:
+        kind = "a DICOM series" if needed == "pydicom" else "NRRD"
+        raise ValueError(f'Reading {kind} ({path!r}) needs the optional readers: pip install "sam3d-hf[io]".')
     try:
         if os.path.isdir(path):
             from monai.data import PydicomReader

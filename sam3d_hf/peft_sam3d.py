@@ -27,7 +27,8 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 
-from .convert_sam3d import _read_safetensors, atomic_write
+from .convert_sam3d import _read_safetensors
+from .files import atomic_write, write_json
 from .modeling_sam3d import ADAPTER_CONFIG_NAME, PEFT_TYPE, Sam3DForPromptableSegmentation, Sam3DSpatialAdapter
 
 logger = logging.getLogger(__name__)
@@ -155,8 +156,7 @@ class Sam3DAdapterConfig:
         touched. A folder that holds a model is refused (see `Sam3DAdapterModel.save_pretrained`)."""
         directory = _adapter_folder(save_directory)
         directory.mkdir(parents=True, exist_ok=True)
-        text = json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
-        atomic_write(directory / ADAPTER_CONFIG_NAME, lambda temporary: Path(temporary).write_text(text, "utf-8"))
+        write_json(directory / ADAPTER_CONFIG_NAME, self.to_dict(), sort_keys=True)
 
     @classmethod
     def from_pretrained(
@@ -436,7 +436,7 @@ class Sam3DAdapterModel(nn.Module):
         would no longer load. Save the adapter in a folder of its own, e.g. `<model folder>/adapter`."""
         target = _adapter_folder(save_directory)
         target.mkdir(parents=True, exist_ok=True)
-        from . import __version__
+        from .version import __version__
 
         config = dataclasses.replace(self.adapter_config, sam3d_hf_version=__version__)  # as peft records its own
         if config.base_model_name_or_path is None and self.model.config._name_or_path:

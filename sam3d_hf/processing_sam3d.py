@@ -21,7 +21,7 @@ from transformers.models.auto.processing_auto import AutoProcessor
 from transformers.processing_utils import ProcessorMixin
 
 from .configuration_sam3d import Sam3DConfig
-from .convert_sam3d import atomic_write
+from .files import atomic_write
 from .image_processing_sam3d import (
     Sam3DImageProcessor,
     _get_preset,

@@ -15,7 +15,6 @@ Same seed -> byte-identical arrays (everything comes from one `numpy.random.Gene
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ import nibabel as nib
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
-from .convert_sam3d import atomic_write
+from .files import atomic_write, write_json
 
 __all__ = [
     "ORIENTATIONS",
@@ -302,11 +301,5 @@ def generate_dataset(
         "training": training,
         "test": [],
     }
-    text = json.dumps(meta, indent=2) + "\n"
-
-    def _write_json(p: str) -> None:
-        with open(p, "w", encoding="utf-8") as f:
-            f.write(text)
-
-    atomic_write(root / "dataset.json", _write_json, suffix=".json")
+    write_json(root / "dataset.json", meta)
     return root

@@ -1,3 +1,4 @@
+import copy
 import json
 import os
 import shutil
@@ -14,29 +15,15 @@ if "OMP_NUM_THREADS" not in os.environ:
     torch.set_num_threads(1)
 
 from sam3d_hf import Sam3DConfig, Sam3DForPromptableSegmentation
+from sam3d_hf.configuration_sam3d import TINY_PRESET
 
-# Small enough for CPU tests, yet every path runs: the (40, 24, 44) patch gives a (10, 6, 11) token grid, padded to
+# The library's tiny preset at an anisotropic, non-cubic patch: (40, 24, 44) gives a (10, 6, 11) token grid, padded to
 # (16, 8, 16) for 8³ windows; blocks 0 and 2 are shifted; blocks 1 and 3 use the long (SAM "global") tables; all four
-# levels are tapped; the depth table (8 rows) is resized to 10 and the 16x16 position table pooled to 6x11.
-TINY = {
-    "vision_config": {
-        "hidden_size": 48,
-        "num_hidden_layers": 4,
-        "num_attention_heads": 2,
-        "mlp_dim": 96,
-        "adapter_dim": 16,
-        "output_channels": 32,
-        "image_size": (40, 24, 44),
-        "sam_image_size": 256,
-        "sam_window_size": 4,
-        "global_attn_indexes": [1, 3],
-        "depth_embed_size": 8,
-        "attention_chunk_size": 3,
-    },
-    "prompt_encoder_config": {"hidden_size": 32, "num_attention_heads": 2, "mlp_dim": 64},
-    "mask_decoder_config": {"hidden_size": 16},
-}
+# levels are tapped; the depth table (8 rows) is resized to 10 and the 16x16 position table pooled to 6x11; attention
+# runs in chunks of 3 windows.
 PATCH = (40, 24, 44)
+TINY = copy.deepcopy(TINY_PRESET)
+TINY["vision_config"].update(image_size=PATCH, attention_chunk_size=3)
 
 
 def randomize(model: torch.nn.Module, seed: int = 0, std: float = 0.2) -> torch.nn.Module:

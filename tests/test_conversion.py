@@ -19,7 +19,7 @@ from conftest import PATCH, TINY, randomize
 from transformers import SamConfig, SamMaskDecoderConfig, SamModel, SamPromptEncoderConfig, SamVisionConfig
 
 import sam3d_hf.convert_sam3d as convert
-from sam3d_hf import Sam3DConfig, Sam3DForPromptableSegmentation
+from sam3d_hf import Sam3DConfig, Sam3DForPromptableSegmentation, files
 from sam3d_hf.cli import main
 
 # ---------------------------------------------------------------- helpers
@@ -675,26 +675,13 @@ def test_written_files_get_the_usual_modes(tiny_model, tmp_path, umask):
     previous = os.umask(umask)
     try:
         output = convert.save_converted(tiny_model, convert.ConversionReport(), tmp_path / "a" / "converted")
-        convert.atomic_write(tmp_path / "note.txt", lambda temporary: open(temporary, "w").write("hello"))
+        files.atomic_write(tmp_path / "note.txt", lambda temporary: open(temporary, "w").write("hello"))
     finally:
         os.umask(previous)
     for path in [tmp_path / "a", output, *output.iterdir()]:
         assert stat.S_IMODE(path.stat().st_mode) == (0o777 if path.is_dir() else 0o666) & ~umask, path
     assert stat.S_IMODE((tmp_path / "note.txt").stat().st_mode) == 0o666 & ~umask
     assert (tmp_path / "note.txt").read_text() == "hello"
-
-
-def test_atomic_write_leaves_the_old_file_on_failure(tmp_path):
-    (tmp_path / "note.txt").write_text("old")
-
-    def fail(temporary):
-        with open(temporary, "w") as file:
-            file.write("half")
-        raise RuntimeError("interrupted")
-
-    with pytest.raises(RuntimeError, match="interrupted"):
-        convert.atomic_write(tmp_path / "note.txt", fail)
-    assert [p.name for p in tmp_path.iterdir()] == ["note.txt"] and (tmp_path / "note.txt").read_text() == "old"
 
 
 def test_design_document_matches_the_code():

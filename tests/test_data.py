@@ -15,16 +15,8 @@ from conftest import PATCH, TINY
 from safetensors.numpy import load_file
 
 from sam3d_hf import Sam3DConfig, Sam3DForPromptableSegmentation, Sam3DImageProcessor, Sam3DProcessor
-from sam3d_hf.data import (
-    PreprocessedCache,
-    Sam3DTrainingDataset,
-    default_cache_dir,
-    index_dataset,
-    load_or_create_split,
-    sam3d_collate,
-    sample_points,
-    validate_dataset,
-)
+from sam3d_hf.data import PreprocessedCache, default_cache_dir, index_dataset, load_or_create_split, validate_dataset
+from sam3d_hf.sampling import Sam3DTrainingDataset, sam3d_collate, sample_points
 from sam3d_hf.synthetic import SYNTHETIC_PROCESSOR_KWARGS, generate_case, generate_dataset
 
 

@@ -78,7 +78,7 @@ def test_demo_refuses_a_taken_folder(tmp_path, capsys):
 
 
 def test_failed_training_leaves_nothing_and_keeps_the_old_folder(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("sam3d_hf.cli._train_command", lambda argv, config: [sys.executable, "-c", "exit(3)"])
+    monkeypatch.setattr("sam3d_hf.training.launch_command", lambda argv, options: [sys.executable, "-c", "exit(3)"])
     with pytest.raises(SystemExit, match=r"^sam3d demo: error: training failed"):
         main(["demo", "--quick", "--output-dir", str(tmp_path / "demo")])
     assert list(tmp_path.iterdir()) == []
@@ -87,12 +87,3 @@ def test_failed_training_leaves_nothing_and_keeps_the_old_folder(tmp_path, capsy
     with pytest.raises(SystemExit):
         main(["demo", "--quick", "--overwrite", "--output-dir", str(tmp_path / "old")])
     assert [p.name for p in tmp_path.iterdir()] == ["old"] and (tmp_path / "old" / "table.md").read_text() == "old run"
-
-
-def test_demo_without_examples_says_so(tmp_path, capsys, monkeypatch):
-    from sam3d_hf import cli
-
-    monkeypatch.setattr(cli, "__file__", str(tmp_path / "site-packages" / "sam3d_hf" / "cli.py"))
-    line = _one_line(["demo", "--quick", "--output-dir", str(tmp_path / "demo")], capsys)
-    assert "not installed with the package" in line
-    assert not (tmp_path / "demo").exists()

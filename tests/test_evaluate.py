@@ -1,9 +1,9 @@
-"""examples/evaluate.py on a tiny random model and generated scans: every output file, CSV and JSON agree, results do
-not depend on the order of the protocols, nothing half-written is left behind, the sliding-window mode has its own
-row, and two real CPU processes (Accelerate) give the same results as one."""
+"""sam3d_hf.evaluation (what examples/evaluate.py and `sam3d evaluate` run) on a tiny random model and generated
+scans: every output file, CSV and JSON agree, results do not depend on the order of the protocols, nothing
+half-written is left behind, the sliding-window mode has its own row, and two real CPU processes (Accelerate) give the
+same results as one."""
 
 import csv
-import importlib.util
 import json
 import os
 import shutil
@@ -32,14 +32,11 @@ from sam3d_hf.inference import Sam3DPredictor
 from sam3d_hf.metrics import evaluate_case
 from sam3d_hf.synthetic import SYNTHETIC_PROCESSOR_KWARGS, generate_case, generate_dataset
 
-SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "evaluate.py"
-
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("evaluate_example", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from sam3d_hf import evaluation
+
+    return evaluation
 
 
 def save_model(
@@ -184,7 +181,7 @@ def test_two_processes_equal_one(setup):
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              "--main_process_port", str(port), str(SCRIPT)]  # fmt: skip
+              "--main_process_port", str(port), "-m", "sam3d_hf.evaluation"]  # fmt: skip
     result = subprocess.run([*launch, *args, "--output_dir", str(two)], env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "3 cases on 2 process(es)" in result.stdout

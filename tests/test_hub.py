@@ -582,6 +582,5 @@ def test_example_script_pushes_the_adapter(adapter_folder, tmp_path, hub, capsys
         "processor_config.json",
         "README.md",
     }
-    with pytest.raises(SystemExit):
-        _example().main([str(adapter_folder), "--repo-id", "my-lab/x", "--adapter-only"])
+    assert _example().main([str(adapter_folder), "--repo-id", "my-lab/x", "--adapter-only"]) == 1
     assert "--adapter-only needs --base-model-id" in capsys.readouterr().err

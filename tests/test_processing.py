@@ -423,6 +423,19 @@ def test_error_unreadable_and_missing_files(processor, tmp_path):
         processor(images=[np.zeros((4, 4, 4))] * 2, spacing=(1, 1, 1), input_points=[[0, 0, 0]])
 
 
+def test_missing_optional_readers_name_the_extra(processor, tmp_path, monkeypatch):
+    """NRRD and DICOM need pynrrd / pydicom, the `io` extra: without them the error says what to install."""
+    import importlib.util
+
+    (tmp_path / "ct.nrrd").write_bytes(b"NRRD0004")
+    (tmp_path / "series").mkdir()
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n in ("nrrd", "pydicom") else find_spec(n))
+    for name, kind in (("ct.nrrd", "NRRD"), ("series", "a DICOM series")):
+        with pytest.raises(ValueError, match=rf'Reading {kind} .* pip install "sam3d-hf\[io\]"'):
+            processor(images=str(tmp_path / name), input_points=[[0, 0, 0]])
+
+
 @pytest.mark.parametrize("shape", [(8, 8), (8, 8, 8, 2)])
 def test_error_not_3d(processor, shape):
     with pytest.raises(ValueError, match=r"Expected a 3D volume, got [24]D"):

@@ -1,5 +1,5 @@
-"""examples/train.py run for real: two DDP processes, SIGKILL + resume, kills during a save, bad data, every option,
-TensorBoard, the README's commands, argument checks.
+"""sam3d_hf.training (what examples/train.py and `sam3d train` run) for real: two DDP processes, SIGKILL + resume,
+kills during a save, bad data, every option, TensorBoard, the README's commands, argument checks.
 
 Every run uses the tiny config on a small generated dataset (an anisotropic, non-cubic 32x24x40 patch, batch 2 with
 several clicks). The reference run, the DDP run, the killed runs and the README's commands are started as a user
@@ -31,7 +31,6 @@ from conftest import copy_with_an_unlabelled_scan
 from sam3d_hf.synthetic import generate_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "examples" / "train.py"
 TINY_ARGS = [
     "--model_config", "tiny", "--patch_size", "32", "24", "40", "--train_batch_size", "2",
     "--num_positive_points", "6", "--num_background_points", "3", "--num_negative_points", "1",
@@ -39,16 +38,11 @@ TINY_ARGS = [
 ]  # fmt: skip
 
 
-def load_train_module():
-    spec = importlib.util.spec_from_file_location("train_example", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def train():
-    return load_train_module()
+    from sam3d_hf import training
+
+    return training
 
 
 def call_main(train, argv: list[str]) -> None:
@@ -86,14 +80,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_command(script: Path, output_dir: Path, data_dir: Path, *extra: str, processes: int = 1) -> list[str]:
-    """`accelerate launch` of the script; the preprocessed-volume cache goes next to the data (not ~/.cache)."""
+def launch_command(output_dir: Path, data_dir: Path, *extra: str, processes: int = 1) -> list[str]:
+    """`accelerate launch -m sam3d_hf.training`; the preprocessed-volume cache goes next to the data (not ~/.cache)."""
     if processes == 1:
         launcher = ["--config_file", str(ROOT / "examples" / "accelerate_configs" / "cpu.yaml")]
     else:
         launcher = ["--multi_gpu", "--num_processes", str(processes), "--main_process_port", str(free_port())]
     return [
-        sys.executable, "-m", "accelerate.commands.launch", *launcher, str(script),
+        sys.executable, "-m", "accelerate.commands.launch", *launcher, "-m", "sam3d_hf.training",
         "--data_dir", str(data_dir), "--output_dir", str(output_dir), "--cache_dir", str(data_dir.parent / "cache"),
         *TINY_ARGS, *extra,
     ]  # fmt: skip
@@ -134,7 +128,7 @@ RUN_ARGS = ["--max_train_steps", "7", "--checkpointing_steps", "3", "--validatio
 def reference_run(data_dir, tmp_path_factory) -> Path:
     """An uninterrupted single-process run of 7 steps, checkpoints at steps 3, 6 and 7 (the last step)."""
     output_dir = tmp_path_factory.mktemp("reference") / "run"
-    run(launch_command(SCRIPT, output_dir, data_dir, *RUN_ARGS))
+    run(launch_command(output_dir, data_dir, *RUN_ARGS))
     return output_dir
 
 
@@ -191,7 +185,7 @@ def load_safetensors(path: Path) -> dict[str, np.ndarray]:
 def test_two_processes_hold_identical_weights(data_dir, tmp_path, reference_run):
     output_dir = tmp_path / "ddp"
     run(
-        launch_command(SCRIPT, output_dir, data_dir, "--max_train_steps", "3", "--validation_steps", "0",
+        launch_command(output_dir, data_dir, "--max_train_steps", "3", "--validation_steps", "0",
                        "--save_rank_checksums", "--train_batch_size", "1", processes=2),
         ACCELERATE_USE_CPU="1",
     )  # fmt: skip
@@ -219,8 +213,8 @@ def test_processes_share_the_validation_scans_and_agree_on_the_score(data_dir, t
     (tmp_path / "split.json").write_text(json.dumps(split))
     argv = ["--split_file", str(tmp_path / "split.json"), "--max_validation_cases", "2", "--train_batch_size", "1",
             "--max_train_steps", "1", "--validation_steps", "1000", "--checkpointing_steps", "1000"]  # fmt: skip
-    run(launch_command(SCRIPT, tmp_path / "one", data_dir, *argv))
-    run(launch_command(SCRIPT, tmp_path / "two", data_dir, *argv, processes=2), ACCELERATE_USE_CPU="1")
+    run(launch_command(tmp_path / "one", data_dir, *argv))
+    run(launch_command(tmp_path / "two", data_dir, *argv, processes=2), ACCELERATE_USE_CPU="1")
     one, two = validation_records(tmp_path / "one"), validation_records(tmp_path / "two")
     assert list(one) == list(two) == [0]  # the initial weights: the same in both runs (same seed)
     assert sorted(two[0]) == sorted(one[0]) == ["validation_dice", *(f"validation_dice/{c}" for c in validation)]
@@ -231,10 +225,8 @@ def test_processes_share_the_validation_scans_and_agree_on_the_score(data_dir, t
 
 
 KILL_AFTER_CHECKPOINT = """
-import importlib.util, pathlib, sys, time
-spec = importlib.util.spec_from_file_location("train_example", {script!r})
-train = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(train)
+import pathlib, sys, time
+from sam3d_hf import training as train
 original = train.mark_complete
 
 def mark_complete(folder, state):
@@ -248,7 +240,7 @@ train.main(sys.argv[1:])
 """
 
 KILL_DURING_SAVE = """
-import importlib.util, pathlib, sys, time
+import pathlib, sys, time
 import accelerate.checkpointing as checkpointing
 original = checkpointing.save
 
@@ -260,16 +252,13 @@ def save(obj, path, *args, **kwargs):
     return original(obj, path, *args, **kwargs)
 
 checkpointing.save = save
-spec = importlib.util.spec_from_file_location("train_example", {script!r})
-train = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(train)
+from sam3d_hf import training as train
 train.main(sys.argv[1:])
 """
 
 
 def kill_during_save(in_folder: str) -> str:
-    wrapper = KILL_DURING_SAVE.replace("{script!r}", repr(str(SCRIPT)))
-    return wrapper.replace("{in_folder!r}", repr(os.path.join(in_folder, "optimizer.bin")))
+    return KILL_DURING_SAVE.replace("{in_folder!r}", repr(os.path.join(in_folder, "optimizer.bin")))
 
 
 def start_and_kill(wrapper: str, tmp_path: Path, output_dir: Path, data_dir: Path, *extra: str) -> None:
@@ -324,7 +313,7 @@ def checkpoint_steps(train, output_dir: Path) -> list[int]:
 def test_sigkill_after_checkpoint_then_resume_matches_uninterrupted_run(train, caplog, data_dir, tmp_path,
                                                                         reference_run):  # fmt: skip
     output_dir = tmp_path / "killed"
-    wrapper = KILL_AFTER_CHECKPOINT.replace("{script!r}", repr(str(SCRIPT))).replace("{step}", "3")
+    wrapper = KILL_AFTER_CHECKPOINT.replace("{step}", "3")
     start_and_kill(wrapper, tmp_path, output_dir, data_dir)
     losses = step_losses(output_dir)
     assert max(losses) == 3  # killed right after the step-3 checkpoint: steps 4 to 7 come from the resumed run

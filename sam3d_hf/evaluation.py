@@ -1,0 +1,396 @@
+"""Evaluate a Sam3D model on a test set the way the 3DSAM-adapter paper reports it, on one or several processes.
+
+The evaluation runner of the package: `sam3d evaluate`, `examples/evaluate.py` and `python -m sam3d_hf.evaluation` run
+its [`main`]; `accelerate launch -m sam3d_hf.evaluation` runs it on several processes.
+
+For every test scan: simulated clicks (`sam3d_hf.metrics.simulate_clicks`) -> `Sam3DPredictor` (the scan is
+preprocessed once, and each patch encoded once for all protocols) -> mask in the scan's original geometry -> Dice and
+NSD at 5 mm per scan and per lesion (`sam3d_hf.metrics.evaluate_case`).
+
+Protocols (`--protocols`, comma separated; default 1,3,10):
+* a number N (the paper: 1, 3, 10): N clicks placed by `--click_placement` -- `per_lesion` (default: one click in each
+  lesion as long as there are clicks, the rest uniform over the tumour; a scan with several lesions gets one patch
+  per click cluster) or `uniform` (the official evaluation: uniform over all tumour voxels);
+* `center`, `surrounding`, `marginal`: the paper's ablation, one click in that depth band of the largest lesion;
+* `correction` (models with `prompt_encoder_config.use_point_labels=True`): one click as for `1`, then up to
+  `--rounds` (5) corrective clicks at the centre of the largest error region (`correction_click`: negative in a false
+  positive, positive in a miss), Dice and NSD after every round. Its rows are named `<method> (interactive)`.
+With `--automatic`, the sliding-window mode (`Sam3DPredictor.predict_automatic`, no click; for models trained without
+prompts) is evaluated too, as the row `<method>, automatic (sliding window)` (protocol `automatic` in the CSV files);
+`--automatic` without `--protocols` evaluates only it.
+
+Patches. Each protocol's first prediction places its patches centred on its clicks, as a fresh `Sam3DProcessor` call
+does (`predict(..., reuse_patches=False)`), so a protocol's results do not depend on which protocols ran before it.
+Correction rounds keep the patches of that protocol's earlier rounds when the clicks still fit in them, as an
+interactive session would. Image embeddings are shared between protocols wherever a patch origin coincides (exact).
+
+Outputs in `--output_dir`: `cases.csv` (one row per scan, protocol and round), `lesions.csv` (one row per lesion),
+`summary.json` (`sam3d_hf.metrics.summarize`: mean and std per protocol and round; NaN written as null),
+`table.md` (Table 1 shape), `dice_per_round.png` (mean Dice/NSD per correction round, or per number of clicks; only
+with such rows), and `overlays/<case>.png` (three orthogonal slices through each lesion: ground truth, prediction,
+clicks; from the first protocol, or the last correction round). Everything is written into a hidden sibling folder and
+renamed to `--output_dir` once complete, so a failed or interrupted run leaves nothing; an existing non-empty
+`--output_dir` is refused unless `--overwrite`, which replaces it only then.
+
+Several processes: cases are split with `accelerator.split_between_processes` and gathered on the main process with
+`gather_object`; clicks are seeded per case, so any number of processes gives the same files:
+
+    sam3d evaluate --model my-model --data_dir Task07_Pancreas --split_file split.json --output_dir eval
+    accelerate launch --multi_gpu --num_processes 4 -m sam3d_hf.evaluation --model my-model ...   # 4 GPUs
+    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 -m sam3d_hf.evaluation ...  # 2 CPU processes
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list, gather_object
+from tqdm.auto import tqdm
+
+from .data import index_dataset, load_or_create_split
+from .files import atomic_write, atomic_write_text, make_staging_folder, replace_folder
+from .inference import Sam3DPredictor
+from .metrics import correction_click, evaluate_case, markdown_table, simulate_clicks, summarize
+from .modeling_sam3d import Sam3DForPromptableSegmentation
+from .peft_sam3d import PEFT_TYPE as SPATIAL_ADAPTER_TYPE
+from .peft_sam3d import Sam3DAdapterModel
+from .processing_sam3d import Sam3DProcessor
+from .visualization import save_curve, save_overlay
+
+POSITION_PROTOCOLS = ("center", "surrounding", "marginal")
+CASE_COLUMNS = (
+    "case_id", "dataset", "method", "protocol_name", "protocol", "num_clicks", "round", "dice", "nsd", "voxels",
+    "volume_mm3", "n_lesions", "lesions_detected", "clicks", "click_labels",
+)  # fmt: skip
+LESION_COLUMNS = (
+    "case_id", "dataset", "method", "protocol", "num_clicks", "round", "lesion", "voxels", "volume_mm3", "detected",
+    "dice", "nsd",
+)  # fmt: skip
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    """The command line; `prog` names the command in usage lines (`sam3d evaluate` when run through the CLI)."""
+    parser = argparse.ArgumentParser(
+        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", help="model folder (save_pretrained) with its processor_config.json")
+    parser.add_argument("--base", help="base model folder, with --adapter")
+    parser.add_argument("--adapter", help="Sam3DAdapterModel or peft LoRA folder to put on --base")
+    parser.add_argument("--preset", help="processor preset when the model folder has no processor_config.json")
+    parser.add_argument("--data_dir", required=True, help="dataset folder (MSD, KiTS21, LiTS17 or images/labels)")
+    parser.add_argument("--split_file", help="JSON split (made with seed --seed if missing); without it: all cases")
+    parser.add_argument("--split", default="test", choices=["train", "validation", "test"],
+                        help="which part of --split_file to evaluate (default: test)")  # fmt: skip
+    parser.add_argument("--protocols", help="comma separated: N (clicks), center, surrounding, marginal, correction "
+                        "(default: 1,3,10; none with --automatic alone)")  # fmt: skip
+    parser.add_argument("--automatic", action="store_true", help="also evaluate sliding windows without clicks "
+                        "(Sam3DPredictor.predict_automatic: overlap 0.7, Gaussian) as the row 'automatic'")  # fmt: skip
+    parser.add_argument("--sw_batch_size", type=int, default=1, help="windows per forward pass with --automatic")
+    parser.add_argument("--click_placement", default="per_lesion", choices=["per_lesion", "uniform"],
+                        help="where the N clicks of a numeric protocol go: per_lesion (one per lesion first, the "
+                        "rest uniform) or uniform (over all tumour voxels, as the official evaluation)")  # fmt: skip
+    parser.add_argument("--rounds", type=int, default=5, help="correction rounds")
+    parser.add_argument("--target_label", type=int, help="tumour label (default: the processor's target_label)")
+    parser.add_argument("--method", default="3DSAM-adapter", help="row name in the table")
+    parser.add_argument("--dataset_name", help="column name in the table and key in summary.json (default: the "
+                        "processor's preset, e.g. msd_pancreas or kits21, when it has one, else the data folder's "
+                        "name); sam3d push --dataset reads this key")  # fmt: skip
+    parser.add_argument("--output_dir", required=True, help="folder for the outputs; written only once complete")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing non-empty --output_dir (once the new one is complete)")  # fmt: skip
+    parser.add_argument("--seed", type=int, default=0, help="click seed (per case: seed and case position)")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (GPUs, CPUs with native bf16)")
+    parser.add_argument("--max_cases", type=int, help="evaluate only the first N cases of the split")
+    parser.add_argument("--tolerance_mm", type=float, default=5.0, help="NSD tolerance")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argparse.Namespace:
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
+    if (args.model is None) == (args.base is None) or (args.base is None) != (args.adapter is None):
+        parser.error("give --model, or --base together with --adapter")
+    if args.protocols is None:
+        args.protocols = "" if args.automatic else "1,3,10"
+    protocols = [p.strip() for p in args.protocols.split(",") if p.strip()]
+    for protocol in protocols:
+        if not (protocol.isdigit() and int(protocol) > 0) and protocol not in (*POSITION_PROTOCOLS, "correction"):
+            parser.error(f"unknown protocol {protocol!r}: use a number of clicks, {POSITION_PROTOCOLS} or correction")
+    if not protocols and not args.automatic:
+        parser.error("--protocols is empty (give click protocols, or --automatic)")
+    args.protocols = protocols + (["automatic"] if args.automatic else [])
+    if args.rounds < 1 or args.sw_batch_size < 1 or (args.max_cases is not None and args.max_cases < 1):
+        parser.error("--rounds, --sw_batch_size and --max_cases must be >= 1")
+    return args
+
+
+def load_model(args: argparse.Namespace) -> tuple[torch.nn.Module, Sam3DProcessor]:
+    """The model (adapters merged) and its processor, from --model or --base + --adapter."""
+    folder = Path(args.model or args.base)
+    model = Sam3DForPromptableSegmentation.from_pretrained(folder, dtype=torch.float32)
+    if args.adapter is not None:
+        adapter_config = json.loads((Path(args.adapter) / "adapter_config.json").read_text())
+        if adapter_config.get("peft_type") == SPATIAL_ADAPTER_TYPE:  # the paper's spatial adapters
+            model = Sam3DAdapterModel.from_pretrained(model, args.adapter).merge_and_unload()
+        else:  # a peft method (LoRA, ...)
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, args.adapter).merge_and_unload()
+    for candidate in (Path(args.adapter) if args.adapter else None, folder):
+        if candidate is not None and (candidate / "processor_config.json").is_file():
+            return model, Sam3DProcessor.from_pretrained(candidate)
+    if args.preset is None:
+        raise ValueError(f"{folder} has no processor_config.json: pass --preset (e.g. kits21, msd_pancreas).")
+    return model, Sam3DProcessor.from_preset(args.preset)
+
+
+def select_cases(args: argparse.Namespace) -> list[dict[str, Any]]:
+    cases = [dict(row) for row in index_dataset(args.data_dir, labelled_only=True)]
+    if args.split_file is not None:
+        wanted = set(load_or_create_split([c["case_id"] for c in cases], args.split_file, seed=args.seed)[args.split])
+        cases = [c for c in cases if c["case_id"] in wanted]
+    for position, case in enumerate(cases):
+        case["position"] = position  # seeds the clicks: the same for any number of processes
+    return cases[: args.max_cases]
+
+
+# ------------------------------------------------------------------------------------------------ one case
+def predict_in_session(predictor: Sam3DPredictor, points, labels, session: list[list[int]]) -> torch.Tensor:
+    """The mask of one prediction of a correction session (one protocol on one scan, several rounds).
+
+    `session` holds the patch origins this session used, most recently used first (the order in which a fresh
+    predictor's cache would offer them) and is updated here. The first round (empty session) places its patches as a
+    fresh processor call would (`reuse_patches=False`); later rounds may keep only this session's own patches, as an
+    interactive user's would, so the rounds give the same masks whichever protocols ran before on the predictor.
+    """
+    prediction = predictor.predict(points, labels, reuse_patches=session or False)
+    for origin in prediction.inputs["patch_origins"].tolist():  # rows in order, as the cache records them
+        if origin in session:
+            session.remove(origin)
+        session.insert(0, origin)
+    del session[predictor.max_cached_patches :]
+    return prediction.mask
+
+
+def evaluate_one(case: dict[str, Any], predictor: Sam3DPredictor, args: argparse.Namespace) -> dict[str, Any]:
+    """Every protocol on one scan; returns CSV rows, lesion rows and what the overlay needs."""
+    label_image = nib.load(case["label"])
+    target = args.target_label if args.target_label is not None else predictor.processor.image_processor.target_label
+    label = np.asarray(label_image.dataobj)
+    tumour = label == target if target is not None else label > 0
+    result = {"case_id": case["case_id"], "position": case["position"], "rows": [], "lesion_rows": []}
+    if not tumour.any():
+        result["skipped"] = "no tumour voxel in the label map"
+        return result
+    spacing = np.linalg.norm(label_image.affine[:3, :3], axis=0)
+    predictor.set_image(case["image"])
+    seed = args.seed * 1_000_003 + case["position"]
+
+    def record(protocol_name, protocol, points, labels, round_, mask, method):
+        scores = evaluate_case(mask, tumour, spacing, tolerance_mm=args.tolerance_mm)
+        meta = {
+            "case_id": case["case_id"], "dataset": args.dataset_name, "method": method, "protocol": protocol,
+            "num_clicks": 1 if protocol_name == "correction" else len(points), "round": round_,
+        }  # fmt: skip
+        result["rows"].append({
+            **meta, "protocol_name": protocol_name, "dice": scores["dice"], "nsd": scores["nsd"],
+            "voxels": scores["voxels"], "volume_mm3": scores["volume_mm3"], "n_lesions": len(scores["lesions"]),
+            "lesions": scores["lesions"],  # for `summarize`; the CSV writer leaves it out
+            "lesions_detected": sum(lesion["detected"] for lesion in scores["lesions"]),
+            "clicks": json.dumps(np.asarray(points).tolist()), "click_labels": json.dumps(np.asarray(labels).tolist()),
+        })  # fmt: skip
+        result["lesion_rows"].extend({**meta, **lesion} for lesion in scores["lesions"])
+        if "overlay" not in result or protocol_name == "correction":
+            result["overlay"] = (mask, np.asarray(points), np.asarray(labels), f"{protocol_name} round {round_}")
+
+    for protocol_name in args.protocols:
+        if protocol_name == "automatic":
+            mask = predictor.predict_automatic(batch_size=args.sw_batch_size).mask
+            record(protocol_name, protocol_name, np.zeros((0, 3)), np.zeros(0, np.int64), 0, mask, args.method)
+        elif protocol_name in POSITION_PROTOCOLS:
+            try:
+                points, labels = simulate_clicks(tumour, protocol_name, 1, seed=seed, spacing=spacing)
+            except ValueError as err:  # a lesion too small for three depth bands
+                result.setdefault("notes", []).append(f"{protocol_name}: {err}")
+                continue
+            mask = predictor.predict(points, labels, reuse_patches=False).mask
+            record(protocol_name, protocol_name, points, labels, 0, mask, args.method)
+        elif protocol_name == "correction":
+            points, labels = simulate_clicks(tumour, args.click_placement, 1, seed=seed, spacing=spacing)
+            session = []  # the patches of this protocol's rounds (see `predict_in_session`)
+            mask = predict_in_session(predictor, points, labels, session)
+            method = f"{args.method} (interactive)"
+            record(protocol_name, args.click_placement, points, labels, 0, mask, method)
+            for round_ in range(1, args.rounds + 1):
+                click = correction_click(tumour, mask, spacing)
+                if click is not None:  # otherwise the prediction is perfect: it stays as it is
+                    points, labels = np.vstack([points, click[0]]), np.append(labels, click[1])
+                    mask = predict_in_session(predictor, points, labels, session)
+                record(protocol_name, args.click_placement, points, labels, round_, mask, method)
+        else:
+            count = int(protocol_name)
+            points, labels = simulate_clicks(tumour, args.click_placement, count, seed=seed, spacing=spacing)
+            mask = predictor.predict(points, labels, reuse_patches=False).mask
+            record(protocol_name, args.click_placement, points, labels, 0, mask, args.method)
+    if "overlay" in result and args.overlay_dir is not None:
+        mask, points, labels, title = result.pop("overlay")
+        image = np.asarray(nib.load(case["image"]).dataobj, dtype=np.float32)
+        window = predictor.processor.image_processor.window
+        outlines = {"ground truth": (tumour, "lime"), "prediction": (mask.numpy().astype(bool), "red")}
+        save_overlay(args.overlay_dir / f"{case['case_id']}.png", image, label_image.affine, outlines, points, labels,
+                     window, f"{case['case_id']}: {title}")  # fmt: skip
+    result.pop("overlay", None)
+    return result
+
+
+# ------------------------------------------------------------------------------------------------ outputs
+def write_csv(path: Path, rows: list[dict[str, Any]], columns: tuple[str, ...]) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+
+    atomic_write(path, write, suffix=path.suffix)
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN (a standard deviation of one case) as null: JSON has no NaN."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+# ------------------------------------------------------------------------------------------------ main
+def check_output_dir(output_dir: Path, overwrite: bool) -> Path:
+    """Check that `output_dir` may be written and return the existing folder to build it in (its nearest existing
+    ancestor: the output folder and its missing parents appear only once everything is written)."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ValueError(f"--output_dir {output_dir} exists and is not a folder: choose a folder path.")
+    if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
+        raise ValueError(
+            f"--output_dir {output_dir} exists and is not empty: choose a new folder, or pass --overwrite to replace "
+            "it once the new evaluation is complete."
+        )
+    anchor = output_dir.parent
+    while not anchor.exists():
+        anchor = anchor.parent
+    if not anchor.is_dir():
+        raise ValueError(f"cannot create --output_dir {output_dir}: {anchor} is a file, not a folder.")
+    return anchor
+
+
+def evaluate_cases(
+    cases: list[dict[str, Any]],
+    predictor: Sam3DPredictor,
+    args: argparse.Namespace,
+    accelerator: Accelerator,
+    staging: Path,
+) -> list[dict[str, Any]]:
+    """This process's share of the cases; every process returns all results, in case order.
+
+    A case that fails ends this process's share; every process still reaches the gather, the main process deletes
+    `staging` (with every process's overlays), and then all raise (the failing one its own error): a launcher that
+    stops the other processes once one has failed finds nothing left to clean up.
+    """
+    results, failure = [], None
+    with accelerator.split_between_processes(cases) as own_cases:
+        progress = tqdm(own_cases, desc="cases", unit="case", disable=not accelerator.is_local_main_process)
+        for case in progress:
+            progress.set_postfix_str(case["case_id"])
+            try:
+                results.append(evaluate_one(case, predictor, args))
+            except Exception as error:
+                failure = error
+                results.append({"case_id": case["case_id"], "position": case["position"], "error": repr(error)})
+                break
+    results = sorted(gather_object(results), key=lambda r: r["position"])
+    failed = [r for r in results if "error" in r]
+    if failed:
+        if accelerator.is_main_process:
+            shutil.rmtree(staging, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        if failure is not None:
+            raise failure
+        raise RuntimeError(f"case {failed[0]['case_id']} failed on another process: {failed[0]['error']}")
+    return results
+
+
+def write_outputs(
+    folder: Path, results: list[dict[str, Any]], args: argparse.Namespace, accelerator: Accelerator
+) -> int:
+    """cases.csv, lesions.csv, summary.json, table.md and dice_per_round.png in `folder`; prints the table and
+    returns the number of case rows."""
+    rows = [row for r in results for row in r["rows"]]
+    lesion_rows = [row for r in results for row in r["lesion_rows"]]
+    for r in results:
+        for note in [r.get("skipped"), *r.get("notes", [])]:
+            if note:
+                accelerator.print(f"{r['case_id']}: {note}")
+    if not rows:
+        raise ValueError(f"No case of {args.data_dir} ({args.split}) could be evaluated (no tumour in any label map?).")
+    write_csv(folder / "cases.csv", rows, CASE_COLUMNS)
+    write_csv(folder / "lesions.csv", lesion_rows, LESION_COLUMNS)
+    summary = summarize(rows)
+    atomic_write_text(folder / "summary.json", json.dumps(_json_safe(summary), indent=2) + "\n")
+    table = markdown_table(summary)
+    atomic_write_text(folder / "table.md", table)
+    save_curve(folder / "dice_per_round.png", rows)
+    accelerator.print(table)
+    return len(rows)
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> None:
+    args = parse_args(argv, prog)
+    accelerator = Accelerator()
+    output_dir = Path(args.output_dir).resolve()
+    anchor = check_output_dir(output_dir, args.overwrite)
+    with accelerator.main_process_first():  # the main process writes a new split file before the others read it
+        cases = select_cases(args)
+    model, processor = load_model(args)
+    if "correction" in args.protocols and not model.config.prompt_encoder_config.use_point_labels:
+        raise ValueError(
+            "protocol 'correction' places negative clicks, but this model has prompt_encoder_config.use_point_labels="
+            "False and cannot use them; drop 'correction' from --protocols or evaluate a model trained with labels."
+        )
+    args.dataset_name = args.dataset_name or processor.image_processor.preset or Path(args.data_dir).resolve().name
+    predictor = Sam3DPredictor(model.to(accelerator.device), processor, bf16=args.bf16)
+
+    # Everything goes into a hidden sibling folder, renamed to --output_dir once complete; the main process makes it
+    # and tells the others (they write their cases' overlays there).
+    staging = None
+    if accelerator.is_main_process:
+        staging = make_staging_folder(output_dir, anchor)
+        (staging / "overlays").mkdir()
+    staging = Path(broadcast_object_list([staging])[0])
+    try:
+        args.overlay_dir = staging / "overlays"
+        results = evaluate_cases(cases, predictor, args, accelerator, staging)
+        if accelerator.is_main_process:
+            rows = write_outputs(staging, results, args, accelerator)
+            replace_folder(staging, output_dir)
+            print(f"{len(results)} cases on {accelerator.num_processes} process(es), {rows} rows -> {output_dir}")
+    except BaseException:  # an error or an interrupt: nothing half-written stays
+        if accelerator.is_main_process:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+    finally:
+        # A process that exits with its process group alive can abort in Gloo's teardown ("terminate called without
+        # an active exception", 1 run in 16 with two CPU processes), which fails the launch of a complete evaluation.
+        accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main()

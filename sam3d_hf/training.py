@@ -1,0 +1,666 @@
+"""Fine-tune 3DSAM-adapter on your own CT scans with point prompts, on one CPU, one GPU, several GPUs or machines.
+
+The training loop of the package, in the anatomy of the Accelerate / diffusers training scripts: arguments
+([`parse_args`]) -> `Accelerator` -> data -> model -> `prepare` -> loop (accumulation, clipping, logging, validation,
+checkpoints) -> resume -> saved model folders. `sam3d train` and `examples/train.py` run this module; launch it with
+Accelerate (configs in the repository's `examples/accelerate_configs/`):
+
+    accelerate launch -m sam3d_hf.training \
+        --data_dir my_msd_task --output_dir runs/kits --model_config vit_b --sam_checkpoint sam_vit_b_01ec64.pth
+
+Data: an MSD-style folder (`dataset.json`, `imagesTr/`, `labelsTr/`) or anything `sam3d_hf.data.index_dataset` reads;
+the split is written to `<output_dir>/split.json` once and reused. Outputs in `<output_dir>`:
+`checkpoints/checkpoint_<i>/` (`save_state`, only complete ones are resumed; a save killed midway is moved to
+`incomplete_checkpoints/` at the next start), `logs/metrics.jsonl` (and TensorBoard when installed), `best_model/` and
+`final_model/` (`save_pretrained` model + processor, `adapter/` with the adapter files, `training_info.json`).
+
+Conventions: model tensors `(batch, channel, depth, height, width)`; training clicks are patch voxels `(z, y, x)`;
+validation clicks are voxel indices of the stored label volume (NIfTI `(i, j, k)`), given to `Sam3DProcessor`.
+"""
+
+import argparse
+import copy
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import sys
+import warnings
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.tracking import GeneralTracker, on_main_process
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    DistributedDataParallelKwargs,
+    ProjectConfiguration,
+    gather_object,
+    set_seed,
+)
+from scipy import ndimage
+from tqdm.auto import tqdm
+from transformers import get_linear_schedule_with_warmup
+
+from .configuration_sam3d import CONFIG_PRESETS, Sam3DConfig
+from .data import index_dataset, load_or_create_split, validate_dataset
+from .files import atomic_write_text, staged_folder, write_json
+from .modeling_sam3d import Sam3DForPromptableSegmentation
+from .peft_sam3d import Sam3DAdapterConfig, enable_full_finetuning, get_adapter_model, lora_config
+from .processing_sam3d import Sam3DProcessor
+from .sampling import Sam3DTrainingDataset, sam3d_collate
+
+logger = get_logger(__name__)
+
+COMPLETE_MARKER = "checkpoint_complete.json"
+TRAINING_STATE = "training_state.json"
+
+
+def parse_args(argv=None, prog=None) -> argparse.Namespace:
+    class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+        """The module docstring as written, and every option's default."""
+
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=Formatter)
+    data = parser.add_argument_group("data")
+    data.add_argument(
+        "--data_dir", required=True, help="Dataset folder (MSD layout: dataset.json, imagesTr, labelsTr)."
+    )
+    data.add_argument(
+        "--split_file", help="JSON split (train/validation/test case ids); default <output_dir>/split.json."
+    )
+    data.add_argument("--preset", default="kits21", help="Processor preset (window, statistics, tumour label).")
+    data.add_argument("--processor", help="A saved Sam3DProcessor folder instead of --preset.")
+    data.add_argument(
+        "--patch_size", type=int, nargs=3, default=[128, 128, 128], metavar=("D", "H", "W"),
+        help="Training patch (voxels of the processor's resampled grid), multiples of 4.",
+    )  # fmt: skip
+    data.add_argument("--num_positive_points", type=int, default=40, help="Clicks in the patch's tumour (paper: 40).")
+    data.add_argument(
+        "--num_background_points", type=int, default=10, help="Clicks when the patch holds no tumour (paper: 10)."
+    )
+    data.add_argument(
+        "--num_negative_points", type=int, default=3,
+        help="Negative clicks near the lesion (models trained here take point labels; 0: none).",
+    )  # fmt: skip
+    data.add_argument("--samples_per_volume", type=int, default=1, help="Random patches per training scan per epoch.")
+    data.add_argument("--no_augment", action="store_true", help="Disable training augmentation.")
+    data.add_argument("--cache_dir", help="Preprocessed-volume cache (default ~/.cache/sam3d-hf/preprocessed).")
+    data.add_argument("--dataloader_num_workers", type=int, default=0, help="DataLoader worker processes.")
+    data.add_argument("--max_validation_cases", type=int, help="Validate on the first N validation cases only.")
+
+    model = parser.add_argument_group("model")
+    model.add_argument(
+        "--model_config", default="vit_b", help=f"A preset ({', '.join(CONFIG_PRESETS)}) or a config JSON file."
+    )
+    init = model.add_mutually_exclusive_group()
+    init.add_argument(
+        "--sam_checkpoint", help="SAM 2D weights (.pth, SamModel folder or Hub id), converted on the fly."
+    )
+    init.add_argument("--init_from", help="A sam3d-hf model folder or Hub id to start from.")
+    model.add_argument(
+        "--finetune", choices=["adapter", "lora", "full"], default="adapter",
+        help="The paper's spatial adapters, or the LoRA / full fine-tuning baselines.",
+    )  # fmt: skip
+    model.add_argument("--adapter_dim", type=int, help="Spatial adapter width (default: the model config's).")
+    model.add_argument("--lora_rank", type=int, default=16, help="LoRA rank (--finetune lora).")
+    model.add_argument("--gradient_checkpointing", action="store_true", help="Recompute ViT blocks in backward.")
+
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--train_batch_size", type=int, default=1, help="Patches per device per step.")
+    optim.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Batches per optimiser step.")
+    optim.add_argument("--learning_rate", type=float, default=1e-4, help="AdamW peak learning rate (paper: 1e-4).")
+    optim.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1.")
+    optim.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2.")
+    optim.add_argument("--weight_decay", type=float, default=1e-5, help="AdamW weight decay.")
+    optim.add_argument("--lr_warmup_steps", type=int, default=0, help="Linear warm-up, then linear decay to 0.")
+    optim.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping (global L2 norm).")
+    optim.add_argument("--max_train_steps", type=int, help="Optimiser steps; overrides --num_train_epochs.")
+    optim.add_argument("--num_train_epochs", type=int, default=100, help="Epochs, unless --max_train_steps is given.")
+    optim.add_argument("--mixed_precision", choices=["no", "bf16", "fp16"], help="Default: the accelerate config's.")
+    optim.add_argument("--seed", type=int, default=0, help="Seeds the split, crops, augmentation, clicks and init.")
+
+    run = parser.add_argument_group("run")
+    run.add_argument("--output_dir", required=True, help="Run folder: split, logs, checkpoints, best/final model.")
+    run.add_argument("--checkpointing_steps", type=int, default=500, help="save_state every N optimiser steps.")
+    run.add_argument(
+        "--checkpoints_total_limit", type=int, default=3,
+        help="Complete checkpoints kept (older ones go only once a newer one is complete).",
+    )  # fmt: skip
+    run.add_argument("--resume_from_checkpoint", help="'latest' (newest complete checkpoint) or a checkpoint folder.")
+    run.add_argument("--validation_steps", type=int, default=500, help="Validation Dice every N steps (0: never).")
+    run.add_argument(
+        "--report_to", choices=["jsonl", "tensorboard", "all"], default="all",
+        help="Trackers: logs/metrics.jsonl, TensorBoard (when installed), or both.",
+    )  # fmt: skip
+    run.add_argument("--find_unused_parameters", action="store_true", help="DDP option, for custom trainable sets.")
+    run.add_argument("--save_rank_checksums", action="store_true", help="Write each rank's weight hashes at the end.")
+    args = parser.parse_args(argv)
+
+    # Sanity checks: fail before anything is loaded.
+    if any(p <= 0 or p % 4 for p in args.patch_size):
+        parser.error(f"--patch_size must be three positive multiples of 4 (the token stride), got {args.patch_size}")
+    if args.model_config not in CONFIG_PRESETS and not Path(args.model_config).is_file():
+        parser.error(f"--model_config must be one of {list(CONFIG_PRESETS)} or a JSON file, got {args.model_config!r}")
+    for name in ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "samples_per_volume"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.max_train_steps is not None and args.max_train_steps < 1:
+        parser.error(f"--max_train_steps must be >= 1, got {args.max_train_steps}")
+    if args.checkpoints_total_limit < 1:
+        parser.error(f"--checkpoints_total_limit must be >= 1, got {args.checkpoints_total_limit}")
+    if args.learning_rate <= 0 or args.max_grad_norm <= 0:
+        parser.error("--learning_rate and --max_grad_norm must be > 0")
+    if args.finetune != "adapter" and args.adapter_dim is not None:
+        parser.error("--adapter_dim only applies to --finetune adapter")
+    if not Path(args.data_dir).is_dir():
+        parser.error(f"--data_dir {args.data_dir} is not a folder")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Trackers and checkpoints
+# ----------------------------------------------------------------------------------------------------------------------
+class JSONLinesTracker(GeneralTracker):
+    """Appends one JSON object per `accelerator.log` call to `<logging_dir>/metrics.jsonl` (no extra dependency).
+    A resumed run appends again from its checkpoint's step: the last line for a step is the valid one."""
+
+    name = "jsonl"
+    requires_logging_directory = True
+
+    def __init__(self, logging_dir: str | os.PathLike):
+        super().__init__()
+        self.path = Path(logging_dir) / "metrics.jsonl"
+
+    @property
+    def tracker(self):
+        return self.path
+
+    @on_main_process
+    def store_init_configuration(self, values: dict) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.path.with_name("config.json"), json.dumps(values, indent=2, default=str))
+
+    @on_main_process
+    def log(self, values: dict, step: int | None = None, **kwargs) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a", encoding="utf-8") as file:
+            file.write(json.dumps({"step": step, **values}) + "\n")
+
+
+def tensorboard_hparams(config: dict) -> dict:
+    """The arguments as TensorBoard hyperparameters: `add_hparams` takes only int, float, str and bool, so lists
+    (`patch_size`) become strings, as the diffusers examples do."""
+    return {k: str(v) if isinstance(v, (list, tuple)) else v for k, v in config.items()}
+
+
+def checkpoint_index(folder: Path) -> int:
+    return int(folder.name.rsplit("_", 1)[1])
+
+
+def is_complete(folder: Path) -> bool:
+    """A checkpoint is complete when its marker (written last) lists files that all exist with their sizes: a kill
+    during `save_state`, or during Accelerate's deletion of an old checkpoint, leaves a folder that fails this."""
+    marker = folder / COMPLETE_MARKER
+    try:
+        files = json.loads(marker.read_text(encoding="utf-8"))["files"]
+    except (OSError, ValueError, KeyError):
+        return False
+    return all((folder / name).is_file() and (folder / name).stat().st_size == size for name, size in files.items())
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    root = output_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    folders = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("checkpoint_")]
+    return sorted(folders, key=checkpoint_index)
+
+
+def set_aside_incomplete_checkpoints(output_dir: Path) -> list[Path]:
+    """Move the checkpoint folders that are not complete (a save, or the deletion of an old checkpoint, killed
+    midway) to `<output_dir>/incomplete_checkpoints/`: Accelerate would refuse to save over them, and resuming
+    ignores them anyway. Complete checkpoints are never touched. Returns the new locations."""
+    moved = []
+    for folder in list_checkpoints(output_dir):
+        if is_complete(folder):
+            continue
+        aside = output_dir / "incomplete_checkpoints"
+        aside.mkdir(exist_ok=True)
+        target, n = aside / folder.name, 1
+        while target.exists():
+            target, n = aside / f"{folder.name}.{n}", n + 1
+        os.replace(folder, target)
+        moved.append(target)
+    return moved
+
+
+def mark_complete(folder: Path, training_state: dict) -> None:
+    atomic_write_text(folder / TRAINING_STATE, json.dumps(training_state, indent=2))
+    files = {p.name: p.stat().st_size for p in folder.iterdir() if p.is_file() and p.name != COMPLETE_MARKER}
+    atomic_write_text(folder / COMPLETE_MARKER, json.dumps({"files": files}, indent=2))
+
+
+def remove_old_checkpoints(output_dir: Path, limit: int) -> None:
+    """Keep the newest `limit` complete checkpoints. Called once the new checkpoint's marker is written (Accelerate's
+    own `total_limit` deletes the oldest one *before* writing the new one, so a kill during the save of a run with a
+    limit of 1 would leave nothing to resume from). The marker goes first: a deletion killed midway leaves an
+    incomplete folder, set aside at the next start."""
+    for folder in [p for p in list_checkpoints(output_dir) if is_complete(p)][:-limit]:
+        (folder / COMPLETE_MARKER).unlink()
+        shutil.rmtree(folder)
+
+
+def rng_fingerprint() -> str:
+    """A short hash of the global random states that `save_state` stores and `load_state` restores (Python, NumPy,
+    torch CPU and CUDA): recorded with each checkpoint and logged after a resume, so the two can be compared."""
+    digest = hashlib.sha256(repr(random.getstate()).encode())
+    name, keys, position, has_gauss, cached = np.random.get_state()
+    digest.update(keys.tobytes() + repr((name, position, has_gauss, cached)).encode())
+    digest.update(torch.get_rng_state().numpy().tobytes())
+    if torch.cuda.is_available():
+        for state in torch.cuda.get_rng_state_all():
+            digest.update(state.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def save_model_folder(trainee, processor: Sam3DProcessor, finetune: str, target: Path, info: dict) -> None:
+    """Write a loadable model folder (`save_pretrained` model + processor, `adapter/` files for adapter/LoRA runs)
+    under a temporary name next to `target`, then swap it into place: readers never see a half-written folder."""
+    with staged_folder(target) as staging:
+        if finetune == "adapter":
+            trainee.save_pretrained(staging / "adapter")
+            trainee.model.save_pretrained(staging)  # the plain model with its adapters; needs no adapter files
+        elif finetune == "lora":
+            trainee.save_pretrained(staging / "adapter")
+            copy.deepcopy(trainee).merge_and_unload().save_pretrained(staging)
+        else:
+            trainee.save_pretrained(staging)
+        processor.save_pretrained(staging)
+        write_json(staging / "training_info.json", info)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------------------------------
+def build_config(args) -> Sam3DConfig:
+    vision = {"image_size": tuple(args.patch_size)}
+    if args.finetune == "lora":
+        vision["adapter_layers"] = []  # LoRA baseline: no spatial adapters
+    # Models trained here tell positive from negative clicks (the training sampler gives both).
+    prompt = {"use_point_labels": True}
+    if args.model_config in CONFIG_PRESETS:
+        return Sam3DConfig.from_preset(args.model_config, vision_config=vision, prompt_encoder_config=prompt)
+    values = json.loads(Path(args.model_config).read_text(encoding="utf-8"))
+    values.setdefault("vision_config", {}).update(vision)
+    values.setdefault("prompt_encoder_config", {}).update(prompt)
+    return Sam3DConfig(**values)
+
+
+def build_model(args):
+    """The trainee (what the optimiser sees) and its plain `Sam3DForPromptableSegmentation` inside."""
+    if args.init_from:
+        model = Sam3DForPromptableSegmentation.from_pretrained(args.init_from, dtype=torch.float32)
+        if args.finetune == "lora" and model.config.vision_config.adapter_layers != []:
+            raise ValueError(
+                f"--finetune lora needs a base without spatial adapters, but {args.init_from} has adapter_layers="
+                f"{model.config.vision_config.adapter_layers}; use --finetune adapter or full, or a SAM-only base"
+            )
+    else:
+        config = build_config(args)
+        if args.sam_checkpoint:
+            model = Sam3DForPromptableSegmentation.from_sam_pretrained(args.sam_checkpoint, config=config)
+        else:
+            model = Sam3DForPromptableSegmentation(config)
+            message = (
+                "NO PRETRAINED WEIGHTS: the model starts from random initialisation (no --sam_checkpoint or "
+                "--init_from). Fine for tests and smoke runs; real fine-tuning starts from SAM."
+            )
+            logger.warning("!" * 20 + " " + message + " " + "!" * 20, main_process_only=True)
+            warnings.warn(message, stacklevel=1)
+    if args.gradient_checkpointing:
+        model.activation_checkpointing_enable()
+    if args.finetune == "adapter":
+        adapter_dim = args.adapter_dim or model.config.vision_config.adapter_dim
+        base_name = args.init_from or args.sam_checkpoint
+        trainee = get_adapter_model(
+            model, Sam3DAdapterConfig(adapter_dim=adapter_dim, base_model_name_or_path=base_name)
+        )
+    elif args.finetune == "lora":
+        import peft
+
+        trainee = peft.get_peft_model(model, lora_config(r=args.lora_rank))
+    else:
+        enable_full_finetuning(model)
+        trainee = model
+    return trainee, model
+
+
+def weight_checksums(model: torch.nn.Module) -> dict[str, str]:
+    return {
+        name: hashlib.sha256(tensor.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()
+        for name, tensor in model.state_dict().items()
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Validation: whole scans through the processor, one click per lesion, Dice in the original geometry
+# ----------------------------------------------------------------------------------------------------------------------
+def lesion_clicks(truth: np.ndarray) -> list[list[int]]:
+    """One click per connected lesion, at its deepest voxel (largest inscribed sphere, Euclidean distance transform);
+    voxel indices `(i, j, k)` of the stored volume."""
+    components, _ = ndimage.label(truth)
+    clicks = []
+    for index, box in enumerate(ndimage.find_objects(components), start=1):
+        lesion = np.pad(components[box] == index, 1)  # pad so that lesions touching the border have an edge there
+        depth = ndimage.distance_transform_edt(lesion)
+        deepest = np.unravel_index(np.argmax(depth), depth.shape)
+        clicks.append([int(d - 1 + s.start) for d, s in zip(deepest, box)])
+    return clicks
+
+
+def dice(prediction: np.ndarray, truth: np.ndarray) -> float:
+    total = prediction.sum() + truth.sum()
+    return 1.0 if total == 0 else float(2 * np.logical_and(prediction, truth).sum() / total)
+
+
+@torch.no_grad()
+def validation_scores(model, processor: Sam3DProcessor, rows, accelerator: Accelerator) -> list[tuple[str, float]]:
+    """`(case_id, Dice)` of each of `rows`' scans that contains the target structure (the others are skipped)."""
+    target_label = processor.image_processor.target_label
+    scores = []
+    was_training = model.training
+    model.eval()
+    for row in rows:
+        stored = np.asanyarray(nib.load(row["label"]).dataobj)
+        truth = stored == target_label if target_label is not None else stored > 0
+        clicks = lesion_clicks(truth)
+        if not clicks:
+            continue
+        inputs = processor(images=row["image"], input_points=clicks)
+        logits = []
+        for b in range(len(inputs["pixel_values"])):  # one patch at a time: bounded memory at ViT-B
+            with accelerator.autocast():
+                out = model(
+                    pixel_values=inputs["pixel_values"][b : b + 1].to(accelerator.device),
+                    input_points=inputs["input_points"][b : b + 1].to(accelerator.device),
+                    input_labels=inputs["input_labels"][b : b + 1].to(accelerator.device),
+                )
+            logits.append(out.logits.float().cpu())
+        mask = processor.post_process_masks(torch.cat(logits), inputs).numpy().astype(bool)
+        scores.append((row["case_id"], dice(mask, truth)))
+    model.train(was_training)
+    return scores
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    output_dir = Path(args.output_dir)
+    logging_dir = output_dir / "logs"
+    trackers = [JSONLinesTracker(logging_dir)]
+    if args.report_to in ("tensorboard", "all"):
+        try:
+            import tensorboard  # noqa: F401
+
+            trackers.append("tensorboard")
+        except ImportError:
+            if args.report_to == "tensorboard":
+                raise SystemExit(
+                    'error: --report_to tensorboard needs TensorBoard: pip install "sam3d-hf[train]"'
+                ) from None
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        log_with=trackers,
+        project_config=ProjectConfiguration(
+            project_dir=str(output_dir),
+            logging_dir=str(logging_dir),
+            automatic_checkpoint_naming=True,  # no total_limit: remove_old_checkpoints keeps the newest complete ones
+        ),
+        # The sampler's order depends only on (seed, epoch): a resumed run sees the same batches.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=args.find_unused_parameters)],
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    logger.info(accelerator.state, main_process_only=False)
+    if not accelerator.is_local_main_process:
+        for name in ("transformers", "datasets"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+    set_seed(args.seed)
+
+    existing = [p for p in list_checkpoints(output_dir) if is_complete(p)]
+    if existing and not args.resume_from_checkpoint:
+        raise SystemExit(
+            f"error: {output_dir}/checkpoints already holds {len(existing)} checkpoint(s); pass "
+            "--resume_from_checkpoint latest to continue that run, or choose another --output_dir"
+        )
+
+    # Data: index, split once, check every case before the first step.
+    if args.processor:
+        processor = Sam3DProcessor.from_pretrained(args.processor)
+        if tuple(processor.patch_size) != tuple(args.patch_size):
+            processor.patch_size = tuple(args.patch_size)
+    else:
+        # 16 voxels of context around click clusters at 128³, as the processor's default; scaled for small patches.
+        margin = min(args.patch_size) // 8
+        processor = Sam3DProcessor.from_preset(args.preset, patch_size=tuple(args.patch_size), cluster_margin=margin)
+    split_file = Path(args.split_file) if args.split_file else output_dir / "split.json"
+    try:  # every data error ends here, as one line, before the model is built
+        dataset = index_dataset(args.data_dir, labelled_only=True)  # evaluate.py splits the same labelled cases
+        with accelerator.main_process_first():  # the main process writes the split, the others read it
+            split = load_or_create_split(dataset["case_id"], split_file, seed=args.seed)
+        validate_dataset(dataset, processor)  # every case, test included: a broken file is reported now
+    except (ValueError, TypeError) as err:
+        raise SystemExit(f"error: the dataset in {args.data_dir} is not usable: {err}") from None
+    by_id = {row["case_id"]: row for row in dataset}
+    train_rows = [by_id[c] for c in split["train"]]
+    validation_rows = [by_id[c] for c in split["validation"]][: args.max_validation_cases]
+    if not train_rows:
+        raise SystemExit(f"error: the split {split_file} has no training cases")
+
+    trainee, model = build_model(args)
+    if accelerator.is_main_process and hasattr(trainee, "print_trainable_parameters"):
+        trainee.print_trainable_parameters()
+    train_dataset = Sam3DTrainingDataset(
+        train_rows,
+        processor,
+        patch_size=tuple(args.patch_size),
+        num_positive_points=args.num_positive_points,
+        num_background_points=args.num_background_points,
+        num_negative_points=args.num_negative_points,
+        use_point_labels=model.config.prompt_encoder_config.use_point_labels,
+        augment=not args.no_augment,
+        cache_dir=args.cache_dir,
+        seed=args.seed,
+        samples_per_volume=args.samples_per_volume,
+    )
+    train_dataloader = torch.utils.data.DataLoader(
+        train_dataset,
+        batch_size=args.train_batch_size,
+        shuffle=True,
+        collate_fn=sam3d_collate,
+        num_workers=args.dataloader_num_workers,
+        drop_last=True,  # every step sees full batches: equal work on every rank
+    )
+    if len(train_dataloader) == 0:
+        raise SystemExit(
+            f"error: {len(train_dataset)} training patches per epoch is fewer than --train_batch_size "
+            f"{args.train_batch_size}; lower the batch size or raise --samples_per_volume"
+        )
+
+    parameters = [p for p in trainee.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        parameters, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.weight_decay
+    )
+    updates_per_epoch = math.ceil(len(train_dataloader) / accelerator.num_processes / args.gradient_accumulation_steps)
+    max_train_steps = args.max_train_steps or args.num_train_epochs * updates_per_epoch
+    # The prepared scheduler steps once per process at every optimiser step, hence the factor.
+    lr_scheduler = get_linear_schedule_with_warmup(
+        optimizer,
+        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=max_train_steps * accelerator.num_processes,
+    )
+    trainee, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
+        trainee, optimizer, train_dataloader, lr_scheduler
+    )
+    updates_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
+    num_epochs = math.ceil(max_train_steps / updates_per_epoch)
+    accelerator.init_trackers("sam3d-train")
+    config = {k: v for k, v in vars(args).items() if v is not None}
+    for tracker in accelerator.trackers:  # logs/config.json keeps the lists (the model card reads it)
+        tracker.store_init_configuration(config if tracker.name == "jsonl" else tensorboard_hparams(config))
+
+    # Checkpoints a killed save left incomplete are set aside, so that the next save can take their name.
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        for folder in set_aside_incomplete_checkpoints(output_dir):
+            logger.warning(f"Moved the incomplete checkpoint (a save killed midway) to {folder}; delete it at will.")
+    accelerator.wait_for_everyone()
+    checkpoints = list_checkpoints(output_dir)  # all complete now; the next save gets the next number
+    accelerator.project_configuration.iteration = checkpoint_index(checkpoints[-1]) + 1 if checkpoints else 0
+
+    # Resume: weights, optimiser, scheduler, RNG from the newest *complete* checkpoint; epoch and batch position from
+    # its step count (the sampler order depends only on seed and epoch).
+    global_step, best_dice = 0, -1.0
+    if args.resume_from_checkpoint:
+        if args.resume_from_checkpoint == "latest":
+            path = checkpoints[-1] if checkpoints else None
+        else:
+            path = Path(args.resume_from_checkpoint)
+            if not is_complete(path):
+                raise SystemExit(f"error: {path} is not a complete checkpoint (no valid {COMPLETE_MARKER})")
+        if path is None:
+            logger.warning(f"No complete checkpoint in {output_dir}/checkpoints: starting from scratch.")
+        else:
+            logger.info(f"Resuming from {path}")
+            accelerator.load_state(str(path))
+            state = json.loads((path / TRAINING_STATE).read_text(encoding="utf-8"))
+            global_step, best_dice = state["global_step"], state["best_dice"]
+            # the random states just restored: equal to the ones this checkpoint's save recorded
+            accelerator.log({"resumed_rng_fingerprint": rng_fingerprint()}, step=global_step)
+    batches_done = global_step * args.gradient_accumulation_steps
+    first_epoch, skip_batches = divmod(batches_done, len(train_dataloader))
+
+    total_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    logger.info(
+        f"***** Training *****  {len(train_rows)} training / {len(validation_rows)} validation scans, "
+        f"{len(train_dataset)} patches per epoch, batch {args.train_batch_size} per device x "
+        f"{accelerator.num_processes} processes x {args.gradient_accumulation_steps} accumulation = {total_batch}; "
+        f"{max_train_steps} optimiser steps ({num_epochs} epochs), starting at step {global_step}"
+    )
+    progress = tqdm(
+        range(max_train_steps), initial=global_step, desc="steps", disable=not accelerator.is_local_main_process
+    )
+
+    def checkpoint() -> None:
+        location = Path(accelerator.save_state())
+        state = {"global_step": global_step, "best_dice": best_dice, "rng_fingerprint": rng_fingerprint()}
+        accelerator.wait_for_everyone()  # every rank's files are written before the marker
+        if accelerator.is_main_process:
+            mark_complete(location, state)
+            remove_old_checkpoints(output_dir, args.checkpoints_total_limit)
+        accelerator.wait_for_everyone()
+
+    def validate() -> None:
+        nonlocal best_dice
+        if not validation_rows:
+            return
+        # Each process scores its share of the scans (no rank idles through a whole validation waiting for another);
+        # every rank then holds all the scores, in case order, so `best_dice` agrees.
+        with accelerator.split_between_processes(validation_rows) as rows:
+            scores = validation_scores(accelerator.unwrap_model(trainee), processor, rows, accelerator)
+        scores = dict(gather_object(scores))  # every rank's (case_id, Dice) pairs, in case order
+        score = float(np.mean(list(scores.values()))) if scores else float("nan")
+        if accelerator.is_main_process:
+            per_case = {f"validation_dice/{case_id}": value for case_id, value in scores.items()}
+            accelerator.log({"validation_dice": score, **per_case}, step=global_step)
+            logger.info(f"step {global_step}: validation Dice {score:.4f} (best {max(best_dice, 0):.4f})")
+        if score > best_dice:
+            best_dice = score
+            if accelerator.is_main_process:
+                info = {"global_step": global_step, "validation_dice": score}
+                save_model_folder(
+                    accelerator.unwrap_model(trainee), processor, args.finetune, output_dir / "best_model", info
+                )
+
+    if global_step == 0 and args.validation_steps:
+        validate()  # the curve starts at the initial weights
+    trainee.train()
+    running_loss = torch.zeros((), device=accelerator.device)
+    for epoch in range(first_epoch, num_epochs):
+        if global_step >= max_train_steps:  # resumed from the last step's checkpoint: nothing left to do
+            break
+        train_dataset.set_epoch(epoch)  # augmentation and point sampling depend on (seed, epoch, index)
+        train_dataloader.set_epoch(epoch)
+        batches = train_dataloader
+        if epoch == first_epoch and skip_batches:
+            batches = accelerator.skip_first_batches(train_dataloader, skip_batches)
+        for batch in batches:
+            with accelerator.accumulate(trainee):
+                outputs = trainee(**batch)  # `labels` in the batch: the model's DiceCE loss
+                loss = outputs.loss
+                running_loss += loss.detach() / args.gradient_accumulation_steps
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    grad_norm = accelerator.clip_grad_norm_(parameters, args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad()
+            if not accelerator.sync_gradients:
+                continue
+            global_step += 1
+            progress.update(1)
+            step_loss = accelerator.reduce(running_loss, reduction="mean").item()
+            running_loss.zero_()
+            logs = {"train_loss": step_loss, "lr": lr_scheduler.get_last_lr()[0], "grad_norm": float(grad_norm)}
+            accelerator.log(logs, step=global_step)
+            progress.set_postfix(loss=f"{step_loss:.4f}")
+            if args.validation_steps and global_step % args.validation_steps == 0:
+                validate()
+            if global_step % args.checkpointing_steps == 0 or global_step == max_train_steps:
+                checkpoint()
+            if global_step >= max_train_steps:
+                break
+        if global_step >= max_train_steps:
+            break
+    progress.close()
+
+    accelerator.wait_for_everyone()
+    final = accelerator.unwrap_model(trainee)
+    if accelerator.is_main_process:
+        validated = best_dice >= 0
+        info = {"global_step": global_step, "best_validation_dice": best_dice if validated else None}
+        save_model_folder(final, processor, args.finetune, output_dir / "final_model", info)
+        if validated:
+            logger.info(f"Saved {output_dir / 'final_model'} (best validation Dice {best_dice:.4f} in best_model/)")
+        else:
+            logger.info(
+                f"Saved {output_dir / 'final_model'}; no validation score was recorded (--validation_steps 0, no "
+                "validation case, or no lesion in the validation cases), so there is no best_model/"
+            )
+    if args.save_rank_checksums:  # lets a test check that every rank holds the same weights
+        path = output_dir / f"weights_rank{accelerator.process_index}.json"
+        write_json(path, weight_checksums(model), sort_keys=True)
+    accelerator.end_training()
+
+
+# `accelerate launch` options for one process on the CPU, as examples/accelerate_configs/cpu.yaml (which a wheel does
+# not install): what the demo launches with.
+CPU_LAUNCH_OPTIONS = ("--cpu", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
+                      "--dynamo_backend", "no")  # fmt: skip
+
+
+def launch_command(argv: list[str], launch_options: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """`accelerate launch LAUNCH_OPTIONS -m sam3d_hf.training ARGV` for this Python: how `sam3d train` and the demo
+    start training in a subprocess (e.g. `launch_options=["--config_file", "my.yaml"]`, or `CPU_LAUNCH_OPTIONS`)."""
+    return [sys.executable, "-m", "accelerate.commands.launch", *launch_options, "-m", "sam3d_hf.training", *argv]
+
+
+if __name__ == "__main__":
+    main()
