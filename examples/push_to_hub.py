@@ -3,12 +3,12 @@
 documented entry point of `sam3d push` (same options; `python examples/push_to_hub.py --help` lists them).
 
 The folder is what training saved (`final_model/`): the model or the adapter, and the processor. The card reads the
-preprocessing from that processor, the recipe from the training run's records and the results from the evaluation's
-`summary.json`; the folder itself is never modified.
+preprocessing from that processor, the recipe from the folder's `training_info.json` (the training run's record) and
+the results from the evaluation's `summary.json`; the folder itself is never modified.
 
     # look first: list what would be uploaded, print the card and keep a copy for review
     python examples/push_to_hub.py runs/kits21/final_model --repo-id my-lab/sam3d-kits21 \
-        --evaluation eval/summary.json --training-args runs/kits21/logs/config.json --card-out card.md --dry-run
+        --evaluation eval/summary.json --card-out card.md --dry-run
     # then publish only the adapter, against the SAM-initialised base it goes on
     python examples/push_to_hub.py runs/kits21/final_model --repo-id my-lab/sam3d-kits21-adapter --adapter-only \
         --base-model-id my-lab/sam3d-vit-b --evaluation eval/summary.json

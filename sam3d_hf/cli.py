@@ -18,31 +18,13 @@ from .version import __version__
 # commands, so that building the parser costs only what `import sam3d_hf` costs.
 
 
-def _looks_like_hub_id(name: str) -> bool:
-    """`owner/name` as the Hub spells ids; anything else (`./x`, `x`, `a/b/c`, `~/x`, `x.json`) is a local path, so a
-    missing local path is an error at once instead of Hub look-ups and their retries."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    if name.startswith((".", "/", "~")) or name.endswith(".json") or name.count("/") != 1:
-        return False
-    try:
-        validate_repo_id(name)
-    except HFValidationError:
-        return False
-    return True
-
-
 def _load_config(name: str):
     """`--config`: a Sam3DConfig folder or config.json, or a Hub id (online only). A path that does not exist is a
     clear error before anything is downloaded."""
-    from huggingface_hub import constants
-
     from .configuration_sam3d import Sam3DConfig
+    from .hub import check_model_reference
 
-    looks_local = not _looks_like_hub_id(name)
-    if not Path(name).expanduser().exists() and (looks_local or constants.HF_HUB_OFFLINE):
-        where = "" if looks_local else " (HF_HUB_OFFLINE is set, so it cannot be a Hub id)"
-        raise ValueError(f"--config {name!r}: no such file or folder{where}; give a Sam3DConfig folder or config.json")
+    check_model_reference(name, "--config", "file or folder", "give a Sam3DConfig folder or config.json")
     path = Path(name).expanduser()
     if path.is_dir() and not (path / "config.json").is_file():  # transformers would silently give default sizes
         found = sorted(p.name for p in path.iterdir())[:10]
@@ -141,14 +123,18 @@ def _load_model_and_processor(name: str, preset: str | None):
     """A model folder/Hub id and its processor (`processor_config.json` next to it, else `--preset`)."""
     import torch
 
+    from .hub import check_model_reference
+    from .image_processing_sam3d import SAM3D_PRESETS
     from .modeling_sam3d import Sam3DForPromptableSegmentation
     from .processing_sam3d import Sam3DProcessor
 
     path = Path(name).expanduser()
-    if not path.exists() and not _looks_like_hub_id(name):
-        raise ValueError(f"--model {name!r}: no such folder; give a model folder (save_pretrained) or a Hub id")
+    check_model_reference(name, "--model", hint="give a model folder (save_pretrained) or a Hub id")
     if path.is_dir() and not (path / "config.json").is_file():
         raise ValueError(f"--model {name!r} has no config.json; give the folder written by save_pretrained")
+    no_processor = f"pass --preset (one of {', '.join(SAM3D_PRESETS)}) or save the training processor there"
+    if path.is_dir() and not preset and not (path / "processor_config.json").is_file():
+        raise ValueError(f"--model {name!r} has no processor_config.json: {no_processor}")
     try:
         model = Sam3DForPromptableSegmentation.from_pretrained(name, dtype=torch.float32)
         processor = Sam3DProcessor.from_preset(preset) if preset else Sam3DProcessor.from_pretrained(name)
@@ -158,6 +144,8 @@ def _load_model_and_processor(name: str, preset: str | None):
         message = str(error).splitlines()[0] if str(error).strip() else type(error).__name__
         if isinstance(error, KeyError):
             message = f"{type(error).__name__}: {message}"
+        if "processor" in message.lower() and not preset:
+            message += f" ({no_processor})"
         raise ValueError(f"--model {name!r} could not be loaded: {message}") from None
     return model, processor
 
@@ -173,7 +161,7 @@ def _segment(args: argparse.Namespace) -> int:
 
     from .image_processing_sam3d import load_volume
     from .inference import Sam3DPredictor
-    from .processing_sam3d import save_mask_nifti
+    from .processing_sam3d import save_mask_nifti, validate_points
     from .visualization import save_overlay
 
     # What the arguments alone decide, before anything is read or loaded.
@@ -199,6 +187,7 @@ def _segment(args: argparse.Namespace) -> int:
     volume = load_volume(args.image)  # reports a missing/unreadable scan before the model is loaded
     points = [*args.point, *args.negative]
     labels = [1] * len(args.point) + [0] * len(args.negative)
+    validate_points(points, labels, volume.data.shape, volume.affine, args.points_in)  # clicks outside: now
     _progress(f"loading the model {args.model}")
     model, processor = _load_model_and_processor(args.model, args.preset)
     if args.negative and not model.config.prompt_encoder_config.use_point_labels:
@@ -265,7 +254,7 @@ def _push(args: argparse.Namespace) -> int:
 
     if args.adapter_only and not args.base_model_id:
         raise ValueError("--adapter-only needs --base-model-id: the Hub id of the model the adapter goes on")
-    card_kwargs = {"dataset": args.dataset, "evaluation": args.evaluation, "training_args": args.training_args}
+    card_kwargs = {"dataset": args.dataset, "evaluation": args.evaluation, "training": args.training_info}
     card = render_model_card(
         args.folder, repo_id=args.repo_id, base_model=args.base_model_id, adapter=args.adapter_only or None,
         license=args.license, **card_kwargs,
@@ -349,8 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
         "push",
         help="publish a trained folder to the Hugging Face Hub with a rendered model card",
         description="One commit: the folder's model (or adapter) and processor files plus README.md, the model card "
-        "rendered from the processor, --evaluation and --training-args. A full model also gets the pipeline's code and "
-        "`custom_pipelines` in its config.json, so the repo serves pipeline('sam3d-segmentation', model=REPO, "
+        "rendered from the processor, the training record and --evaluation. A full model also gets the pipeline's "
+        "code and `custom_pipelines` in its config.json, so the repo serves pipeline('sam3d-segmentation', model=REPO, "
         "trust_remote_code=True) without sam3d-hf. The folder itself is not modified.",
     )
     push.add_argument("folder", help="folder written by save_pretrained (model or adapter, and the processor)")
@@ -360,7 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--dataset", help="hub_cards dataset key or your own .yaml (default: from the processor)")
     push.add_argument("--evaluation", help="evaluation summary JSON (sam3d evaluate's summary.json; the card reads the "
                       "column named like its dataset, i.e. evaluate's --dataset_name, or the only one)")  # fmt: skip
-    push.add_argument("--training-args", help="the training run's arguments JSON (logs/config.json)")
+    push.add_argument("--training-info", help="the training record (default: the folder's training_info.json, which "
+                      "sam3d train writes into every saved model folder)")  # fmt: skip
     push.add_argument("--license", default="apache-2.0", help="licence of the weights (default: SAM's apache-2.0)")
     push.add_argument("--private", action="store_true", help="create the repository private")
     push.add_argument("--revision", help="branch to commit to (created if missing)")

@@ -93,7 +93,8 @@ def _image_processor(processor: Any) -> Sam3DImageProcessor:
         raise TypeError(f"`processor` must be a Sam3DProcessor or Sam3DImageProcessor, got {type(processor).__name__}.")
     if ip.target_label is None:
         raise ValueError(
-            "The processor's `target_label` is None, but training needs a binary target: set it to the label value of "
+            "The processor's `target_label` is None, but training and evaluation need a binary target: set it to the "
+            "label value of "
             "the structure to segment, e.g. Sam3DImageProcessor.from_preset('kits21') (tumour = 2) or "
             "Sam3DImageProcessor(..., target_label=2)."
         )
@@ -389,22 +390,24 @@ def validate_dataset(
     dataset: datasets.Dataset | Iterable[Mapping[str, Any]],
     processor: Any,
     case_ids: Sequence[str] | None = None,
+    target_label: int | None = None,
 ) -> None:
-    """Check a training set before the first step; raise `ValueError` naming the first bad case.
+    """Check a training or test set before any work; raise `ValueError` naming the first bad case.
 
     Checks, per case: the image and label files exist and are readable; the label map has the image's shape and
     affine (within 1e-3, the processor's own tolerance); and over all cases: the set is not empty, `case_ids` are all
-    in `dataset`, and at least one case holds the processor's `target_label`. A case without the target value is
-    legitimate (it gives background patches) and only logged.
+    in `dataset`, and at least one case holds the target label. A case without the target value is legitimate (it
+    gives background patches) and only logged.
 
-    Reads the NIfTI headers and the label maps (not the images' voxels).
+    Reads the NIfTI headers and the label maps (not the images' voxels: `PreprocessedCache.prepare` decodes those).
 
     Args:
         dataset: rows with `case_id`, `image`, `label` (e.g. from [`index_dataset`]).
         processor: a `Sam3DProcessor` or `Sam3DImageProcessor` with `target_label` set.
         case_ids: check only these cases (e.g. the training split); every id must be in `dataset`.
+        target_label: the label value of the structure (default: the processor's `target_label`).
     """
-    target = _image_processor(processor).target_label
+    target = target_label if target_label is not None else _image_processor(processor).target_label
     rows = {r["case_id"]: r for r in _rows(dataset)}
     if case_ids is not None:
         case_ids = [str(c) for c in case_ids]
@@ -440,14 +443,23 @@ def validate_dataset(
                 f"{image_affine.round(4).tolist()}); resample the label map onto the image grid ({row['label']})."
             )
         path = str(row["label"])
-        labels = np.asanyarray(nib.load(path).dataobj) if path.lower().endswith(NIFTI_SUFFIXES) else None
-        labels = load_volume(path).data if labels is None else labels
+        try:
+            labels = np.asanyarray(nib.load(path).dataobj) if path.lower().endswith(NIFTI_SUFFIXES) else None
+            labels = load_volume(path).data if labels is None else labels
+        except Exception as err:  # a truncated file ends in EOFError or zlib.error deep inside nibabel
+            raise ValueError(
+                f"Case {cid!r}: the label file {path} cannot be decoded ({type(err).__name__}: {err}); is it "
+                "complete? Replace or re-download it."
+            ) from err
         if not np.any(labels == target):
             without_target.append(cid)
+            if len(without_target) == 1:
+                found = np.unique(labels).tolist()[:10]
     if len(without_target) == len(selected):
         raise ValueError(
             f"No case holds the target label value {target} (checked {len(selected)} cases, e.g. "
-            f"{without_target[:5]}): wrong `target_label` for this dataset? Its label maps hold other values."
+            f"{without_target[:5]}): wrong `target_label` for this dataset (--target_label, or the processor's "
+            f"target_label)? Its label maps hold other values, e.g. {found} in case {without_target[0]!r}."
         )
     if without_target:
         logger.info(
@@ -600,6 +612,19 @@ class PreprocessedCache:
         if "labels" in tensors:
             out["labels"] = tensors["labels"]
         return out
+
+    def prepare(self, dataset: datasets.Dataset | Iterable[Mapping[str, Any]]) -> list[tuple[str, str]]:
+        """Preprocess every case of `dataset` into the cache now (decoding every voxel of its files), so that a
+        truncated or unreadable file is found before training starts rather than at the first batch that needs it;
+        cases already cached cost a hash check. Returns `(case_id, reason)` for each case that failed (empty when all
+        are usable); nothing is raised, so that each process of a distributed run can report its share."""
+        problems = []
+        for row in _rows(dataset):
+            try:
+                self._get(row)
+            except Exception as error:  # every reader raises its own type; the message names the file
+                problems.append((str(row["case_id"]), " ".join(f"{type(error).__name__}: {error}".split())))
+        return problems
 
     def clear(self) -> int:
         """Delete this cache folder's entries and file-hash records (nothing else); return the number of entries."""

@@ -7,9 +7,10 @@
    loop of the package.
 3. Evaluate 1/3/10 clicks and correction rounds (Dice, NSD at 5 mm) on the held-out cases with
    `sam3d_hf.evaluation.main` (cases.csv, summary.json, table.md, overlays/).
-4. Write 1-click predictions of the held-out cases as NIfTI (the scans' own geometry).
-5. Render the model card. The folder serves `pipeline("sam3d-segmentation", model=...)` where sam3d-hf is installed;
-   `sam3d push` adds the pipeline's code and `custom_pipelines` to what it uploads, for `trust_remote_code=True`.
+4. Keep the 1-click masks the evaluation scored (`--save_masks`) as `predictions/` (NIfTI, the scans' own geometry).
+5. Render the model card from the recorded facts (the training's `training_info.json`, the evaluation's
+   `summary.json`). The model folder carries the pipeline's code (as every folder training saves), so it serves
+   `pipeline("sam3d-segmentation", model=..., trust_remote_code=True)` with or without sam3d-hf installed.
 
 Everything is built in a hidden sibling folder and moved to `output_dir` at the end, so a failed or interrupted demo
 leaves no half-written folder behind.
@@ -69,10 +70,7 @@ def run_demo(output_dir: str | os.PathLike = "sam3d-demo", quick: bool = False, 
     from .files import make_staging_folder, replace_folder, write_json
     from .hub import render_model_card
     from .image_processing_sam3d import Sam3DImageProcessor
-    from .inference import Sam3DPredictor
-    from .metrics import simulate_clicks
-    from .modeling_sam3d import Sam3DForPromptableSegmentation
-    from .processing_sam3d import Sam3DProcessor, save_mask_nifti
+    from .processing_sam3d import Sam3DProcessor
     from .synthetic import SYNTHETIC_PROCESSOR_KWARGS, generate_dataset
 
     settings = DEMO_SETTINGS["quick" if quick else "full"]
@@ -124,32 +122,21 @@ def run_demo(output_dir: str | os.PathLike = "sam3d-demo", quick: bool = False, 
             "--model", str(work / "model"), "--data_dir", str(data_dir), "--split_file",
             str(work / "training" / "split.json"), "--split", "test", "--protocols", settings["protocols"],
             "--rounds", str(settings["rounds"]), "--dataset_name", "synthetic", "--seed", str(seed),
-            "--output_dir", str(evaluation_dir),
+            "--output_dir", str(evaluation_dir), "--save_masks",
         ])  # fmt: skip
 
-        _step(4, "writing 1-click predictions of the held-out cases as NIfTI")
-        model = Sam3DForPromptableSegmentation.from_pretrained(work / "model")
-        predictor = Sam3DPredictor(model, Sam3DProcessor.from_pretrained(work / "model"))
-        example = None
-        (work / "predictions").mkdir()
-        for case in test:
-            image, label = data_dir / "imagesTr" / f"{case}.nii.gz", data_dir / "labelsTr" / f"{case}.nii.gz"
-            label_image = nib.load(label)
-            tumour = np.asarray(label_image.dataobj) == target
-            spacing = np.linalg.norm(label_image.affine[:3, :3], axis=0)
-            points, labels = simulate_clicks(tumour, "per_lesion", 1, seed=seed, spacing=spacing)
-            predictor.set_image(str(image))
-            save_mask_nifti(predictor.predict(points, labels).mask, str(image), work / "predictions" / f"{case}.nii.gz")
-            if example is None:  # a voxel inside the largest lesion, for the `sam3d segment` line
-                lesions, count = ndimage.label(tumour)
-                largest = 1 + int(np.argmax(ndimage.sum(tumour, lesions, range(1, count + 1))))
-                inside = np.argwhere(lesions == largest)
-                example = (case, inside[np.argmin(((inside - inside.mean(0)) ** 2).sum(1))])
+        _step(4, "keeping the scored 1-click masks of the held-out cases as predictions/ (NIfTI)")
+        os.replace(evaluation_dir / "masks" / "1", work / "predictions")  # the masks its table scored
+        label_image = nib.load(data_dir / "labelsTr" / f"{test[0]}.nii.gz")
+        tumour = np.asarray(label_image.dataobj) == target
+        lesions, count = ndimage.label(tumour)  # a voxel inside the largest lesion, for the `sam3d segment` line
+        largest = 1 + int(np.argmax(ndimage.sum(tumour, lesions, range(1, count + 1))))
+        inside = np.argwhere(lesions == largest)
+        example = (test[0], inside[np.argmin(((inside - inside.mean(0)) ** 2).sum(1))])
 
         _step(5, "rendering the model card")
         card = render_model_card(
-            work / "model", dataset="synthetic", evaluation=evaluation_dir / "summary.json",
-            training_args=work / "training" / "logs" / "config.json", model_name="sam3d-demo",
+            work / "model", dataset="synthetic", evaluation=evaluation_dir / "summary.json", model_name="sam3d-demo",
         )  # fmt: skip
         card.save(work / "model" / "README.md")
 

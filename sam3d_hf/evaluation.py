@@ -25,7 +25,11 @@ Correction rounds keep the patches of that protocol's earlier rounds when the cl
 interactive session would. Image embeddings are shared between protocols wherever a patch origin coincides (exact).
 
 Outputs in `--output_dir`: `cases.csv` (one row per scan, protocol and round), `lesions.csv` (one row per lesion),
-`summary.json` (`sam3d_hf.metrics.summarize`: mean and std per protocol and round; NaN written as null),
+`summary.json` (`{"format": "sam3d-hf-evaluation-v1", "sam3d_hf_version", "dataset", "split", "settings": {"cases",
+"protocols", "click_placement", "rounds", "seed", "tolerance_mm", "target_label", ...}, "summary": ...}`, the
+summary being `sam3d_hf.metrics.summarize`'s mean and std per protocol and round, NaN written as null: the model card
+reads the settings from it, never a default), with `--save_masks` `masks/<protocol>/<case>.nii.gz` (each protocol's
+last scored mask, in the scan's geometry),
 `table.md` (Table 1 shape), `dice_per_round.png` (mean Dice/NSD per correction round, or per number of clicks; only
 with such rows), and `overlays/<case>.png` (three orthogonal slices through each lesion: ground truth, prediction,
 clicks; from the first protocol, or the last correction round). Everything is written into a hidden sibling folder and
@@ -57,17 +61,20 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object
 from tqdm.auto import tqdm
 
-from .data import index_dataset, load_or_create_split
-from .files import atomic_write, atomic_write_text, make_staging_folder, replace_folder
+from .data import index_dataset, load_or_create_split, validate_dataset
+from .files import atomic_write, atomic_write_text, make_staging_folder, replace_folder, write_json
+from .hub import check_model_reference
 from .inference import Sam3DPredictor
 from .metrics import correction_click, evaluate_case, markdown_table, simulate_clicks, summarize
 from .modeling_sam3d import Sam3DForPromptableSegmentation
 from .peft_sam3d import PEFT_TYPE as SPATIAL_ADAPTER_TYPE
 from .peft_sam3d import Sam3DAdapterModel
-from .processing_sam3d import Sam3DProcessor
+from .processing_sam3d import Sam3DProcessor, save_mask_nifti
+from .version import __version__
 from .visualization import save_curve, save_overlay
 
 POSITION_PROTOCOLS = ("center", "surrounding", "marginal")
+SUMMARY_FORMAT = "sam3d-hf-evaluation-v1"
 CASE_COLUMNS = (
     "case_id", "dataset", "method", "protocol_name", "protocol", "num_clicks", "round", "dice", "nsd", "voxels",
     "volume_mm3", "n_lesions", "lesions_detected", "clicks", "click_labels",
@@ -111,7 +118,10 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="click seed (per case: seed and case position)")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (GPUs, CPUs with native bf16)")
     parser.add_argument("--max_cases", type=int, help="evaluate only the first N cases of the split")
-    parser.add_argument("--tolerance_mm", type=float, default=5.0, help="NSD tolerance")
+    parser.add_argument("--tolerance_mm", type=float, default=5.0, help="NSD tolerance in mm (the paper: 5)")
+    parser.add_argument("--save_masks", action="store_true",
+                        help="also write the scored masks as NIfTI: masks/<protocol>/<case>.nii.gz, each protocol's "
+                        "last prediction, in the scan's geometry")  # fmt: skip
     return parser
 
 
@@ -131,13 +141,28 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
     args.protocols = protocols + (["automatic"] if args.automatic else [])
     if args.rounds < 1 or args.sw_batch_size < 1 or (args.max_cases is not None and args.max_cases < 1):
         parser.error("--rounds, --sw_batch_size and --max_cases must be >= 1")
+    if not args.tolerance_mm > 0:
+        parser.error(f"--tolerance_mm must be > 0 (millimetres), got {args.tolerance_mm}")
     return args
 
 
-def load_model(args: argparse.Namespace) -> tuple[torch.nn.Module, Sam3DProcessor]:
-    """The model (adapters merged) and its processor, from --model or --base + --adapter."""
+def load_processor(args: argparse.Namespace) -> Sam3DProcessor:
+    """The processor saved with --adapter or --model/--base, else --preset's."""
+    for option in ("model", "base", "adapter"):
+        if getattr(args, option) is not None:
+            check_model_reference(getattr(args, option), f"--{option}")
     folder = Path(args.model or args.base)
-    model = Sam3DForPromptableSegmentation.from_pretrained(folder, dtype=torch.float32)
+    for candidate in (Path(args.adapter) if args.adapter else None, folder):
+        if candidate is not None and (candidate / "processor_config.json").is_file():
+            return Sam3DProcessor.from_pretrained(candidate)
+    if args.preset is None:
+        raise ValueError(f"{folder} has no processor_config.json: pass --preset (e.g. kits21, msd_pancreas).")
+    return Sam3DProcessor.from_preset(args.preset)
+
+
+def load_model(args: argparse.Namespace) -> torch.nn.Module:
+    """The model (adapters merged), from --model or --base + --adapter."""
+    model = Sam3DForPromptableSegmentation.from_pretrained(Path(args.model or args.base), dtype=torch.float32)
     if args.adapter is not None:
         adapter_config = json.loads((Path(args.adapter) / "adapter_config.json").read_text())
         if adapter_config.get("peft_type") == SPATIAL_ADAPTER_TYPE:  # the paper's spatial adapters
@@ -146,12 +171,7 @@ def load_model(args: argparse.Namespace) -> tuple[torch.nn.Module, Sam3DProcesso
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(model, args.adapter).merge_and_unload()
-    for candidate in (Path(args.adapter) if args.adapter else None, folder):
-        if candidate is not None and (candidate / "processor_config.json").is_file():
-            return model, Sam3DProcessor.from_pretrained(candidate)
-    if args.preset is None:
-        raise ValueError(f"{folder} has no processor_config.json: pass --preset (e.g. kits21, msd_pancreas).")
-    return model, Sam3DProcessor.from_preset(args.preset)
+    return model
 
 
 def select_cases(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -159,6 +179,11 @@ def select_cases(args: argparse.Namespace) -> list[dict[str, Any]]:
     if args.split_file is not None:
         wanted = set(load_or_create_split([c["case_id"] for c in cases], args.split_file, seed=args.seed)[args.split])
         cases = [c for c in cases if c["case_id"] in wanted]
+        if not cases:
+            raise ValueError(
+                f"the {args.split!r} split of {args.split_file} holds no case: choose another --split, or a split file "
+                "with cases there"
+            )
     for position, case in enumerate(cases):
         case["position"] = position  # seeds the clicks: the same for any number of processes
     return cases[: args.max_cases]
@@ -185,12 +210,16 @@ def predict_in_session(predictor: Sam3DPredictor, points, labels, session: list[
 def evaluate_one(case: dict[str, Any], predictor: Sam3DPredictor, args: argparse.Namespace) -> dict[str, Any]:
     """Every protocol on one scan; returns CSV rows, lesion rows and what the overlay needs."""
     label_image = nib.load(case["label"])
-    target = args.target_label if args.target_label is not None else predictor.processor.image_processor.target_label
+    target = args.target_label_used
     label = np.asarray(label_image.dataobj)
     tumour = label == target if target is not None else label > 0
     result = {"case_id": case["case_id"], "position": case["position"], "rows": [], "lesion_rows": []}
     if not tumour.any():
-        result["skipped"] = "no tumour voxel in the label map"
+        values = np.unique(label).tolist()
+        result["skipped"] = (
+            f"no voxel with label {target} (the tumour label: --target_label or the processor's target_label) in "
+            f"the label map, which holds {values[:10]}"
+        )
         return result
     spacing = np.linalg.norm(label_image.affine[:3, :3], axis=0)
     predictor.set_image(case["image"])
@@ -210,6 +239,10 @@ def evaluate_one(case: dict[str, Any], predictor: Sam3DPredictor, args: argparse
             "clicks": json.dumps(np.asarray(points).tolist()), "click_labels": json.dumps(np.asarray(labels).tolist()),
         })  # fmt: skip
         result["lesion_rows"].extend({**meta, **lesion} for lesion in scores["lesions"])
+        if args.mask_dir is not None:  # each protocol's last scored mask (the last round's, for corrections)
+            folder = args.mask_dir / protocol_name
+            folder.mkdir(parents=True, exist_ok=True)
+            save_mask_nifti(mask, case["image"], folder / f"{case['case_id']}.nii.gz")
         if "overlay" not in result or protocol_name == "correction":
             result["overlay"] = (mask, np.asarray(points), np.asarray(labels), f"{protocol_name} round {round_}")
 
@@ -340,11 +373,33 @@ def write_outputs(
             if note:
                 accelerator.print(f"{r['case_id']}: {note}")
     if not rows:
-        raise ValueError(f"No case of {args.data_dir} ({args.split}) could be evaluated (no tumour in any label map?).")
+        skipped = [r for r in results if r.get("skipped")]
+        reason = f"; {len(skipped)} skipped, e.g. {skipped[0]['case_id']}: {skipped[0]['skipped']}" if skipped else ""
+        raise ValueError(f"no case of {args.data_dir} ({args.split}) could be evaluated ({len(results)} cases{reason})")
     write_csv(folder / "cases.csv", rows, CASE_COLUMNS)
     write_csv(folder / "lesions.csv", lesion_rows, LESION_COLUMNS)
     summary = summarize(rows)
-    atomic_write_text(folder / "summary.json", json.dumps(_json_safe(summary), indent=2) + "\n")
+    record = {
+        "format": SUMMARY_FORMAT,
+        "sam3d_hf_version": __version__,
+        "dataset": args.dataset_name,
+        "split": args.split if args.split_file is not None else "all labelled cases",
+        "settings": {
+            "cases": len({r["case_id"] for r in rows}),
+            "protocols": args.protocols,
+            "click_placement": args.click_placement,
+            "rounds": args.rounds,
+            "seed": args.seed,
+            "tolerance_mm": args.tolerance_mm,
+            "target_label": args.target_label_used,
+            "bf16": args.bf16,
+            "sw_batch_size": args.sw_batch_size,
+            "max_cases": args.max_cases,
+            "method": args.method,
+        },
+        "summary": summary,
+    }
+    write_json(folder / "summary.json", _json_safe(record))
     table = markdown_table(summary)
     atomic_write_text(folder / "table.md", table)
     save_curve(folder / "dice_per_round.png", rows)
@@ -355,11 +410,28 @@ def write_outputs(
 def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     args = parse_args(argv, prog)
     accelerator = Accelerator()
+    try:
+        run(args, accelerator)
+    finally:
+        # A process that exits with its process group alive can abort in Gloo's teardown ("terminate called without
+        # an active exception", 1 run in 16 with two CPU processes), which fails the launch of a complete evaluation.
+        accelerator.end_training()
+
+
+def run(args: argparse.Namespace, accelerator: Accelerator) -> None:
+    """Check the output folder, the cases and the data, load the model, evaluate, write the outputs atomically."""
     output_dir = Path(args.output_dir).resolve()
     anchor = check_output_dir(output_dir, args.overwrite)
     with accelerator.main_process_first():  # the main process writes a new split file before the others read it
         cases = select_cases(args)
-    model, processor = load_model(args)
+    processor = load_processor(args)
+    target = processor.image_processor.target_label
+    args.target_label_used = args.target_label if args.target_label is not None else target
+    try:  # misaligned, unreadable or mislabelled data: one line naming the case, before the model is loaded
+        validate_dataset(cases, processor, target_label=args.target_label_used)
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"the dataset in {args.data_dir} is not usable: {error}") from None
+    model = load_model(args)
     if "correction" in args.protocols and not model.config.prompt_encoder_config.use_point_labels:
         raise ValueError(
             "protocol 'correction' places negative clicks, but this model has prompt_encoder_config.use_point_labels="
@@ -369,7 +441,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     predictor = Sam3DPredictor(model.to(accelerator.device), processor, bf16=args.bf16)
 
     # Everything goes into a hidden sibling folder, renamed to --output_dir once complete; the main process makes it
-    # and tells the others (they write their cases' overlays there).
+    # and tells the others (they write their cases' overlays and masks there).
     staging = None
     if accelerator.is_main_process:
         staging = make_staging_folder(output_dir, anchor)
@@ -377,6 +449,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     staging = Path(broadcast_object_list([staging])[0])
     try:
         args.overlay_dir = staging / "overlays"
+        args.mask_dir = staging / "masks" if args.save_masks else None
         results = evaluate_cases(cases, predictor, args, accelerator, staging)
         if accelerator.is_main_process:
             rows = write_outputs(staging, results, args, accelerator)
@@ -386,10 +459,6 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
         if accelerator.is_main_process:
             shutil.rmtree(staging, ignore_errors=True)
         raise
-    finally:
-        # A process that exits with its process group alive can abort in Gloo's teardown ("terminate called without
-        # an active exception", 1 run in 16 with two CPU processes), which fails the launch of a complete evaluation.
-        accelerator.end_training()
 
 
 if __name__ == "__main__":

@@ -11,7 +11,10 @@ pipeline under `custom_pipelines` (its code comes from the installed package) an
 `adapter_config.json` that names the base on the Hub are uploaded from memory; every other file is uploaded from the
 folder as it is. Write a local copy of the card with `render_model_card(folder, ...).save(path)` if you want one.
 
-Evaluation summary (read only by [`load_evaluation_summary`]), a JSON file or dict:
+Evaluation summary (read only by [`load_evaluation_summary`]), a JSON file or dict: what `sam3d evaluate` writes as
+`summary.json` (`{"format": "sam3d-hf-evaluation-v1", "dataset", "split", "settings": {"tolerance_mm", ...},
+"summary": <sam3d_hf.metrics.summarize output>, ...}`: its rows ("3DSAM-adapter, 1 click (per_lesion)") become the
+protocols, the card's dataset picks the column), or the explicit format
 
 ```
 {"dataset": "kits21", "split": "test",            # split optional
@@ -19,21 +22,14 @@ Evaluation summary (read only by [`load_evaluation_summary`]), a JSON file or di
                            "n": 30, "tolerance_mm": 5.0}, ...}}
 ```
 
-or what `sam3d_hf.metrics.summarize(records)` returns (`{row: {dataset: {"dice_mean", "dice_std", "nsd_mean",
-"nsd_std", "n", ...}}}`), bare or wrapped as `{"summary": ..., "tolerance_mm": 5.0, "split": "test"}`: its rows
-("3DSAM-adapter, 1 click (uniform)") become the protocols, the card's dataset picks the column, and the NSD tolerance
-is the wrapper's or else the metrics' default.
-
-Training arguments ([`load_training_args`]): the training run's arguments as one flat JSON object (examples/train.py
-writes them to `<output_dir>/logs/config.json`); the card shows the recipe keys it knows (optimiser, learning rate,
-steps, batch, patch, PEFT scheme, trainable parameters, ...; see `TRAINING_FIELDS`) in a table and every other key but
-local paths (`*_dir`, `*_file`, `*_path`) in a list below it.
+Every value the card states comes from a record: the NSD tolerance from the summary (one that does not record it is
+refused, never given a default), the training section from the run's `training_info.json` ([`load_training_record`],
+written by `sam3d train` into every saved model folder), the parameter count from the model's config.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import math
 import os
@@ -46,17 +42,17 @@ from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, Mo
 from huggingface_hub.utils import HFValidationError, filter_repo_objects, validate_repo_id
 from safetensors import safe_open
 
-from .metrics import evaluate_case
 from .peft_sam3d import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, Sam3DAdapterConfig
 from .pipeline import remote_code_files
 from .processing_sam3d import Sam3DProcessor
 
 __all__ = [
-    "TRAINING_FIELDS",
     "UPLOAD_IGNORE_PATTERNS",
+    "check_model_reference",
     "load_dataset_card_data",
     "load_evaluation_summary",
-    "load_training_args",
+    "load_training_record",
+    "looks_like_hub_id",
     "push_to_hub",
     "render_model_card",
     "upload_plan",
@@ -84,22 +80,11 @@ UPLOAD_IGNORE_PATTERNS = [
     "*.dcm",
     "README.md",
 ]
-# Recipe rows of the card: (label, keys accepted in the training arguments, first found wins).
-TRAINING_FIELDS = (
-    ("PEFT scheme", ("peft_scheme", "peft", "finetune", "finetuning", "method")),
-    ("optimiser", ("optimizer", "optimiser", "optim")),
-    ("learning rate", ("learning_rate", "lr")),
-    ("weight decay", ("weight_decay",)),
-    ("steps", ("max_steps", "steps", "num_steps", "max_train_steps")),
-    ("epochs", ("num_epochs", "epochs", "num_train_epochs", "max_epoch")),
-    ("batch size", ("batch_size", "train_batch_size", "per_device_train_batch_size")),
-    ("gradient accumulation", ("gradient_accumulation_steps",)),
-    ("training patch", ("patch_size", "rand_crop_size")),
-    ("mixed precision", ("mixed_precision",)),
-    ("seed", ("seed",)),
-    ("trainable parameters", ("trainable_parameters", "trainable_params", "num_trainable_parameters")),
-)
-DATASET_KEYS = ("key", "name", "full_name", "presets", "modality", "structure", "labels", "data_license", "links")
+TRAINING_RECORD = "training_info.json"
+TRAINING_FORMAT = "sam3d-hf-training-v1"
+DATASET_KEYS = (
+    "key", "name", "full_name", "presets", "modality", "structure", "labels", "limits", "data_license", "links",
+)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -199,8 +184,13 @@ def _from_metrics_summary(data: Mapping[str, Any], dataset: str | None) -> dict[
             f"evaluate with --dataset_name {dataset} (the summary's column name), or give the card the evaluated "
             "dataset (--dataset)"
         )
-    # `summarize` does not record the NSD tolerance: the metrics' default applies unless the wrapper names one.
-    tolerance = data.get("tolerance_mm", inspect.signature(evaluate_case).parameters["tolerance_mm"].default)
+    tolerance = (data.get("settings") or {}).get("tolerance_mm", data.get("tolerance_mm"))
+    if tolerance is None:  # a bare `summarize` output: its NSD could be at any tolerance
+        raise ValueError(
+            "the evaluation summary does not record the NSD tolerance it was computed with; give the summary.json "
+            "that sam3d evaluate writes (it records its settings), or wrap the rows as {'summary': ..., "
+            "'tolerance_mm': ...}"
+        )
     protocols = {
         row: {
             "dice": {"mean": stats.get("dice_mean"), "std": stats.get("dice_std")},
@@ -215,6 +205,8 @@ def _from_metrics_summary(data: Mapping[str, Any], dataset: str | None) -> dict[
         "dataset": column if column in _dataset_files() else None,
         "split": data.get("split"),
         "protocols": protocols,
+        "settings": data.get("settings"),
+        "sam3d_hf_version": data.get("sam3d_hf_version"),
     }
 
 
@@ -258,12 +250,26 @@ def load_evaluation_summary(source: str | os.PathLike | Mapping, dataset: str | 
         entry["n"] = n
         entry["tolerance_mm"] = _number(values.get("tolerance_mm"), f"{name}.tolerance_mm")
         checked[str(name)] = entry
-    return {"dataset": summary.get("dataset"), "split": summary.get("split"), "protocols": checked}
+    return {
+        "dataset": summary.get("dataset"),
+        "split": summary.get("split"),
+        "protocols": checked,
+        "settings": summary.get("settings"),
+        "sam3d_hf_version": summary.get("sam3d_hf_version"),
+    }
 
 
-def load_training_args(source: str | os.PathLike | Mapping) -> dict[str, Any]:
-    """Read the training run's arguments (one flat JSON object)."""
-    return _load_json(source, "training arguments")
+def load_training_record(source: str | os.PathLike | Mapping) -> dict[str, Any]:
+    """Read a training record: the `training_info.json` that `sam3d train` writes into each saved model folder (what
+    the run did: initialisation, scheme, optimisation, steps, batch, data, seed, and which step was saved)."""
+    record = _load_json(source, "training record")
+    if record.get("format") != TRAINING_FORMAT:
+        raise ValueError(
+            f"the training record must be a {TRAINING_RECORD} written by sam3d train (format {TRAINING_FORMAT!r}), got "
+            f"format {record.get('format')!r}; the run's command-line arguments (logs/config.json) are not a record of "
+            "what it did"
+        )
+    return record
 
 
 def _mean_std_text(stats: Mapping[str, float]) -> str:
@@ -272,22 +278,46 @@ def _mean_std_text(stats: Mapping[str, float]) -> str:
     return text if math.isnan(stats["std"]) else f"{text} ± {stats['std']:.4f}"
 
 
-def _training_rows(args: Mapping[str, Any]) -> list[tuple[str, str]]:
-    rows, used = [], set()
-    for label, keys in TRAINING_FIELDS:
-        key = next((k for k in keys if args.get(k) is not None), None)
-        if key is not None:
-            value = args[key]
-            if isinstance(value, (list, tuple)):
-                value = " × ".join(str(v) for v in value)
-            elif isinstance(value, int) and not isinstance(value, bool) and label == "trainable parameters":
-                value = f"{value:,}"
-            rows.append((label, str(value)))
-            used.add(key)
-    # Local paths (data, output, cache folders) mean nothing to a reader of the card and may name private places.
-    others = {k: v for k, v in args.items() if k not in used and not k.endswith(("_dir", "_file", "_path"))}
-    if others:
-        rows.append(("other arguments", ", ".join(f"`{k}={json.dumps(v)}`" for k, v in sorted(others.items()))))
+_SCHEMES = {"adapter": "spatial adapters (the paper's scheme)", "lora": "LoRA (baseline)", "full": "full fine-tuning"}
+
+
+def _training_rows(record: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The card's training table, every row from the record."""
+    init, optim, batch, data = record["initialisation"], record["optimisation"], record["batch"], record["data"]
+    started = {
+        "random": "random weights (no pretrained SAM weights)",
+        "SAM": f"SAM's 2D weights `{init['source']}`, inflated to 3D",
+        "sam3d-hf model": f"the sam3d-hf model `{init['source']}`",
+    }[init["kind"]]
+    selection = record["selection"]
+    saved = f"{selection['saved']} (step {selection['step']:,}"
+    if "validation_dice" in selection:
+        saved += f", validation Dice {selection['validation_dice']:.4f}"
+    saved += ")"
+    clicks = data["clicks"]
+    rows = [
+        ("initialisation", started),
+        ("fine-tuning", _SCHEMES.get(record["finetune"], record["finetune"])),
+        ("trainable parameters", f"{record['parameters']['trainable']:,} of {record['parameters']['total']:,}"),
+        ("optimiser", f"{optim['optimizer']}, learning rate {optim['learning_rate']:g}, betas "
+                      f"{' / '.join(f'{b:g}' for b in optim['betas'])}, weight decay {optim['weight_decay']:g}"),
+        ("schedule", optim["schedule"]),
+        ("gradient clipping", optim["gradient_clipping"]),
+        ("loss", optim["loss"]),
+        ("optimiser steps", f"{record['steps']:,}"),
+        ("epochs", f"{record['epochs']:,} ({record['updates_per_epoch']:,} optimiser steps each; the steps decide)"),
+        ("batch", f"{batch['per_device']} per device × {batch['processes']} process(es) × {batch['accumulation']} "
+                  f"accumulation = {batch['effective']}"),
+        ("training patch", " × ".join(str(v) for v in data["patch_size"]) + " voxels (D, H, W)"),
+        ("clicks per patch", f"{clicks['positive']} positive, {clicks['negative']} negative; "
+                             f"{clicks['when_no_tumour']} when the patch holds no tumour"),
+        ("augmentation", "on" if data["augmentation"] else "off"),
+        ("scans", f"{data['training_cases']} training, {data['validation_cases']} validation"),
+        ("mixed precision", optim["mixed_precision"]),
+        ("seed", str(record["seed"])),
+        ("weights saved at", saved),
+        ("trained with", f"sam3d-hf {record['sam3d_hf_version']}"),
+    ]  # fmt: skip
     return rows
 
 
@@ -308,17 +338,21 @@ def _preprocessing(processor: Sam3DProcessor) -> dict[str, Any]:
     }
 
 
-def _parameter_count(files: list[Path]) -> int:
-    """Number of values in safetensors files, from their headers (nothing is loaded)."""
-    total = 0
-    for path in files:
-        with safe_open(path, framework="pt") as handle:
-            for name in handle.keys():
-                count = 1
-                for size in handle.get_slice(name).get_shape():
-                    count *= size
-                total += count
-    return total
+def _parameter_count(folder: Path, adapter_dir: Path | None) -> int:
+    """Parameters of the published weights: an adapter's tensors (from the file's header), or the model's
+    `parameters()` as its config builds them (on the meta device: nothing is allocated; buffers such as the frozen
+    relative-position scales, stored in the weights file too, are not parameters)."""
+    if adapter_dir is not None:
+        with safe_open(adapter_dir / ADAPTER_WEIGHTS_NAME, framework="pt") as handle:
+            return sum(math.prod(handle.get_slice(name).get_shape()) for name in handle.keys())
+    import torch
+
+    from .configuration_sam3d import Sam3DConfig
+    from .modeling_sam3d import Sam3DForPromptableSegmentation
+
+    with torch.device("meta"):
+        model = Sam3DForPromptableSegmentation(Sam3DConfig.from_pretrained(folder))
+    return sum(p.numel() for p in model.parameters())
 
 
 def _folder_kind(folder: Path) -> tuple[list[Path], Path | None]:
@@ -329,6 +363,61 @@ def _folder_kind(folder: Path) -> tuple[list[Path], Path | None]:
         (d for d in adapter_dirs if (d / ADAPTER_CONFIG_NAME).is_file() and (d / ADAPTER_WEIGHTS_NAME).is_file()), None
     )
     return model_files, adapter_dir
+
+
+def _evaluation_settings(summary: Mapping[str, Any]) -> str | None:
+    """The evaluation's recorded settings in one line (what `sam3d evaluate` writes into summary.json)."""
+    settings = summary.get("settings")
+    if not settings:
+        return None
+    parts = [f"{settings['cases']} cases" if "cases" in settings else None]
+    if settings.get("protocols"):
+        parts.append("protocols " + ", ".join(str(p) for p in settings["protocols"]))
+    if settings.get("click_placement"):
+        parts.append(f"clicks placed `{settings['click_placement']}`")
+    if "correction" in (settings.get("protocols") or []):
+        parts.append(f"{settings['rounds']} correction rounds")
+    if "seed" in settings:
+        parts.append(f"click seed {settings['seed']}")
+    parts.append(f"NSD tolerance {settings['tolerance_mm']:g} mm")
+    if settings.get("bf16"):
+        parts.append("bf16 autocast")
+    if summary.get("sam3d_hf_version"):
+        parts.append(f"sam3d-hf {summary['sam3d_hf_version']}")
+    return "; ".join(p for p in parts if p)
+
+
+def looks_like_hub_id(name: str) -> bool:
+    """`owner/name` as the Hub spells ids, whose `owner` is not a local folder; anything else (`./x`, `x`, `a/b/c`,
+    `~/x`, `x.json`, or `sam3d-demo/modle` next to a folder `sam3d-demo`) is a local path, so that a missing local
+    path is an error at once instead of Hub look-ups and their retries."""
+    if name.startswith((".", "/", "~")) or name.endswith(".json") or name.count("/") != 1:
+        return False
+    if Path(name.split("/")[0]).is_dir():  # a mistyped folder inside an existing one
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def check_model_reference(name: str | os.PathLike, what: str = "--model", kind: str = "folder", hint: str = "") -> None:
+    """Raise a one-line `ValueError` when `name` can be neither a local `kind` ("folder", "file or folder") nor a Hub
+    id to try: a missing local path (see [`looks_like_hub_id`]), or a Hub id while `HF_HUB_OFFLINE` is set. Checked
+    before anything is loaded; `hint` ends the message (what to give instead)."""
+    from huggingface_hub import constants
+
+    name = os.fspath(name)
+    if Path(name).expanduser().exists():
+        return
+    hint = f"; {hint}" if hint else ""
+    if not looks_like_hub_id(name):
+        near = Path(name).expanduser().parent
+        where = f" ({near} exists: is the last part mistyped?)" if str(near) not in ("", ".") and near.is_dir() else ""
+        raise ValueError(f"{what} {name!r}: no such {kind}{where}{hint}")
+    if constants.HF_HUB_OFFLINE:
+        raise ValueError(f"{what} {name!r}: no such {kind} (HF_HUB_OFFLINE is set, so it cannot be a Hub id){hint}")
 
 
 def _check_repo_id(repo_id: Any, what: str) -> str:
@@ -389,7 +478,7 @@ def render_model_card(
     *,
     dataset: str | os.PathLike | None = None,
     evaluation: str | os.PathLike | Mapping | None = None,
-    training_args: str | os.PathLike | Mapping | None = None,
+    training: str | os.PathLike | Mapping | None = None,
     repo_id: str | None = None,
     base_model: str | None = None,
     adapter: bool | None = None,
@@ -406,7 +495,9 @@ def render_model_card(
             of your own YAML file; default: the dataset whose file lists the processor's preset (`generic` if none).
         evaluation: evaluation summary, path or dict (format in the module docstring); fills the table and the
             `model-index` metadata (Dice and NSD per click protocol).
-        training_args: the training run's arguments, path or dict; fills the recipe table.
+        training: the training record, path or dict (`training_info.json`, see [`load_training_record`]); default:
+            the folder's own `training_info.json` when it has one. Fills the training table; without a record the
+            card says that none was given.
         repo_id: `owner/name` the card is written for (used in the usage snippet and the default `model_name`).
         base_model: Hub id of the base model; required for an adapter (default: the adapter config's
             `base_model_name_or_path` when that is a Hub id), recorded as `base_model` in the metadata.
@@ -415,7 +506,7 @@ def render_model_card(
             (Apache-2.0) and the training data's are recorded separately under `licenses`.
         model_name: name in the title and `model-index` (default: the repo name, else `sam3d-<dataset>`).
     """
-    adapter_config, weight_files = None, []
+    adapter_config, weights_parameters = None, None
     if isinstance(source, Sam3DProcessor):
         processor, adapter = source, bool(adapter)
     elif isinstance(source, (str, os.PathLike)):
@@ -442,9 +533,9 @@ def render_model_card(
         processor = Sam3DProcessor.from_pretrained(folder)
         if adapter:
             adapter_config = Sam3DAdapterConfig.from_pretrained(adapter_dir)
-            weight_files = [adapter_dir / ADAPTER_WEIGHTS_NAME]
-        else:
-            weight_files = model_files
+        weights_parameters = _parameter_count(folder, adapter_dir if adapter else None)
+        if training is None and (folder / TRAINING_RECORD).is_file():
+            training = folder / TRAINING_RECORD
     else:
         raise TypeError(f"source must be a folder path or a Sam3DProcessor, got {type(source).__name__}")
 
@@ -476,6 +567,8 @@ def render_model_card(
         raise ValueError(f"license must be a Hub licence id such as 'apache-2.0', got {license!r}")
 
     model_name = model_name or (repo_id.split("/")[1] if repo_id else f"sam3d-{facts['key']}")
+    record = None if training is None else load_training_record(training)
+    initialisation = None if record is None else record["initialisation"]["kind"]
     summary = None if evaluation is None else load_evaluation_summary(evaluation, facts["key"])
     if summary is not None and summary["dataset"] not in (None, facts["key"]):
         raise ValueError(
@@ -543,13 +636,14 @@ def render_model_card(
         eval_results=eval_results,
         dataset=facts,
         preprocessing=preprocessing,
-        training=None if training_args is None else _training_rows(load_training_args(training_args)),
+        training=None if record is None else _training_rows(record),
         evaluation=table,
         adapter_mode=bool(adapter),
         adapter_config=None if adapter_config is None else adapter_config.to_dict(),
         base_model=base_model,
-        weights_parameters=_parameter_count(weight_files) if weight_files else None,
-        licenses={**licenses, "weights_inherited": license == "apache-2.0"},
+        weights_parameters=weights_parameters,
+        licenses={**licenses, "weights_inherited": license == "apache-2.0" and initialisation == "SAM"},
+        evaluation_settings=None if summary is None else _evaluation_settings(summary),
         usage=_usage(repo_id or f"your-name/{model_name}", base_model, bool(adapter)),
     )
 
@@ -591,7 +685,7 @@ def push_to_hub(
     base_model_id: str | None = None,
     dataset: str | os.PathLike | None = None,
     evaluation: str | os.PathLike | Mapping | None = None,
-    training_args: str | os.PathLike | Mapping | None = None,
+    training: str | os.PathLike | Mapping | None = None,
     license: str = "apache-2.0",
     private: bool = False,
     revision: str | None = None,
@@ -614,7 +708,7 @@ def push_to_hub(
         repo_id: target repository `owner/name`, created (as a model repo) if missing.
         adapter_only: publish the adapter files only; needs `base_model_id` and adapter files in `folder`.
         base_model_id: Hub id of the base model (required with `adapter_only`; else optional), recorded in the card.
-        dataset, evaluation, training_args, license: passed to [`render_model_card`].
+        dataset, evaluation, training, license: passed to [`render_model_card`].
         private: create the repository private (an existing repository keeps its visibility).
         revision: branch to commit to (created from the default branch if missing).
         token: Hub token; default: the logged-in user's.
@@ -654,7 +748,7 @@ def push_to_hub(
         folder,
         dataset=dataset,
         evaluation=evaluation,
-        training_args=training_args,
+        training=training,
         repo_id=repo_id,
         base_model=base_model_id,
         adapter=adapter_only,

@@ -129,11 +129,12 @@ class Sam3DPredictor:
     def set_image(self, images: Any, spacing: Sequence[float] | None = None, affine: np.ndarray | None = None) -> None:
         """Read and preprocess one scan (path, nibabel image or array, see `load_volume`) and forget the previous
         scan's cached patches. `spacing`/`affine` give the geometry of array inputs (per stored axis / voxel -> RAS
-        mm)."""
+        mm). If reading or preprocessing fails, the predictor holds no scan (never the previous one)."""
+        self._preprocessed = None
+        self.reset_cache()
         self._preprocessed = self.processor.image_processor.preprocess(
             images, spacing=spacing, affine=affine, return_tensors=None
         )
-        self.reset_cache()
 
     def reset_cache(self) -> None:
         """Drop the cached patch embeddings and zero the hit/miss counters."""

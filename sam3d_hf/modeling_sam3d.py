@@ -18,6 +18,7 @@ from typing import Any, TypedDict
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
@@ -465,6 +466,21 @@ def check_not_an_adapter_folder(name_or_path: str | os.PathLike | None, subfolde
     )
 
 
+def _damaged_safetensors(name_or_path: str | os.PathLike | None, subfolder: str = "") -> Path | None:
+    """The first `*.safetensors` file of a local model folder that safetensors cannot open (None if all open, or if
+    `name_or_path` is not a local folder)."""
+    folder = Path(name_or_path or "") / subfolder
+    if not folder.is_dir():
+        return None
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(path, framework="pt"):
+                pass
+        except SafetensorError:
+            return path
+    return None
+
+
 class Sam3DPreTrainedModel(PreTrainedModel):
     config_class = Sam3DConfig
     config: Sam3DConfig
@@ -489,7 +505,15 @@ class Sam3DPreTrainedModel(PreTrainedModel):
         adapter_path = (kwargs.get("adapter_kwargs") or {}).get("_adapter_model_path")  # set by AutoModel
         for name in dict.fromkeys([pretrained_model_name_or_path, adapter_path]):
             check_not_an_adapter_folder(name, kwargs.get("subfolder", ""))
-        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except SafetensorError as error:  # a truncated or foreign file: safetensors' message names no file
+            where = _damaged_safetensors(pretrained_model_name_or_path, kwargs.get("subfolder", ""))
+            raise OSError(
+                f"could not read the weights of {os.fspath(pretrained_model_name_or_path)!r}: "
+                f"{os.fspath(where) + ' is' if where else 'a weights file is'} damaged or incomplete ({error}); "
+                "save or download the model again"
+            ) from None
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs):
         """transformers' `save_pretrained`, after refusing a folder that holds a Sam3D adapter: the model could not be

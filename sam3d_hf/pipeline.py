@@ -27,6 +27,7 @@ from transformers import AutoModel, Pipeline
 from transformers.dynamic_module_utils import get_relative_import_files
 from transformers.pipelines import PIPELINE_REGISTRY
 
+from .files import atomic_write
 from .image_processing_sam3d import load_volume
 from .processing_sam3d import Sam3DProcessor
 
@@ -145,6 +146,18 @@ def remote_code_files(config: Mapping[str, Any]) -> dict[str, bytes | Path]:
     text = json.dumps({**config, "custom_pipelines": custom_pipelines}, indent=2, sort_keys=True) + "\n"
     code = [Path(__file__), *map(Path, get_relative_import_files(__file__))]
     return {"config.json": text.encode("utf-8"), **{path.name: path for path in code}}
+
+
+def write_remote_code(folder: str | os.PathLike) -> None:
+    """Make a saved model folder serve `pipeline("sam3d-segmentation", model=folder, trust_remote_code=True)` where
+    sam3d-hf is not installed: write [`remote_code_files`] into it (atomically, file by file). transformers then asks
+    for `trust_remote_code=True` for the folder in every case, which is the one instruction a user needs; with the
+    package installed, `pipeline_class=Sam3DSegmentationPipeline` runs the installed code instead."""
+    folder = Path(folder)
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    for name, source in remote_code_files(config).items():
+        content = source if isinstance(source, bytes) else Path(source).read_bytes()
+        atomic_write(folder / name, lambda temporary, data=content: Path(temporary).write_bytes(data))
 
 
 PIPELINE_REGISTRY.register_pipeline(TASK, pipeline_class=Sam3DSegmentationPipeline, pt_model=AutoModel, type="image")

@@ -209,7 +209,7 @@ class Sam3DProcessor(ProcessorMixin):
             images = images[0]
         volume = load_volume(images, spacing=spacing, affine=affine)
         # Bad clicks are reported before the whole-volume resampling (seconds on a large scan), not after it.
-        self._validate_points(input_points, input_labels, volume.data.shape, volume.affine, points_in)
+        validate_points(input_points, input_labels, volume.data.shape, volume.affine, points_in)
         preprocessed = self.image_processor.preprocess(
             volume.data, segmentation_maps=segmentation_maps, affine=volume.affine, return_tensors=None
         )
@@ -255,7 +255,7 @@ class Sam3DProcessor(ProcessorMixin):
         geometry = {key: _as_numpy(preprocessed[key]) for key in _GEOMETRY_KEYS}
         data = _as_numpy(preprocessed["pixel_values"])[0, 0]
         label_map = _as_numpy(preprocessed["labels"])[0] if preprocessed.get("labels") is not None else None
-        points, labels_in, points_given = self._validate_points(
+        points, labels_in, points_given = validate_points(
             input_points, input_labels, geometry["original_size"], geometry["original_affine"], points_in
         )
         resampled_size = geometry["resampled_size"]
@@ -341,64 +341,6 @@ class Sam3DProcessor(ProcessorMixin):
         )
         return BatchFeature(out, tensor_type=return_tensors)
 
-    def _validate_points(self, input_points, input_labels, original_size, original_affine, points_in: str):
-        """Return `(N, 3)` float64 stored-voxel points, `(N,)` int64 labels and the points as given, or raise."""
-        if input_points is None:
-            raise ValueError("`input_points` is required: at least one click [[p0, p1, p2], ...].")
-        if isinstance(input_points, torch.Tensor):
-            input_points = input_points.detach().cpu().numpy()
-        try:
-            points = np.asarray(input_points, dtype=np.float64)
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"`input_points` must be a list of [p0, p1, p2] triples ({err}).") from err
-        if points.size == 0:
-            raise ValueError("`input_points` is empty: give at least one click [[p0, p1, p2], ...].")
-        if points.ndim == 3 and points.shape[0] == 1:
-            points = points[0]
-        if points.ndim == 1 and points.shape == (3,):
-            points = points[None]
-        if points.ndim != 2 or points.shape[1] != 3:
-            raise ValueError(f"`input_points` must have shape (N, 3), got {points.shape}.")
-        if not np.all(np.isfinite(points)):
-            raise ValueError(f"`input_points` has non-finite values: {points.tolist()}.")
-        if input_labels is None:
-            labels = np.ones(len(points), np.int64)
-        else:
-            if isinstance(input_labels, torch.Tensor):
-                input_labels = input_labels.detach().cpu().numpy()
-            labels = np.asarray(input_labels).reshape(-1)
-            if labels.shape != (len(points),):
-                raise ValueError(f"`input_labels` must have {len(points)} values (one per point), got {labels.shape}.")
-            if not np.all(np.isin(labels, (0, 1))):
-                raise ValueError(f"`input_labels` must be 1 (positive) or 0 (negative), got {labels.tolist()}.")
-            labels = labels.astype(np.int64)
-            if not np.any(labels == 1):
-                raise ValueError(
-                    f"`input_labels` {labels.tolist()} has no positive click (1): patches are placed around positive "
-                    "clicks and negative clicks (0) only refine them. Add at least one click on the object."
-                )
-
-        if points_in == "world":
-            homogeneous = np.concatenate([points, np.ones((len(points), 1))], axis=1)
-            voxels = (np.linalg.inv(original_affine) @ homogeneous.T).T[:, :3]
-        else:
-            voxels = points
-        size = np.asarray(original_size)
-        outside = np.any((voxels < -0.5) | (voxels > size - 0.5), axis=1)
-        if outside.any():
-            lines = []
-            for idx in np.nonzero(outside)[0]:
-                where = f"point {idx}: {points[idx].round(3).tolist()}"
-                if points_in == "world":
-                    where += f" (world RAS mm) = voxel {voxels[idx].round(3).tolist()}"
-                lines.append(where)
-            raise ValueError(
-                f"{int(outside.sum())} of {len(points)} points lie outside the volume ({points_in} coordinates; "
-                f"stored-voxel range [-0.5, size - 0.5] with size {size.tolist()}, in the data's stored axis order "
-                f"(NIfTI i, j, k / array axes)): " + "; ".join(lines)
-            )
-        return voxels, labels, points
-
     def post_process_masks(
         self,
         logits: torch.Tensor | np.ndarray,
@@ -479,6 +421,67 @@ _GEOMETRY_KEYS = (
     "resampled_spacing",
     "resampled_affine",
 )
+
+
+def validate_points(input_points, input_labels, original_size, original_affine, points_in: str = "voxel"):
+    """Check clicks against a scan's header (shape and affine) before anything heavy runs; return `(N, 3)` float64
+    stored-voxel points, `(N,)` int64 labels and the points as given, or raise a `ValueError` that names each bad
+    click. Points are stored voxel indices (NIfTI `i, j, k`) or, with `points_in="world"`, RAS mm; labels 1 / 0."""
+    if input_points is None:
+        raise ValueError("`input_points` is required: at least one click [[p0, p1, p2], ...].")
+    if isinstance(input_points, torch.Tensor):
+        input_points = input_points.detach().cpu().numpy()
+    try:
+        points = np.asarray(input_points, dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"`input_points` must be a list of [p0, p1, p2] triples ({err}).") from err
+    if points.size == 0:
+        raise ValueError("`input_points` is empty: give at least one click [[p0, p1, p2], ...].")
+    if points.ndim == 3 and points.shape[0] == 1:
+        points = points[0]
+    if points.ndim == 1 and points.shape == (3,):
+        points = points[None]
+    if points.ndim != 2 or points.shape[1] != 3:
+        raise ValueError(f"`input_points` must have shape (N, 3), got {points.shape}.")
+    if not np.all(np.isfinite(points)):
+        raise ValueError(f"`input_points` has non-finite values: {points.tolist()}.")
+    if input_labels is None:
+        labels = np.ones(len(points), np.int64)
+    else:
+        if isinstance(input_labels, torch.Tensor):
+            input_labels = input_labels.detach().cpu().numpy()
+        labels = np.asarray(input_labels).reshape(-1)
+        if labels.shape != (len(points),):
+            raise ValueError(f"`input_labels` must have {len(points)} values (one per point), got {labels.shape}.")
+        if not np.all(np.isin(labels, (0, 1))):
+            raise ValueError(f"`input_labels` must be 1 (positive) or 0 (negative), got {labels.tolist()}.")
+        labels = labels.astype(np.int64)
+        if not np.any(labels == 1):
+            raise ValueError(
+                f"`input_labels` {labels.tolist()} has no positive click (1): patches are placed around positive "
+                "clicks and negative clicks (0) only refine them. Add at least one click on the object."
+            )
+
+    if points_in == "world":
+        homogeneous = np.concatenate([points, np.ones((len(points), 1))], axis=1)
+        voxels = (np.linalg.inv(original_affine) @ homogeneous.T).T[:, :3]
+    else:
+        voxels = points
+    size = np.asarray(original_size)
+    outside = np.any((voxels < -0.5) | (voxels > size - 0.5), axis=1)
+    if outside.any():
+        lines = []
+        for idx in np.nonzero(outside)[0]:
+            where = f"point {idx}: {points[idx].round(3).tolist()}"
+            if points_in == "world":
+                where += f" (world RAS mm) = voxel {voxels[idx].round(3).tolist()}"
+            lines.append(where)
+        raise ValueError(
+            f"{int(outside.sum())} of {len(points)} points lie outside the volume ({points_in} coordinates; "
+            f"stored-voxel range [-0.5, size - 0.5] with size {size.tolist()}, in the data's stored axis order "
+            f"(NIfTI i, j, k / array axes)): " + "; ".join(lines)
+        )
+    return voxels, labels, points
 
 
 def _as_numpy(value) -> np.ndarray:

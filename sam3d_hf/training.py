@@ -28,7 +28,6 @@ import os
 import random
 import shutil
 import sys
-import warnings
 from pathlib import Path
 
 import nibabel as nib
@@ -49,10 +48,11 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from .configuration_sam3d import CONFIG_PRESETS, Sam3DConfig
-from .data import index_dataset, load_or_create_split, validate_dataset
+from .data import PreprocessedCache, index_dataset, load_or_create_split, validate_dataset
 from .files import atomic_write_text, staged_folder, write_json
 from .modeling_sam3d import Sam3DForPromptableSegmentation
 from .peft_sam3d import Sam3DAdapterConfig, enable_full_finetuning, get_adapter_model, lora_config
+from .pipeline import write_remote_code
 from .processing_sam3d import Sam3DProcessor
 from .sampling import Sam3DTrainingDataset, sam3d_collate
 
@@ -183,14 +183,37 @@ class JSONLinesTracker(GeneralTracker):
 
     @on_main_process
     def store_init_configuration(self, values: dict) -> None:
+        """`logs/config.json`: the arguments of the run's first start (a resumed run keeps it; see `main`)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.path.with_name("config.json"), json.dumps(values, indent=2, default=str))
+        if not self.path.with_name("config.json").exists():
+            atomic_write_text(self.path.with_name("config.json"), json.dumps(values, indent=2, default=str))
 
     @on_main_process
     def log(self, values: dict, step: int | None = None, **kwargs) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a", encoding="utf-8") as file:
             file.write(json.dumps({"step": step, **values}) + "\n")
+
+
+def note_changed_arguments(logging_dir: Path, config: dict, step: int, accelerator: Accelerator) -> None:
+    """A resumed run whose arguments differ from the first start's (`logs/config.json`, which is kept): warn, naming
+    each change, and record the new arguments in `logs/config_resumed_at_step_<step>.json`."""
+    try:
+        first = json.loads((logging_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    now = json.loads(json.dumps(config, default=str))  # as JSON writes it: tuples are lists
+    ignored = {"resume_from_checkpoint"}
+    changed = {k: (first.get(k), now.get(k)) for k in sorted({*first, *now} - ignored) if first.get(k) != now.get(k)}
+    if not changed:
+        return
+    text = ", ".join(f"--{k} {old!r} -> {new!r}" for k, (old, new) in changed.items())
+    logger.warning(
+        f"Resumed at step {step} with arguments that differ from the run's first start: {text}. The run goes on with "
+        f"the new values; logs/config.json keeps the first start's, logs/config_resumed_at_step_{step}.json these."
+    )
+    if accelerator.is_main_process:
+        write_json(logging_dir / f"config_resumed_at_step_{step}.json", now)
 
 
 def tensorboard_hparams(config: dict) -> dict:
@@ -200,6 +223,7 @@ def tensorboard_hparams(config: dict) -> dict:
 
 
 def checkpoint_index(folder: Path) -> int:
+    """The optimiser step a checkpoint was saved at (`checkpoint_<step>`)."""
     return int(folder.name.rsplit("_", 1)[1])
 
 
@@ -210,6 +234,8 @@ def is_complete(folder: Path) -> bool:
     try:
         files = json.loads(marker.read_text(encoding="utf-8"))["files"]
     except (OSError, ValueError, KeyError):
+        return False
+    if not isinstance(files, dict) or not files:  # a marker must list the checkpoint's files
         return False
     return all((folder / name).is_file() and (folder / name).stat().st_size == size for name, size in files.items())
 
@@ -282,6 +308,7 @@ def save_model_folder(trainee, processor: Sam3DProcessor, finetune: str, target:
         else:
             trainee.save_pretrained(staging)
         processor.save_pretrained(staging)
+        write_remote_code(staging)  # serves pipeline("sam3d-segmentation", ..., trust_remote_code=True) anywhere
         write_json(staging / "training_info.json", info)
 
 
@@ -322,7 +349,6 @@ def build_model(args):
                 "--init_from). Fine for tests and smoke runs; real fine-tuning starts from SAM."
             )
             logger.warning("!" * 20 + " " + message + " " + "!" * 20, main_process_only=True)
-            warnings.warn(message, stacklevel=1)
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable()
     if args.finetune == "adapter":
@@ -339,6 +365,68 @@ def build_model(args):
         enable_full_finetuning(model)
         trainee = model
     return trainee, model
+
+
+def _public_name(name: str | None) -> str | None:
+    """A checkpoint's name as a card may show it: a Hub id as it is, a local path by its last part only."""
+    if name is None:
+        return None
+    return Path(name).name if Path(name).expanduser().exists() else name
+
+
+def run_facts(args, trainee, processor, accelerator, updates_per_epoch: int, max_train_steps: int) -> dict:
+    """What this run does, as recorded facts: written into each saved model folder's `training_info.json` (with the
+    `selection`: which step was saved and why), from which the model card's training section is written."""
+    from .version import __version__
+
+    if args.init_from:
+        initialisation = {"kind": "sam3d-hf model", "source": _public_name(args.init_from)}
+    elif args.sam_checkpoint:
+        initialisation = {"kind": "SAM", "source": _public_name(args.sam_checkpoint)}
+    else:
+        initialisation = {"kind": "random", "source": None}
+    parameters = list(trainee.parameters())
+    trainable = sum(p.numel() for p in parameters if p.requires_grad)
+    return {
+        "format": "sam3d-hf-training-v1",
+        "sam3d_hf_version": __version__,
+        "initialisation": initialisation,
+        "finetune": args.finetune,
+        "parameters": {"trainable": trainable, "total": sum(p.numel() for p in parameters)},
+        "optimisation": {
+            "optimizer": "AdamW",
+            "learning_rate": args.learning_rate,
+            "betas": [args.adam_beta1, args.adam_beta2],
+            "weight_decay": args.weight_decay,
+            "schedule": f"linear warm-up over {args.lr_warmup_steps} steps, then linear decay to 0, stepped per "
+            "optimiser step",
+            "gradient_clipping": f"global L2 norm {args.max_grad_norm}",
+            "loss": "DiceCE (0.5 Dice + 0.5 cross-entropy)",
+            "mixed_precision": accelerator.mixed_precision,
+            "gradient_checkpointing": args.gradient_checkpointing,
+        },
+        "steps": max_train_steps,
+        "updates_per_epoch": updates_per_epoch,
+        "epochs": math.ceil(max_train_steps / updates_per_epoch),
+        "batch": {
+            "per_device": args.train_batch_size,
+            "processes": accelerator.num_processes,
+            "accumulation": args.gradient_accumulation_steps,
+            "effective": args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps,
+        },
+        "data": {
+            "patch_size": list(args.patch_size),
+            "processor_preset": processor.image_processor.preset,
+            "patches_per_scan_per_epoch": args.samples_per_volume,
+            "augmentation": not args.no_augment,
+            "clicks": {
+                "positive": args.num_positive_points,
+                "negative": args.num_negative_points,
+                "when_no_tumour": args.num_background_points,
+            },
+        },
+        "seed": args.seed,
+    }
 
 
 def weight_checksums(model: torch.nn.Module) -> dict[str, str]:
@@ -399,9 +487,22 @@ def validation_scores(model, processor: Sam3DProcessor, rows, accelerator: Accel
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+def check_output_dir(output_dir: Path) -> None:
+    """Create `output_dir` (and its parents) or stop with one line saying why it cannot be written."""
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise SystemExit(f"error: --output_dir {output_dir}: a file is in the way, not a folder") from None
+    except OSError as error:
+        raise SystemExit(f"error: --output_dir {output_dir} cannot be created ({error.strerror})") from None
+    if not os.access(output_dir, os.W_OK | os.X_OK):
+        raise SystemExit(f"error: --output_dir {output_dir} is not writable by this user; choose another folder")
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     output_dir = Path(args.output_dir)
+    check_output_dir(output_dir)
     logging_dir = output_dir / "logs"
     trackers = [JSONLinesTracker(logging_dir)]
     if args.report_to in ("tensorboard", "all"):
@@ -418,11 +519,9 @@ def main(argv=None) -> None:
         mixed_precision=args.mixed_precision,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         log_with=trackers,
-        project_config=ProjectConfiguration(
-            project_dir=str(output_dir),
-            logging_dir=str(logging_dir),
-            automatic_checkpoint_naming=True,  # no total_limit: remove_old_checkpoints keeps the newest complete ones
-        ),
+        # Checkpoints are named by their step (`checkpoint()` below); no total_limit: remove_old_checkpoints keeps the
+        # newest complete ones.
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(logging_dir)),
         # The sampler's order depends only on (seed, epoch): a resumed run sees the same batches.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=args.find_unused_parameters)],
@@ -463,8 +562,23 @@ def main(argv=None) -> None:
     validation_rows = [by_id[c] for c in split["validation"]][: args.max_validation_cases]
     if not train_rows:
         raise SystemExit(f"error: the split {split_file} has no training cases")
+    # Every scan of the split, test included (as validate_dataset checks them all), is decoded and preprocessed into
+    # the cache now, each process its share: a damaged file stops the run here, naming the case, instead of at the
+    # first batch, validation or evaluation that reads it. A later run finds them cached.
+    split_rows = [by_id[c] for part in ("train", "validation", "test") for c in split[part]]
+    with accelerator.split_between_processes(split_rows) as own_rows:
+        problems = PreprocessedCache(processor, args.cache_dir).prepare(own_rows)
+    problems = gather_object(problems)
+    if problems:
+        listed = "; ".join(f"{case_id}: {reason}" for case_id, reason in problems[:3])
+        raise SystemExit(
+            f"error: the dataset in {args.data_dir} is not usable: {len(problems)} scan(s) cannot be read: {listed}"
+        )
 
-    trainee, model = build_model(args)
+    try:
+        trainee, model = build_model(args)
+    except (OSError, ValueError) as err:  # a damaged or missing --init_from / --sam_checkpoint: one line
+        raise SystemExit(f"error: the model could not be built: {' '.join(str(err).split())}") from None
     if accelerator.is_main_process and hasattr(trainee, "print_trainable_parameters"):
         trainee.print_trainable_parameters()
     train_dataset = Sam3DTrainingDataset(
@@ -511,6 +625,8 @@ def main(argv=None) -> None:
     )
     updates_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
     num_epochs = math.ceil(max_train_steps / updates_per_epoch)
+    facts = run_facts(args, trainee, processor, accelerator, updates_per_epoch, max_train_steps)
+    facts["data"].update(training_cases=len(train_rows), validation_cases=len(validation_rows))
     accelerator.init_trackers("sam3d-train")
     config = {k: v for k, v in vars(args).items() if v is not None}
     for tracker in accelerator.trackers:  # logs/config.json keeps the lists (the model card reads it)
@@ -522,8 +638,7 @@ def main(argv=None) -> None:
         for folder in set_aside_incomplete_checkpoints(output_dir):
             logger.warning(f"Moved the incomplete checkpoint (a save killed midway) to {folder}; delete it at will.")
     accelerator.wait_for_everyone()
-    checkpoints = list_checkpoints(output_dir)  # all complete now; the next save gets the next number
-    accelerator.project_configuration.iteration = checkpoint_index(checkpoints[-1]) + 1 if checkpoints else 0
+    checkpoints = list_checkpoints(output_dir)  # all complete now
 
     # Resume: weights, optimiser, scheduler, RNG from the newest *complete* checkpoint; epoch and batch position from
     # its step count (the sampler order depends only on seed and epoch).
@@ -542,6 +657,7 @@ def main(argv=None) -> None:
             accelerator.load_state(str(path))
             state = json.loads((path / TRAINING_STATE).read_text(encoding="utf-8"))
             global_step, best_dice = state["global_step"], state["best_dice"]
+            note_changed_arguments(logging_dir, config, global_step, accelerator)
             # the random states just restored: equal to the ones this checkpoint's save recorded
             accelerator.log({"resumed_rng_fingerprint": rng_fingerprint()}, step=global_step)
     batches_done = global_step * args.gradient_accumulation_steps
@@ -559,7 +675,7 @@ def main(argv=None) -> None:
     )
 
     def checkpoint() -> None:
-        location = Path(accelerator.save_state())
+        location = Path(accelerator.save_state(str(output_dir / "checkpoints" / f"checkpoint_{global_step}")))
         state = {"global_step": global_step, "best_dice": best_dice, "rng_fingerprint": rng_fingerprint()}
         accelerator.wait_for_everyone()  # every rank's files are written before the marker
         if accelerator.is_main_process:
@@ -584,7 +700,8 @@ def main(argv=None) -> None:
         if score > best_dice:
             best_dice = score
             if accelerator.is_main_process:
-                info = {"global_step": global_step, "validation_dice": score}
+                info = {**facts, "selection": {"saved": "best validation Dice", "step": global_step,
+                                               "validation_dice": score}}  # fmt: skip
                 save_model_folder(
                     accelerator.unwrap_model(trainee), processor, args.finetune, output_dir / "best_model", info
                 )
@@ -635,7 +752,10 @@ def main(argv=None) -> None:
     final = accelerator.unwrap_model(trainee)
     if accelerator.is_main_process:
         validated = best_dice >= 0
-        info = {"global_step": global_step, "best_validation_dice": best_dice if validated else None}
+        selection = {"saved": "last step", "step": global_step}
+        if validated:
+            selection["best_validation_dice"] = best_dice  # that model is in best_model/
+        info = {**facts, "selection": selection}
         save_model_folder(final, processor, args.finetune, output_dir / "final_model", info)
         if validated:
             logger.info(f"Saved {output_dir / 'final_model'} (best validation Dice {best_dice:.4f} in best_model/)")

@@ -58,6 +58,15 @@ def tiny_inputs() -> dict:
     }
 
 
+def assert_mask_of(mask: torch.Tensor, probabilities: torch.Tensor, threshold: float = 0.5, margin: float = 1e-4):
+    """`mask` is `probabilities >= threshold` computed in another order (another batch size, a cached path): the two
+    may disagree only where a probability lies within `margin` of the threshold (float rounding), and at few voxels."""
+    expected = probabilities >= threshold
+    differ = mask.bool() != expected
+    assert not (differ & ((probabilities - threshold).abs() > margin)).any(), "masks differ away from the threshold"
+    assert differ.sum() <= max(3, expected.sum() // 1000), f"{int(differ.sum())} voxels differ"
+
+
 def copy_with_an_unlabelled_scan(msd_folder: Path, destination: Path) -> tuple[Path, list[str]]:
     """A copy of an MSD task folder whose dataset.json also lists a scan without a label (as a KiTS19 checkout's test
     cases); returns the copy and the ids of the labelled cases."""

@@ -1,5 +1,6 @@
 """`sam3d demo --quick` end to end (the real command in a subprocess) and the demo's failure paths."""
 
+import csv
 import json
 import os
 import re
@@ -12,6 +13,8 @@ import numpy as np
 import pytest
 
 from sam3d_hf.cli import main
+from sam3d_hf.metrics import dice_score
+from sam3d_hf.pipeline import remote_code_files
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 
@@ -31,8 +34,10 @@ def test_quick_demo_writes_everything_and_its_segment_line_works(tmp_path, capsy
     ):  # fmt: skip
         assert (demo / name).is_file(), name
     assert list((demo / "evaluation" / "overlays").glob("*.png"))
-    # A local folder serves the installed pipeline without trust_remote_code (custom_pipelines would demand it).
-    assert "custom_pipelines" not in json.loads((demo / "model" / "config.json").read_text())
+    # The folder carries the pipeline's code: pipeline("sam3d-segmentation", ..., trust_remote_code=True) anywhere.
+    config = json.loads((demo / "model" / "config.json").read_text())
+    assert set(remote_code_files(config)) <= {p.name for p in (demo / "model").iterdir()}
+    assert config["custom_pipelines"]["sam3d-segmentation"]["impl"] == "pipeline.Sam3DSegmentationPipeline"
     umask = os.umask(0)
     os.umask(umask)
     for item in [demo, *demo.rglob("*")]:  # the user's usual modes, not mkdtemp's 0700 or save_pretrained's 0600
@@ -43,11 +48,20 @@ def test_quick_demo_writes_everything_and_its_segment_line_works(tmp_path, capsy
     assert "1 click" in table and "correction" in table
     predictions = sorted((demo / "predictions").glob("*.nii.gz"))
     assert predictions
-    for prediction in predictions:  # in the scan's own geometry
+    scored = {
+        row["case_id"]: float(row["dice"])
+        for row in csv.DictReader((demo / "evaluation" / "cases.csv").open())
+        if row["protocol_name"] == "1"
+    }
+    assert sorted(scored) == sorted(p.name.split(".")[0] for p in predictions)
+    for prediction in predictions:  # in the scan's own geometry, and the very masks the table scored
         scan = nib.load(demo / "data" / "imagesTr" / prediction.name)
         mask = nib.load(prediction)
         assert mask.shape == scan.shape
         np.testing.assert_allclose(mask.affine, scan.affine, atol=1e-5)
+        label = np.asarray(nib.load(demo / "data" / "labelsTr" / prediction.name).dataobj) == 2
+        dice = dice_score(np.asarray(mask.dataobj), label)
+        assert dice == pytest.approx(scored[prediction.name.split(".")[0]], abs=1e-9)
     assert [p.name for p in tmp_path.iterdir()] == ["demo"]  # no partial folder left next to it
     for step in range(1, 6):
         assert f"[{step}/5]" in result.stdout

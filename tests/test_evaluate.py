@@ -29,7 +29,7 @@ from sam3d_hf import (
 )
 from sam3d_hf.data import index_dataset
 from sam3d_hf.inference import Sam3DPredictor
-from sam3d_hf.metrics import evaluate_case
+from sam3d_hf.metrics import evaluate_case, simulate_clicks
 from sam3d_hf.synthetic import SYNTHETIC_PROCESSOR_KWARGS, generate_case, generate_dataset
 
 
@@ -95,7 +95,10 @@ def test_every_output_and_summary_equals_csv_means(setup):
     for r in rows:
         if r["protocol_name"] != "center":
             assert json.loads(r["click_labels"]).count(1) >= 1
-    summary = json.loads((out / "summary.json").read_text())
+    record = json.loads((out / "summary.json").read_text())
+    assert record["format"] == "sam3d-hf-evaluation-v1" and record["split"] == "train"
+    assert record["settings"]["tolerance_mm"] == 5.0 and record["settings"]["rounds"] == 2
+    summary = record["summary"]
     groups = {}
     for r in rows:
         groups.setdefault((r["method"], r["protocol"], int(r["num_clicks"]), int(r["round"])), []).append(r)
@@ -116,6 +119,78 @@ def test_every_output_and_summary_equals_csv_means(setup):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not [p for p in out.rglob(".tmp-*")]  # nothing half-written left behind
     assert sorted(p.name for p in out.parent.iterdir() if p.name.startswith(".out")) == []
+
+
+def _clicks(rows: list[dict], protocol_name: str) -> dict[str, np.ndarray]:
+    return {r["case_id"]: np.asarray(json.loads(r["clicks"])) for r in rows if r["protocol_name"] == protocol_name}
+
+
+def test_clicks_follow_the_seed_per_case_and_the_placement(setup, tmp_path):
+    """Each case's clicks are `simulate_clicks(tumour, --click_placement, N, seed=seed * 1_000_003 + position)`: two
+    copies of one scan get different clicks, --seed changes them, and per_lesion differs from uniform."""
+    data = shutil.copytree(setup["data"], tmp_path / "data")
+    meta = json.loads((data / "dataset.json").read_text())
+    first = meta["training"][0]
+    for folder, key in (("imagesTr", "image"), ("labelsTr", "label")):
+        shutil.copy(data / first[key], data / folder / "zz_copy.nii.gz")
+    meta["training"].append({"image": "./imagesTr/zz_copy.nii.gz", "label": "./labelsTr/zz_copy.nii.gz"})
+    (data / "dataset.json").write_text(json.dumps(meta))
+    cases = [dict(row) for row in index_dataset(data)]
+    runs = {}
+    for placement, seed in (("uniform", 0), ("uniform", 4), ("per_lesion", 0)):
+        out = tmp_path / f"{placement}-{seed}"
+        load_script().main(["--model", str(setup["model"]), "--data_dir", str(data), "--protocols", "2",
+                            "--click_placement", placement, "--seed", str(seed), "--output_dir", str(out)])  # fmt: skip
+        runs[placement, seed] = clicks = _clicks(read_csv(out / "cases.csv"), "2")
+        for position, case in enumerate(cases):
+            tumour = np.asarray(nib.load(case["label"]).dataobj) == 2
+            spacing = np.linalg.norm(nib.load(case["label"]).affine[:3, :3], axis=0)
+            expected, _ = simulate_clicks(tumour, placement, 2, seed=seed * 1_000_003 + position, spacing=spacing)
+            np.testing.assert_array_equal(clicks[case["case_id"]], expected)
+    original = cases[0]["case_id"]
+    assert not np.array_equal(runs["uniform", 0][original], runs["uniform", 0]["zz_copy"])  # same scan, other case
+    assert not np.array_equal(runs["uniform", 0][original], runs["uniform", 4][original])
+    assert any(not np.array_equal(runs["uniform", 0][c], runs["per_lesion", 0][c]) for c in runs["uniform", 0])
+
+
+def test_correction_clicks_carry_the_label_correction_click_gives(setup, tmp_path, monkeypatch):
+    """Each round appends correction_click's point with its label (0 for a false positive, 1 for a miss)."""
+    evaluation = load_script()
+    given = []
+
+    def scripted(tumour, mask, spacing):
+        voxel = np.argwhere(tumour)[len(given)]
+        given.append(len(given) % 2)  # negative, positive, negative
+        return voxel.astype(np.float64), given[-1]
+
+    monkeypatch.setattr(evaluation, "correction_click", scripted)
+    out = tmp_path / "out"
+    evaluation.main(["--model", str(setup["model"]), "--data_dir", str(setup["data"]), "--protocols", "correction",
+                     "--rounds", "3", "--max_cases", "1", "--output_dir", str(out)])  # fmt: skip
+    rows = sorted(read_csv(out / "cases.csv"), key=lambda r: int(r["round"]))
+    assert [json.loads(r["click_labels"]) for r in rows] == [[1], [1, 0], [1, 0, 1], [1, 0, 1, 0]]
+    assert given == [0, 1, 0]
+
+
+def test_the_nsd_tolerance_is_used_and_recorded(setup, tmp_path):
+    """--tolerance_mm reaches the metric (NSD of the saved, scored masks at 1 mm) and summary.json records it."""
+    nsd = {}
+    for tolerance in (1.0, 5.0):
+        out = tmp_path / f"tolerance-{tolerance:g}"
+        load_script().main(["--model", str(setup["model"]), "--data_dir", str(setup["data"]), "--protocols", "1",
+                            "--max_cases", "2", "--tolerance_mm", str(tolerance), "--save_masks",
+                            "--output_dir", str(out)])  # fmt: skip
+        assert json.loads((out / "summary.json").read_text())["settings"]["tolerance_mm"] == tolerance
+        rows = read_csv(out / "cases.csv")
+        for row, case in zip(rows, index_dataset(setup["data"])):
+            label = nib.load(case["label"])
+            mask = np.asarray(nib.load(out / "masks" / "1" / f"{case['case_id']}.nii.gz").dataobj)
+            spacing = np.linalg.norm(label.affine[:3, :3], axis=0)
+            expected = evaluate_case(mask, np.asarray(label.dataobj) == 2, spacing, tolerance_mm=tolerance)
+            assert float(row["nsd"]) == pytest.approx(expected["nsd"], abs=1e-12)
+            assert float(row["dice"]) == pytest.approx(expected["dice"], abs=1e-12)
+        nsd[tolerance] = [float(r["nsd"]) for r in rows]
+    assert nsd[1.0] != nsd[5.0]
 
 
 def test_results_do_not_depend_on_the_order_of_the_protocols(setup, tmp_path):
@@ -233,7 +308,7 @@ def test_a_failed_run_leaves_nothing_and_an_output_is_replaced_only_once_complet
     second = Path(index_dataset(data)[1]["image"])  # fails after the first case has its overlay
     scan = second.read_bytes()
     script = load_script()
-    second.write_bytes(b"not a scan")
+    second.write_bytes(scan[: len(scan) // 2])  # truncated: its header reads, its voxels do not
     with pytest.raises(ValueError, match="Could not read"):
         script.main(argv)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "task"]  # no runs/, no hidden partial folder
@@ -247,7 +322,7 @@ def test_a_failed_run_leaves_nothing_and_an_output_is_replaced_only_once_complet
         script.main(argv)
     (out / "old.txt").write_text("from an earlier run")
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    second.write_bytes(b"not a scan")
+    second.write_bytes(scan[: len(scan) // 2])
     with pytest.raises(ValueError, match="Could not read"):  # --overwrite, but the run fails: the old folder stays
         script.main([*argv, "--overwrite"])
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
@@ -256,6 +331,45 @@ def test_a_failed_run_leaves_nothing_and_an_output_is_replaced_only_once_complet
     script.main([*argv, "--overwrite"])
     assert not (out / "old.txt").exists() and (out / "summary.json").is_file()
     assert [p.name for p in out.parent.iterdir()] == ["eval"]
+
+
+def test_bad_data_is_refused_before_the_model_is_loaded(setup, tmp_path, ended, monkeypatch):
+    """A label map that does not lie on its image's grid, an unreadable image or a wrong --target_label: one error
+    naming the case (and the label value), before any model is loaded, as training refuses the same data."""
+    evaluation = load_script()
+    monkeypatch.setattr(evaluation, "load_model", lambda args: pytest.fail("the model was loaded"))
+    data = shutil.copytree(setup["data"], tmp_path / "task")
+    case = index_dataset(data)[1]
+    argv = ["--model", str(setup["model"]), "--data_dir", str(data), "--protocols", "1", "--output_dir",
+            str(tmp_path / "out")]  # fmt: skip
+    label = nib.load(case["label"])
+    values = np.asarray(label.dataobj)  # read now: the file is rewritten below
+    shifted = label.affine.copy()
+    shifted[:3, 3] += 7.0
+    nib.save(nib.Nifti1Image(values, shifted), case["label"])
+    with pytest.raises(ValueError, match=rf"not usable: Case '{case['case_id']}': the label map's affine differs"):
+        evaluation.main(argv)
+    nib.save(nib.Nifti1Image(values[:-1], label.affine), case["label"])
+    with pytest.raises(ValueError, match=rf"Case '{case['case_id']}': the label map has shape"):
+        evaluation.main(argv)
+    nib.save(nib.Nifti1Image(values, label.affine), case["label"])
+    with pytest.raises(
+        ValueError, match=r"No case holds the target label value 7 .*--target_label.* e\.g\. \[0, 1, 2\]"
+    ):
+        evaluation.main([*argv, "--target_label", "7"])
+    Path(case["image"]).write_bytes(b"not a scan")
+    with pytest.raises(ValueError, match=rf"Case '{case['case_id']}': could not read the image file"):
+        evaluation.main(argv)
+    assert len(ended) == 4 and not (tmp_path / "out").exists()
+
+
+def test_an_empty_split_says_so(setup, tmp_path):
+    split = tmp_path / "split.json"
+    cases = list(index_dataset(setup["data"])["case_id"])
+    split.write_text(json.dumps({"train": cases, "validation": [], "test": []}))
+    with pytest.raises(ValueError, match=r"the 'test' split of .*split.json holds no case"):
+        load_script().main(["--model", str(setup["model"]), "--data_dir", str(setup["data"]), "--split_file",
+                            str(split), "--output_dir", str(tmp_path / "out")])  # fmt: skip
 
 
 def test_scans_without_a_label_are_left_out_as_in_training(setup, tmp_path):
@@ -279,7 +393,7 @@ def test_automatic_mode_is_its_own_row(setup, tmp_path, capsys):
         ("automatic", "automatic", "0", "[]")
     ]
     summary = json.loads((out / "summary.json").read_text())
-    assert list(summary) == ["3DSAM-adapter, automatic (sliding window)"]
+    assert list(summary["summary"]) == ["3DSAM-adapter, automatic (sliding window)"]
     # The row scores the predictor's sliding-window mask.
     case = index_dataset(setup["data"])[0]
     predictor = Sam3DPredictor(
@@ -288,7 +402,9 @@ def test_automatic_mode_is_its_own_row(setup, tmp_path, capsys):
     predictor.set_image(case["image"])
     label = nib.load(case["label"])
     expected = evaluate_case(
-        predictor.predict_automatic().mask, np.asarray(label.dataobj) == 2, np.linalg.norm(label.affine[:3, :3], axis=0)
+        predictor.predict_automatic(batch_size=4).mask,
+        np.asarray(label.dataobj) == 2,
+        np.linalg.norm(label.affine[:3, :3], axis=0),
     )
     assert (float(rows[0]["dice"]), float(rows[0]["nsd"])) == pytest.approx((expected["dice"], expected["nsd"]))
     assert 0 < expected["dice"] < 1  # a mask that tells modes apart

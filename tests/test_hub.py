@@ -37,17 +37,42 @@ SUMMARY = {
         },
     },
 }
+# A training record as sam3d train writes it into every saved model folder (training_info.json).
 TRAINING = {
-    "optimizer": "AdamW",
-    "lr": 0.0004,
-    "max_steps": 1200,
-    "batch_size": 2,
-    "patch_size": [128, 128, 128],
-    "peft_scheme": "spatial adapters",
-    "trainable_parameters": 25198976,
+    "format": "sam3d-hf-training-v1",
+    "sam3d_hf_version": "0.1.0.dev0",
+    "initialisation": {"kind": "SAM", "source": "sam_vit_b_01ec64.pth"},
+    "finetune": "adapter",
+    "parameters": {"trainable": 25198976, "total": 114230000},
+    "optimisation": {
+        "optimizer": "AdamW",
+        "learning_rate": 0.0004,
+        "betas": [0.9, 0.999],
+        "weight_decay": 0.0,
+        "schedule": "linear warm-up over 0 steps, then linear decay to 0, stepped per optimiser step",
+        "gradient_clipping": "global L2 norm 1.0",
+        "loss": "DiceCE (0.5 Dice + 0.5 cross-entropy)",
+        "mixed_precision": "bf16",
+        "gradient_checkpointing": True,
+    },
+    "steps": 1200,
+    "updates_per_epoch": 209,
+    "epochs": 6,
+    "batch": {"per_device": 2, "processes": 4, "accumulation": 1, "effective": 8},
+    "data": {
+        "patch_size": [128, 128, 128],
+        "processor_preset": "kits21",
+        "patches_per_scan_per_epoch": 1,
+        "augmentation": True,
+        "clicks": {"positive": 40, "negative": 3, "when_no_tumour": 10},
+        "training_cases": 209,
+        "validation_cases": 30,
+    },
     "seed": 7,
-    "data_root": "/data/kits",
+    "selection": {"saved": "best validation Dice", "step": 900, "validation_dice": 0.7125},
 }
+
+
 # Files a training run leaves next to the weights that must never reach the Hub, and two that should.
 JUNK = [
     "checkpoint_3/model.safetensors",
@@ -163,7 +188,7 @@ def _snapshot(folder: Path) -> dict:
 def test_full_model_uploads_exactly_the_model_processor_pipeline_code_and_card(model_folder, hub, tmp_path):
     folder, saved = model_folder
     before = _snapshot(folder)
-    info = push_to_hub(folder, "my-lab/sam3d-kits21", evaluation=SUMMARY, training_args=TRAINING, private=True)
+    info = push_to_hub(folder, "my-lab/sam3d-kits21", evaluation=SUMMARY, training=TRAINING, private=True)
     files = _uploaded(hub)
     # The pipeline's code as transformers' own Pipeline.save_pretrained copies it (custom_object_save).
     custom_object_save(Sam3DSegmentationPipeline, tmp_path)
@@ -215,21 +240,14 @@ def train_output_folder(tmp_path_factory):
     trainee.save_pretrained(folder / "adapter")
     model.save_pretrained(folder)
     Sam3DProcessor.from_preset("msd_colon").save_pretrained(folder)
-    (folder / "training_info.json").write_text(json.dumps({"global_step": 12, "best_validation_dice": 0.5}))
+    record = {**TRAINING, "initialisation": {"kind": "random", "source": None}, "steps": 12}
+    record["optimisation"] = {**TRAINING["optimisation"], "learning_rate": 0.0001}
+    record["data"] = {**TRAINING["data"], "patch_size": [40, 24, 44], "processor_preset": "msd_colon"}
+    record["selection"] = {"saved": "last step", "step": 12, "best_validation_dice": 0.5}
+    (folder / "training_info.json").write_text(json.dumps(record))
     (folder / "logs").mkdir()
-    args = {
-        "finetune": "adapter",
-        "learning_rate": 0.0001,
-        "train_batch_size": 1,
-        "max_train_steps": 12,
-        "patch_size": [40, 24, 44],
-        "seed": 0,
-        "adam_beta1": 0.9,
-        "data_dir": "/hospital/scans",
-        "output_dir": "/home/me/run",
-        "split_file": "/home/me/split.json",
-    }
-    (folder / "logs" / "config.json").write_text(json.dumps(args))
+    args = {"learning_rate": 0.0001, "data_dir": "/hospital/scans", "output_dir": "/home/me/run", "preset": "kits21"}
+    (folder / "logs" / "config.json").write_text(json.dumps(args))  # the command line: not what the card reads
     (folder / "checkpoints" / "checkpoint_0").mkdir(parents=True)
     (folder / "checkpoints" / "checkpoint_0" / "model.safetensors").write_bytes(b"state")
     return folder
@@ -246,7 +264,7 @@ def test_train_script_output_pushes_as_model_or_as_adapter(train_output_folder, 
     assert "Adapter: width 16" in files["README.md"].decode()
 
     hub.clear()
-    push_to_hub(folder, "my-lab/colon", training_args=folder / "logs" / "config.json")
+    push_to_hub(folder, "my-lab/colon")  # the card reads the folder's training_info.json
     files = _uploaded(hub)
     model_files = {p.name for p in folder.iterdir() if p.is_file()}
     code = {"pipeline.py", "inference.py", "processing_sam3d.py", "image_processing_sam3d.py"}  # for the pipeline
@@ -254,11 +272,13 @@ def test_train_script_output_pushes_as_model_or_as_adapter(train_output_folder, 
     assert set(files) == {*model_files, *code, *adapter, "README.md"}
     assert "training_info.json" in files and "config.json" in files
     card = files["README.md"].decode()
-    assert _table_row(card, "PEFT scheme") == ["adapter"]
-    assert float(_table_row(card, "learning rate")[0]) == 0.0001
-    assert int(_table_row(card, "batch size")[0]) == 1
+    assert _table_row(card, "fine-tuning") == ["spatial adapters (the paper's scheme)"]
+    assert "learning rate 0.0001," in _table_row(card, "optimiser")[0]
+    assert _table_row(card, "optimiser steps") == ["12"]
     assert _numbers(_table_row(card, "training patch")[0]) == [40, 24, 44]
-    assert "adam_beta1=0.9" in card and "/hospital" not in card and "/home/me" not in card
+    assert _table_row(card, "initialisation") == ["random weights (no pretrained SAM weights)"]
+    assert "inherited from SAM" not in card  # trained from random weights
+    assert "/hospital" not in card and "/home/me" not in card and "kits21" not in card
 
 
 def test_revision_creates_the_branch_and_commits_to_it(model_folder, hub):
@@ -323,19 +343,19 @@ def test_card_reads_the_metrics_summarize_output(model_folder):
         else:  # one case: no standard deviation
             assert _numbers(dice_cell) == [dice[0]] and _numbers(nsd_cell) == [nsd[0]]
         assert float(tolerance) == 2.0 and int(n) == len(pairs)
-    bare = _front_matter(str(render_model_card(model_folder[0], evaluation=summarize(records))))
-    metrics = [m for r in bare["model-index"][0]["results"] for m in r["metrics"]]
-    tolerances = {m["args"]["tolerance_mm"] for m in metrics if m["type"] == "nsd"}
-    assert tolerances == {5.0}  # the metrics module's default
+    with pytest.raises(ValueError, match="does not record the NSD tolerance"):  # never a default tolerance
+        render_model_card(model_folder[0], evaluation=summarize(records))
 
 
 def test_card_reads_evaluates_summary_json_of_one_case_and_picks_the_dataset_column(model_folder, tmp_path):
-    """examples/evaluate.py writes summarize's output with NaN (the std of a single case) as null, in a column named
-    by --dataset_name; the card (here kits21, from the processor) takes its own column, else the only one."""
+    """sam3d evaluate writes summarize's output (with its settings) with NaN (the std of a single case) as null, in a
+    column named by --dataset_name; the card (here kits21, from the processor) takes its own column, else the only
+    one."""
     path = tmp_path / "summary.json"
 
     def card_cells(records):
-        path.write_text(json.dumps(summarize(records)).replace("NaN", "null"))  # JSON has no NaN
+        record = {"format": "sam3d-hf-evaluation-v1", "settings": {"tolerance_mm": 5.0}, "summary": summarize(records)}
+        path.write_text(json.dumps(record).replace("NaN", "null"))  # JSON has no NaN
         return _table_row(str(render_model_card(model_folder[0], evaluation=path)), "3DSAM-adapter, 1 click (uniform)")
 
     one_case = {"dice": 0.8125, "nsd": 0.9375, "num_clicks": 1, "dataset": "hospital_scans"}
@@ -403,7 +423,10 @@ def test_card_keeps_code_weights_and_data_licences_apart(dataset, data_licence, 
         "training_data": data_licence,
         "training_data_confirmed": confirmed,
     }
-    assert "inherited from SAM's Apache-2.0 weights" in card
+    assert "inherited from SAM" not in card  # no training record: nothing says where the weights came from
+    assert "inherited from SAM's Apache-2.0 weights" in str(
+        render_model_card(processor, dataset=dataset, training=TRAINING)
+    )
     assert (
         "check the dataset's terms" in _table_row(card, f"training data ({metadata_name(dataset)})")[0]
     ) is not confirmed
@@ -418,18 +441,59 @@ def metadata_name(dataset: str) -> str:
     return yaml.safe_load((REPO / "hub_cards" / f"{dataset}.yaml").read_text())["name"]
 
 
-def test_card_training_recipe_from_the_args_file(model_folder, tmp_path):
-    path = tmp_path / "args.json"
+def test_card_training_section_states_the_record(model_folder, tmp_path):
+    """Each row of the training table against the record's value, for two records (SAM start, best model; random
+    start, last step, one process)."""
+    path = tmp_path / "training_info.json"
     path.write_text(json.dumps(TRAINING))
-    card = str(render_model_card(model_folder[0], training_args=path))
-    assert _table_row(card, "optimiser") == ["AdamW"]
-    assert float(_table_row(card, "learning rate")[0]) == TRAINING["lr"]
-    assert int(_table_row(card, "steps")[0]) == TRAINING["max_steps"]
-    assert int(_table_row(card, "batch size")[0]) == TRAINING["batch_size"]
-    assert _numbers(_table_row(card, "training patch")[0]) == TRAINING["patch_size"]
-    assert _table_row(card, "PEFT scheme") == ["spatial adapters"]
-    assert _table_row(card, "trainable parameters") == ["25,198,976"]
-    assert '`data_root="/data/kits"`' in _table_row(card, "other arguments")[0]
+    card = str(render_model_card(model_folder[0], training=path))
+    assert _table_row(card, "initialisation") == ["SAM's 2D weights `sam_vit_b_01ec64.pth`, inflated to 3D"]
+    assert _table_row(card, "fine-tuning") == ["spatial adapters (the paper's scheme)"]
+    assert _table_row(card, "trainable parameters") == ["25,198,976 of 114,230,000"]
+    assert _table_row(card, "optimiser") == ["AdamW, learning rate 0.0004, betas 0.9 / 0.999, weight decay 0"]
+    assert _table_row(card, "schedule") == [TRAINING["optimisation"]["schedule"]]
+    assert _table_row(card, "optimiser steps") == ["1,200"]
+    assert _table_row(card, "epochs") == ["6 (209 optimiser steps each; the steps decide)"]
+    assert _table_row(card, "batch") == ["2 per device × 4 process(es) × 1 accumulation = 8"]
+    assert _numbers(_table_row(card, "training patch")[0]) == [128, 128, 128]
+    assert _table_row(card, "clicks per patch") == ["40 positive, 3 negative; 10 when the patch holds no tumour"]
+    assert _table_row(card, "scans") == ["209 training, 30 validation"]
+    assert _table_row(card, "mixed precision") == ["bf16"] and _table_row(card, "seed") == ["7"]
+    assert _table_row(card, "weights saved at") == ["best validation Dice (step 900, validation Dice 0.7125)"]
+    assert _table_row(card, "trained with") == ["sam3d-hf 0.1.0.dev0"]
+    assert "inherited from SAM's Apache-2.0 weights" in card
+
+    other = {**TRAINING, "initialisation": {"kind": "random", "source": None}, "steps": 2000, "epochs": 223}
+    other.update(updates_per_epoch=9, batch={"per_device": 2, "processes": 1, "accumulation": 1, "effective": 2})
+    other["selection"] = {"saved": "last step", "step": 2000}
+    card = str(render_model_card(model_folder[0], training=other))
+    assert _table_row(card, "initialisation") == ["random weights (no pretrained SAM weights)"]
+    assert _table_row(card, "optimiser steps") == ["2,000"]
+    assert _table_row(card, "epochs") == ["223 (9 optimiser steps each; the steps decide)"]
+    assert _table_row(card, "weights saved at") == ["last step (step 2,000)"]
+    assert "inherited from SAM" not in card
+    with pytest.raises(ValueError, match=r"logs/config.json.* not a record"):  # command-line arguments are refused
+        render_model_card(model_folder[0], training={"learning_rate": 1e-4, "max_train_steps": 10})
+
+
+def test_card_nsd_tolerance_and_settings_come_from_the_evaluation(model_folder):
+    """The NSD label, the table's tolerance and the settings line come from the summary's recorded settings."""
+    records = [{"dice": 0.5, "nsd": 0.25, "num_clicks": 1, "dataset": "kits21"}] * 2
+    for tolerance in (1.0, 5.0, 2.5):
+        settings = {"cases": 2, "protocols": ["1"], "click_placement": "per_lesion", "seed": 3,
+                    "tolerance_mm": tolerance}  # fmt: skip
+        summary = {"format": "sam3d-hf-evaluation-v1", "sam3d_hf_version": "9.9", "split": "test",
+                   "settings": settings, "summary": summarize(records)}  # fmt: skip
+        card = str(render_model_card(model_folder[0], evaluation=summary))
+        metrics = [m for r in _front_matter(card)["model-index"][0]["results"] for m in r["metrics"]]
+        (nsd,) = [m for m in metrics if m["type"] == "nsd"]
+        assert nsd["name"] == f"NSD (3DSAM-adapter, 1 click (uniform), {tolerance:g} mm)"
+        assert nsd["args"]["tolerance_mm"] == tolerance
+        assert float(_table_row(card, "3DSAM-adapter, 1 click (uniform)")[2]) == tolerance
+        assert (
+            f"Settings recorded by the evaluation: 2 cases; protocols 1; clicks placed `per_lesion`; click seed 3; "
+            f"NSD tolerance {tolerance:g} mm; sam3d-hf 9.9." in card
+        )
 
 
 def test_adapter_card_counts_the_adapter_file_and_names_the_base(adapter_folder):
@@ -441,9 +505,21 @@ def test_adapter_card_counts_the_adapter_file_and_names_the_base(adapter_folder)
     assert "Adapter: width 16" in card and 'from_pretrained("my-lab/sam3d-vit-b"' in card
 
 
+def test_full_model_card_counts_parameters_not_buffers(model_folder, tiny_weights):
+    from safetensors.torch import load_file
+
+    card = str(render_model_card(model_folder[0]))
+    count = sum(p.numel() for p in tiny_weights.parameters())
+    stored = sum(t.numel() for t in load_file(model_folder[0] / "model.safetensors").values())
+    assert stored > count  # the file also holds buffers (the frozen relative-position scales)
+    assert f"({count:,} parameters)" in card
+
+
 def test_synthetic_and_generic_dataset_cards(model_folder):
     synthetic = str(render_model_card(model_folder[0], dataset="synthetic"))
     assert "no patient data" in synthetic and _front_matter(synthetic)["licenses"]["training_data_confirmed"]
+    assert "0 background, 1 organ, 2 lesion" in synthetic  # the generator's labels (synthetic.py)
+    assert "generated volumes, not patients" in synthetic and "scanners and population" not in synthetic
     generic = str(render_model_card(model_folder[0], dataset=str(REPO / "hub_cards" / "generic.yaml")))
     assert "check the dataset's terms" in generic
 
@@ -514,8 +590,8 @@ def test_card_input_errors(model_folder, adapter_folder, tmp_path):
         render_model_card(folder, license="")
     with pytest.raises(ValueError, match="base_model must be 'owner/name'"):
         render_model_card(folder, base_model="just-a-name")
-    with pytest.raises(ValueError, match=r"training arguments file .* does not exist"):
-        render_model_card(folder, training_args=tmp_path / "args.json")
+    with pytest.raises(ValueError, match=r"training record file .* does not exist"):
+        render_model_card(folder, training=tmp_path / "args.json")
 
 
 def test_evaluation_summary_errors(tmp_path):

@@ -5,7 +5,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import PATCH, TINY, randomize
+from conftest import PATCH, TINY, assert_mask_of, randomize
 from torch import nn
 
 from sam3d_hf import Sam3DConfig, Sam3DForPromptableSegmentation, Sam3DImageProcessor, Sam3DProcessor
@@ -55,7 +55,7 @@ def test_cached_clicks_equal_fresh_forward(tiny_model, oblique_case):
     expected = processor.post_process_masks(logits, inputs, return_probabilities=True)
     torch.testing.assert_close(prediction.probabilities, expected, atol=1e-4, rtol=1e-4)
     assert tuple(prediction.mask.shape) == image.shape
-    assert torch.equal(prediction.mask, (expected >= 0.5).to(torch.uint8))
+    assert_mask_of(prediction.mask, expected)
     assert len(prediction.scores) == 2  # two clicks far apart -> two patches, one score each
     # Clicks added near cached ones reuse their patches; logits equal a full forward (encoder included) of the same
     # patches, cut here by hand from the preprocessed scan, and the same clicks.
@@ -71,8 +71,9 @@ def test_cached_clicks_equal_fresh_forward(tiny_model, oblique_case):
                 pixel_values=pixel_values, input_points=inputs["input_points"], input_labels=inputs["input_labels"]
             ).logits
         torch.testing.assert_close(prediction.logits, logits, atol=1e-4, rtol=1e-4)
-        expected = processor.post_process_masks(logits, inputs)
-        assert tuple(expected.shape) == image.shape and torch.equal(prediction.mask, expected)
+        expected = processor.post_process_masks(logits, inputs, return_probabilities=True)
+        assert tuple(expected.shape) == image.shape
+        assert_mask_of(prediction.mask, expected)
     assert (predictor.cache_misses, predictor.cache_hits) == (2, 6)
 
 
@@ -146,6 +147,43 @@ def test_least_recently_used_patch_is_dropped(tiny_model, oblique_case):
     for clicks in (points[:1], points[1:], points[:1], points[:1]):
         predictor.predict(clicks)
     assert counter.calls == 3 and predictor.cache_hits == 1
+
+
+def test_a_cache_hit_makes_the_patch_the_most_recently_used(tiny_model, oblique_case):
+    """Two patches cached, A used again, then a third patch: B goes, not A (a hit refreshes the order)."""
+    image, points = oblique_case
+    a, b, c = points[:1], points[1:], np.array([[120.0, 10.0, 5.0]])
+    predictor = Sam3DPredictor(tiny_model, make_processor(), max_cached_patches=2)
+    predictor.set_image(image)
+    origins = [tuple(predictor.predict(p).inputs["patch_origins"][0].tolist()) for p in (a, b, a, c)]
+    assert len({origins[0], origins[1], origins[3]}) == 3 and origins[2] == origins[0]
+    assert (predictor.cache_hits, predictor.cache_misses) == (1, 3)
+    predictor.predict(a)
+    assert (predictor.cache_hits, predictor.cache_misses) == (2, 3)  # A stayed
+    predictor.predict(b)
+    assert (predictor.cache_hits, predictor.cache_misses) == (2, 4)  # B had gone
+
+
+def test_scores_average_the_probability_inside_each_mask():
+    """One score per patch: the mean foreground probability over the voxels at or above the threshold, 0 for none."""
+    from sam3d_hf.inference import _scores
+
+    probabilities = torch.tensor([[0.9, 0.7, 0.2, 0.1], [0.4, 0.1, 0.0, 0.3], [0.5, 0.6, 0.0, 0.0]])
+    torch.testing.assert_close(_scores(probabilities, 0.5), torch.tensor([0.8, 0.0, 0.55]))
+    torch.testing.assert_close(_scores(probabilities, 0.65), torch.tensor([0.8, 0.0, 0.0]))
+
+
+def test_a_failed_set_image_leaves_no_scan(tiny_model, oblique_case, tmp_path):
+    image, points = oblique_case
+    predictor = Sam3DPredictor(tiny_model, make_processor())
+    predictor.set_image(image)
+    predictor.predict(points[:1])
+    (tmp_path / "broken.nii.gz").write_bytes(b"not a scan")
+    with pytest.raises(ValueError, match="Could not read"):
+        predictor.set_image(str(tmp_path / "broken.nii.gz"))
+    with pytest.raises(ValueError, match="No scan is set"):  # never the previous scan's masks
+        predictor.predict(points[:1])
+    assert predictor.cache_misses == 0 and not predictor._cache
 
 
 def test_negative_clicks_reach_the_model(oblique_case):

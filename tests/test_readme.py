@@ -1,4 +1,6 @@
-"""The README's Python examples run as written (in a scratch folder that holds the files they name)."""
+"""The README's Python examples run as written (in a scratch folder that holds the files they name), each block on its
+own: a reader copies one block, so each imports and defines every name it uses (files written by an earlier block,
+which the block then names, are still there)."""
 
 import re
 from pathlib import Path
@@ -32,9 +34,11 @@ def test_readme_examples_run(tmp_path, monkeypatch):
     assert blocks, "README.md has no python examples"
     monkeypatch.chdir(tmp_path)
     make_scan(tmp_path / "ct.nii.gz")
-    namespace: dict = {"__name__": "__readme__"}
-    for block in blocks:
-        exec(compile(block, str(README), "exec"), namespace)
+    for number, block in enumerate(blocks, start=1):
+        try:
+            exec(compile(block, f"{README} (python block {number})", "exec"), {"__name__": "__readme__"})
+        except NameError as error:
+            raise AssertionError(f"README python block {number} uses a name it does not define: {error}") from error
     # The examples leave their outputs behind: check what they promise where they write files.
     for written in re.findall(r"[\"']([\w.-]+\.nii\.gz)[\"']", "\n".join(blocks)):
         assert (tmp_path / written).exists(), f"the README example should have written {written}"

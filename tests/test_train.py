@@ -142,10 +142,10 @@ def test_run_writes_loadable_outputs(reference_run):
     validations = validation_records(reference_run)
     assert list(validations) == [0, 3, 6]
     assert all(0 <= record["validation_dice"] <= 1 for record in validations.values())
-    # total_limit 3 keeps all three checkpoints; each one is complete and records its step.
-    states = [
-        json.loads((c / "training_state.json").read_text()) for c in sorted((reference_run / "checkpoints").iterdir())
-    ]
+    # total_limit 3 keeps all three checkpoints, named by their step; each one is complete and records its step.
+    folders = sorted((reference_run / "checkpoints").iterdir())
+    assert [f.name for f in folders] == ["checkpoint_3", "checkpoint_6", "checkpoint_7"]
+    states = [json.loads((c / "training_state.json").read_text()) for c in folders]
     assert [state["global_step"] for state in states] == [3, 6, 7]
     # the random states move on between checkpoints (a new epoch's DataLoader draws a seed): the fingerprint sees it
     assert len({state["rng_fingerprint"] for state in states}) == 3
@@ -322,37 +322,117 @@ def test_sigkill_after_checkpoint_then_resume_matches_uninterrupted_run(train, c
 
 def test_sigkill_during_save_keeps_the_last_complete_checkpoint(train, caplog, data_dir, tmp_path, reference_run):
     output_dir = tmp_path / "killed_in_save"
-    # checkpoint_1 is the step-6 save: killed with its optimiser file half-written.
-    start_and_kill(kill_during_save("checkpoint_1"), tmp_path, output_dir, data_dir)
+    # checkpoint_6 is the step-6 save: killed with its optimiser file half-written.
+    start_and_kill(kill_during_save("checkpoint_6"), tmp_path, output_dir, data_dir)
     folders = train.list_checkpoints(output_dir)
-    assert [f.name for f in folders] == ["checkpoint_0", "checkpoint_1"]
+    assert [f.name for f in folders] == ["checkpoint_3", "checkpoint_6"]
     assert train.is_complete(folders[0]) and not train.is_complete(folders[1])
     resume_and_compare(train, caplog, output_dir, data_dir, reference_run, resumed_at=3)
     # The incomplete folder was set aside; the resumed run wrote complete ones (total_limit 3 -> steps 3, 6, 7).
     assert checkpoint_steps(train, output_dir) == [3, 6, 7]
-    assert [p.name for p in (output_dir / "incomplete_checkpoints").iterdir()] == ["checkpoint_1"]
+    assert [p.name for p in (output_dir / "incomplete_checkpoints").iterdir()] == ["checkpoint_6"]
 
 
 def test_sigkill_during_the_first_save_then_resume(train, caplog, data_dir, tmp_path, reference_run):
-    """No complete checkpoint yet: the half-written checkpoint_0 must not block the saves of the next run."""
+    """No complete checkpoint yet: the half-written checkpoint_3 must not block the saves of the next run."""
     output_dir = tmp_path / "killed_in_first_save"
-    start_and_kill(kill_during_save("checkpoint_0"), tmp_path, output_dir, data_dir)
+    start_and_kill(kill_during_save("checkpoint_3"), tmp_path, output_dir, data_dir)
     (folder,) = train.list_checkpoints(output_dir)
-    assert folder.name == "checkpoint_0" and not train.is_complete(folder)
+    assert folder.name == "checkpoint_3" and not train.is_complete(folder)
     resume_and_compare(train, caplog, output_dir, data_dir, reference_run, resumed_at=0)
     assert checkpoint_steps(train, output_dir) == [3, 6, 7]
-    assert [p.name for p in (output_dir / "incomplete_checkpoints").iterdir()] == ["checkpoint_0"]
+    assert [p.name for p in (output_dir / "incomplete_checkpoints").iterdir()] == ["checkpoint_3"]
 
 
 def test_limit_of_one_checkpoint_survives_a_kill_during_a_save(train, caplog, data_dir, tmp_path, reference_run):
     """The old checkpoint goes only once the new one is complete: a kill during a save leaves the previous one."""
     output_dir = tmp_path / "limit_one"
-    start_and_kill(kill_during_save("checkpoint_1"), tmp_path, output_dir, data_dir, "--checkpoints_total_limit", "1")
+    start_and_kill(kill_during_save("checkpoint_6"), tmp_path, output_dir, data_dir, "--checkpoints_total_limit", "1")
     folders = train.list_checkpoints(output_dir)
-    assert [f.name for f in folders] == ["checkpoint_0", "checkpoint_1"]
+    assert [f.name for f in folders] == ["checkpoint_3", "checkpoint_6"]
     assert train.is_complete(folders[0]) and not train.is_complete(folders[1])
     resume_and_compare(train, caplog, output_dir, data_dir, reference_run, 3, "--checkpoints_total_limit", "1")
     assert checkpoint_steps(train, output_dir) == [7]
+
+
+def test_a_checkpoint_is_complete_only_with_every_listed_file_at_its_size(train, tmp_path):
+    folder = tmp_path / "checkpoint_3"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"x" * 100)
+    (folder / "optimizer.bin").write_bytes(b"y" * 50)
+    assert not train.is_complete(folder)  # no marker yet
+    train.mark_complete(folder, {"global_step": 3})
+    assert train.is_complete(folder)
+    (folder / "optimizer.bin").write_bytes(b"y" * 49)  # a file that changed size after the marker
+    assert not train.is_complete(folder)
+    (folder / "optimizer.bin").unlink()
+    assert not train.is_complete(folder)
+    alone = tmp_path / "checkpoint_6"  # a marker without the files it lists
+    alone.mkdir()
+    shutil.copy(folder / train.COMPLETE_MARKER, alone / train.COMPLETE_MARKER)
+    assert not train.is_complete(alone)
+    (alone / train.COMPLETE_MARKER).write_text(json.dumps({"files": {}}))  # a marker that lists nothing
+    assert not train.is_complete(alone)
+
+
+def test_best_model_is_written_only_when_validation_improves(train, data_dir, tmp_path, monkeypatch, caplog):
+    """Scripted validation scores 0.3, 0.6, 0.2, 0.6, 0.1 at steps 0-4: best_model/ is step 1's (a tie does not
+    replace it), final_model/ step 4's; both record what they are in training_info.json."""
+    scores = iter([0.3, 0.6, 0.2, 0.6, 0.1])
+    monkeypatch.setattr(train, "validation_scores", lambda model, processor, rows, accelerator: [("c", next(scores))])
+    output_dir = tmp_path / "best"
+    caplog.set_level(logging.WARNING)
+    run_main(train, output_dir, data_dir, "--max_train_steps", "4", "--validation_steps", "1")
+    best = json.loads((output_dir / "best_model" / "training_info.json").read_text())
+    final = json.loads((output_dir / "final_model" / "training_info.json").read_text())
+    assert best["selection"] == {"saved": "best validation Dice", "step": 1, "validation_dice": 0.6}
+    assert final["selection"] == {"saved": "last step", "step": 4, "best_validation_dice": 0.6}
+    assert caplog.text.count("NO PRETRAINED WEIGHTS") == 1  # said once, not twice
+
+
+def test_the_training_record_states_what_the_run_did(reference_run):
+    """training_info.json against the run's own logs and files: steps, epochs, batch, parameters, initialisation."""
+    from safetensors.numpy import load_file
+
+    from sam3d_hf import Sam3DForPromptableSegmentation
+
+    record = json.loads((reference_run / "final_model" / "training_info.json").read_text())
+    logged = step_losses(reference_run)
+    assert record["steps"] == record["selection"]["step"] == max(logged) == 7
+    # 4 training scans, batch 2: 2 optimiser steps per epoch, so 7 steps take 4 epochs (the last one partly)
+    assert (record["updates_per_epoch"], record["epochs"]) == (2, 4)
+    assert record["batch"] == {"per_device": 2, "processes": 1, "accumulation": 1, "effective": 2}
+    assert record["initialisation"] == {"kind": "random", "source": None}
+    adapter = load_file(reference_run / "final_model" / "adapter" / "adapter_model.safetensors")
+    model = Sam3DForPromptableSegmentation.from_pretrained(reference_run / "final_model")
+    assert record["parameters"] == {
+        "trainable": sum(v.size for v in adapter.values()),  # the adapter file holds exactly the trained tensors
+        "total": sum(p.numel() for p in model.parameters()),
+    }
+    assert record["data"]["patch_size"] == [32, 24, 40] and record["seed"] == 3
+    assert record["data"]["training_cases"] == len(json.loads((reference_run / "split.json").read_text())["train"])
+
+
+def test_a_resume_with_other_arguments_warns_and_keeps_the_first_record(train, data_dir, tmp_path, caplog):
+    output_dir = tmp_path / "changed"
+    run_main(train, output_dir, data_dir, "--max_train_steps", "2", "--checkpointing_steps", "2",
+             "--validation_steps", "0")  # fmt: skip
+    first = (output_dir / "logs" / "config.json").read_text()
+    caplog.set_level(logging.WARNING)
+    run_main(train, output_dir, data_dir, "--max_train_steps", "3", "--checkpointing_steps", "2",
+             "--validation_steps", "0", "--learning_rate", "0.01", "--resume_from_checkpoint", "latest")  # fmt: skip
+    assert "--learning_rate 0.0001 -> 0.01" in caplog.text and "--max_train_steps 2 -> 3" in caplog.text
+    assert (output_dir / "logs" / "config.json").read_text() == first
+    resumed = json.loads((output_dir / "logs" / "config_resumed_at_step_2.json").read_text())
+    assert (resumed["learning_rate"], resumed["max_train_steps"]) == (0.01, 3)
+
+
+def test_an_output_dir_that_cannot_be_written_is_one_line(train, data_dir, tmp_path):
+    (tmp_path / "file").write_text("")
+    for output_dir in (tmp_path / "file", tmp_path / "file" / "run"):
+        with pytest.raises(SystemExit, match="a file is in the way") as stopped:
+            run_main(train, output_dir, data_dir, "--max_train_steps", "1")
+        assert str(stopped.value.code).startswith("error: --output_dir") and "\n" not in str(stopped.value.code)
 
 
 def test_tensorboard_records_the_run(train, data_dir, tmp_path):
@@ -390,7 +470,14 @@ def shifted(data, affine):
     return data, affine
 
 
+def truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # its header still reads: only decoding every voxel finds it
+
+
 BAD_DATA = {
+    "truncated image": (lambda root, case: truncate(root / "imagesTr" / f"{case}.nii.gz"), "cannot be read"),
+    "truncated label map": (lambda root, case: truncate(root / "labelsTr" / f"{case}.nii.gz"), "cannot be decoded"),
     "missing label file": (lambda root, case: (root / "labelsTr" / f"{case}.nii.gz").unlink(), "does not exist"),
     "shape mismatch": (lambda root, case: relabel(root, case, lambda d, a: (d[:-1], a)), "the label map has shape"),
     "affine mismatch": (lambda root, case: relabel(root, case, shifted), "affine differs from the image's"),
@@ -425,8 +512,10 @@ def test_bad_data_stops_before_the_model_with_one_error_line(train, data_dir, tm
         run_main(train, tmp_path / "out", broken, "--max_train_steps", "2", *extra)
     text = str(stopped.value.code)
     assert text.startswith("error: the dataset in") and "\n" not in text and message in text, text
-    if problem in ("missing label file", "shape mismatch", "affine mismatch"):
+    if problem in ("missing label file", "shape mismatch", "affine mismatch", "truncated label map"):
         assert f"Case {case!r}" in text  # the message names the case
+    if problem == "truncated image":
+        assert f"{case}: " in text and f"{case}.nii.gz" in text
     assert not (tmp_path / "out" / "logs" / "metrics.jsonl").exists()  # no step was taken
 
 
@@ -545,7 +634,9 @@ def test_init_from_a_trained_model(train, data_dir, tmp_path, reference_run, cap
     name = "vision_encoder.layers.0.mlp.lin1.weight"  # frozen: the starting model's, not seed 5's random weights
     assert np.array_equal(final[name], start[name])
     # no validation: said as such, not as a best Dice of -1
-    assert json.loads((output_dir / "final_model" / "training_info.json").read_text())["best_validation_dice"] is None
+    record = json.loads((output_dir / "final_model" / "training_info.json").read_text())
+    assert record["selection"] == {"saved": "last step", "step": 2}  # no best_validation_dice of -1
+    assert record["initialisation"] == {"kind": "sam3d-hf model", "source": "final_model"}  # no local path
     assert "no validation score was recorded" in caplog.text and "Dice -1" not in caplog.text
     assert not (output_dir / "best_model").exists()
 
