@@ -36,7 +36,10 @@ class Sam3DVisionConfig(PretrainedConfig):
         mlp_dim (`int`, defaults to 3072): hidden width of each block's MLP (4 x hidden_size in SAM).
         num_channels (`int`, defaults to 1): input channels; SAM's RGB kernel is summed to one channel (exact).
         patch_size (`int`, defaults to 16): SAM's 2D patch kernel size (stored at 16 taps, folded at run time).
-        token_stride (`int`, defaults to 4): voxels per token along each axis (x4 upsampling then stride 16).
+        token_stride (`int`, defaults to 4): voxels per token along each axis: the official model upsamples a patch by
+            `patch_size / token_stride` and runs SAM's stride-16 kernel, always giving a 32³ token grid at its
+            training size (x4 at 128³, the prompted model; x2 at 256³, the prompt-free model of `train_auto.py`,
+            `token_stride=8`). An even divisor of `patch_size`; the decoder upsamples by `token_stride / 2` at its end.
         image_size (`int` or `(D, H, W)`, defaults to 128): the patch size the model is trained at.
         sam_image_size (`int`, defaults to 1024): SAM's input size; its position table has `sam_image_size /
             patch_size` rows and columns (64 for SAM).
@@ -167,11 +170,11 @@ class Sam3DVisionConfig(PretrainedConfig):
                 f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
                 f"({self.num_attention_heads})"
             )
-        if self.patch_size % self.token_stride:
+        if self.patch_size % self.token_stride or self.token_stride % 2:
             raise ValueError(
-                f"patch_size ({self.patch_size}) must be a multiple of token_stride ({self.token_stride}): the x"
-                f"{self.token_stride} upsampling followed by a stride-{self.patch_size} kernel must give one token per "
-                f"{self.token_stride} voxels"
+                f"token_stride ({self.token_stride}) must be an even divisor of patch_size ({self.patch_size}): the x"
+                f"(patch_size / token_stride) upsampling followed by a stride-{self.patch_size} kernel must give one "
+                f"token per token_stride voxels, and the decoder upsamples by token_stride / 2"
             )
         if any(s % self.token_stride for s in self.image_size):
             raise ValueError(f"image_size {self.image_size} must be divisible by token_stride {self.token_stride}")
@@ -319,6 +322,9 @@ class Sam3DConfig(PretrainedConfig):
         vision_config (`dict` or [`Sam3DVisionConfig`], *optional*): the 3D image encoder.
         prompt_encoder_config (`dict` or [`Sam3DPromptEncoderConfig`], *optional*): the point prompt encoder.
         mask_decoder_config (`dict` or [`Sam3DMaskDecoderConfig`], *optional*): the mask decoder.
+        use_prompt_encoder (`bool`, defaults to `True`): `False` builds the prompt-free model of the paper's Table 3
+            (the official `train_auto.py`): no prompt encoder, the decoder takes the last level unchanged, the model
+            takes no clicks and segments each window by itself (sliding-window inference).
 
     Example:
     ```python
@@ -342,8 +348,12 @@ class Sam3DConfig(PretrainedConfig):
         prompt_encoder_config: dict | Sam3DPromptEncoderConfig | None = None,
         mask_decoder_config: dict | Sam3DMaskDecoderConfig | None = None,
         initializer_range: float = 0.02,
+        use_prompt_encoder: bool = True,
         **kwargs,
     ):
+        if not isinstance(use_prompt_encoder, bool):
+            raise TypeError(f"use_prompt_encoder must be True or False, got {use_prompt_encoder!r}")
+        self.use_prompt_encoder = use_prompt_encoder
         self.vision_config = self._sub_config("vision_config", vision_config)
         self.prompt_encoder_config = self._sub_config("prompt_encoder_config", prompt_encoder_config)
         self.mask_decoder_config = self._sub_config("mask_decoder_config", mask_decoder_config)

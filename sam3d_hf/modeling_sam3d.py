@@ -58,6 +58,7 @@ class Sam3DProcessorGeometry(TypedDict, total=False):
     canonical_flips: Any
     canonical_size: Any
     resampled_size: Any
+    resampling_scale: Any
     resampled_spacing: Any
     resampled_affine: Any
 
@@ -152,8 +153,9 @@ def interpolation_matrix(taps: int, stride: int) -> torch.Tensor:
 
 
 class Sam3DPatchEmbeddings(nn.Module):
-    """SAM's 16x16 patch kernel on x4-upsampled slices followed by a 16-tap depth filter, folded into one 6³ stride-4
-    convolution of the replicate-padded patch (never materialising the upsampled volume).
+    """SAM's 16x16 patch kernel on upsampled slices followed by a 16-tap depth filter, folded into one convolution of
+    the replicate-padded patch (never materialising the upsampled volume): x4 upsampling gives a 6³ stride-4 kernel
+    (`token_stride=4`), x2 a 10³ stride-8 one (`token_stride=8`).
 
     Stores the official parameters: `projection_weight (C, 1, 16, 16)` (SAM's RGB kernel summed over its inputs; axis 2
     is H, axis 3 is W), `projection_bias (C,)`, `depth_weight (C, 16)`, `depth_bias (C,)`.
@@ -168,16 +170,18 @@ class Sam3DPatchEmbeddings(nn.Module):
         self.depth_weight = nn.Parameter(torch.empty(channels, size))
         self.depth_bias = nn.Parameter(torch.empty(channels))
         self.taps = size
+        self.upsampling = size // self.stride  # the official upsampling factor (4 for the prompted model)
 
     def folded_kernel(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The equivalent `(C, in, 6, 6, 6)` stride-4 kernel and its bias, composed from the stored parameters."""
+        """The equivalent `(C, in, k, k, k)` stride-`token_stride` kernel (`k = 16 / upsampling + 2`) and its bias,
+        composed from the stored parameters."""
         # Not a buffer: from_pretrained builds models on the meta device, where a computed buffer would be lost.
-        fold = interpolation_matrix(self.taps, self.stride).to(
+        fold = interpolation_matrix(self.taps, self.upsampling).to(
             self.projection_weight.device, self.projection_weight.dtype
         )
-        plane = torch.einsum("ia,ocij,jb->ocab", fold, self.projection_weight, fold)  # (C, in, 6, 6)
-        depth = self.depth_weight @ fold  # (C, 6)
-        kernel = depth[:, None, :, None, None] * plane[:, :, None]  # (C, in, 6[d], 6[h], 6[w])
+        plane = torch.einsum("ia,ocij,jb->ocab", fold, self.projection_weight, fold)  # (C, in, k, k)
+        depth = self.depth_weight @ fold  # (C, k)
+        kernel = depth[:, None, :, None, None] * plane[:, :, None]  # (C, in, k[d], k[h], k[w])
         bias = self.projection_bias * self.depth_weight.sum(1) + self.depth_bias
         return kernel, bias
 
@@ -720,8 +724,9 @@ class Sam3DMaskDecoder(Sam3DPreTrainedModel):
     config_class = Sam3DMaskDecoderConfig
     config: Sam3DMaskDecoderConfig
 
-    def __init__(self, config: Sam3DMaskDecoderConfig, input_channels: int):
+    def __init__(self, config: Sam3DMaskDecoderConfig, input_channels: int, upsampling: int = 2):
         super().__init__(config)
+        self.upsampling = upsampling  # the final upsampling: token_stride / 2 (the levels are upsampled x2 first)
         hidden = config.hidden_size
         self.heads = nn.ModuleList(
             [nn.Sequential(*conv_block(input_channels, hidden), *conv_block(hidden, hidden)) for _ in range(4)]
@@ -746,12 +751,13 @@ class Sam3DMaskDecoder(Sam3DPreTrainedModel):
         return F.conv3d(torch.cat([*static, image], dim=1), weight, padding=1)
 
     def forward(self, context: torch.Tensor, prompted_level: torch.Tensor) -> torch.Tensor:
-        """`context (B, 128, D/2, H/2, W/2)`, `prompted_level (B, 256, D/4, H/4, W/4)` -> logits `(B, 2, D, H, W)`."""
+        """`context (B, 128, 2D', 2H', 2W')`, `prompted_level (B, 256, D', H', W')` (the token grid) -> logits
+        `(B, 2, D, H, W)`, `D = D' * token_stride`."""
         hidden = self.heads[0][0].out_channels
         weight = self.fuse[0].weight[:, 3 * hidden : 4 * hidden]
         x = context + F.conv3d(self.level(3, prompted_level), weight, padding=1)
         x = self.fuse[3](self.fuse[2](self.fuse[1](x)))
-        return F.interpolate(x, scale_factor=2, mode="trilinear", align_corners=True)
+        return F.interpolate(x, scale_factor=self.upsampling, mode="trilinear", align_corners=True)
 
 
 def check_pixel_values(pixel_values, config: Sam3DVisionConfig, check_values: bool = True) -> None:
@@ -859,8 +865,12 @@ class Sam3DForPromptableSegmentation(Sam3DPreTrainedModel):
     def __init__(self, config: Sam3DConfig):
         super().__init__(config)
         self.vision_encoder = Sam3DVisionEncoder(config.vision_config)
-        self.prompt_encoder = Sam3DPromptEncoder(config.prompt_encoder_config)
-        self.mask_decoder = Sam3DMaskDecoder(config.mask_decoder_config, config.vision_config.output_channels)
+        if config.use_prompt_encoder:
+            self.prompt_encoder = Sam3DPromptEncoder(config.prompt_encoder_config)
+        upsampling = config.vision_config.token_stride // 2
+        self.mask_decoder = Sam3DMaskDecoder(
+            config.mask_decoder_config, config.vision_config.output_channels, upsampling
+        )
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
@@ -915,7 +925,8 @@ class Sam3DForPromptableSegmentation(Sam3DPreTrainedModel):
                 every size a multiple of 4; other dtypes (float64, integers) are cast to the model's dtype; NaN/inf
                 are refused. Give either this or `image_embeddings`.
             input_points (`torch.FloatTensor` of shape `(batch, num_points, 3)`): clicks as patch voxel coordinates
-                `(z, y, x)` = `(depth, row, column)`, each in `[0, size - 1]`, finite.
+                `(z, y, x)` = `(depth, row, column)`, each in `[0, size - 1]`, finite. Required by a prompted model,
+                refused by a prompt-free one (`config.use_prompt_encoder=False`), which segments without clicks.
             input_labels (`torch.LongTensor` of shape `(batch, num_points)`, *optional*): 1 positive, 0 negative,
                 -1 padding (ignored entirely, so prompt sets of different lengths can share a batch). Defaults to all
                 1. Every prompt set needs a positive click. Negative clicks need a model built with
@@ -945,15 +956,16 @@ class Sam3DForPromptableSegmentation(Sam3DPreTrainedModel):
             output_attentions = kwargs.get("output_attentions", self.config.output_attentions)
             image_embeddings = self._image_embeddings(pixel_values, bool(output_attentions))
         feature_maps, context = image_embeddings.feature_maps, image_embeddings.decoder_context
-        patch_size = tuple(2 * s for s in context.shape[2:])
-        if input_labels is None:
-            input_labels = torch.ones(input_points.shape[:2], dtype=torch.long, device=input_points.device)
-        batch = input_points.shape[0]
         level3 = feature_maps[3]
-        if level3.shape[0] != batch:  # one patch, several prompt sets
-            level3, context = level3.expand(batch, -1, -1, -1, -1), context.expand(batch, -1, -1, -1, -1)
-        prompted = self.prompt_encoder(level3, input_points, input_labels.long(), patch_size)
-        logits = self.mask_decoder(context, prompted)
+        if self.config.use_prompt_encoder:
+            patch_size = tuple(self.mask_decoder.upsampling * s for s in context.shape[2:])
+            if input_labels is None:
+                input_labels = torch.ones(input_points.shape[:2], dtype=torch.long, device=input_points.device)
+            batch = input_points.shape[0]
+            if level3.shape[0] != batch:  # one patch, several prompt sets
+                level3, context = level3.expand(batch, -1, -1, -1, -1), context.expand(batch, -1, -1, -1, -1)
+            level3 = self.prompt_encoder(level3, input_points, input_labels.long(), patch_size)
+        logits = self.mask_decoder(context, level3)  # the prompt-free model: level 3 unchanged
         loss = None if labels is None else self.segmentation_loss(logits, labels)
         return Sam3DSegmentationOutput(loss=loss, logits=logits, image_embeddings=image_embeddings)
 
@@ -989,7 +1001,18 @@ class Sam3DForPromptableSegmentation(Sam3DPreTrainedModel):
             )
         else:
             context = image_embeddings.decoder_context
-            image_batch, patch_size = context.shape[0], tuple(2 * s for s in context.shape[2:])
+            image_batch = context.shape[0]
+            patch_size = tuple(self.config.vision_config.token_stride // 2 * s for s in context.shape[2:])
+        if not self.config.use_prompt_encoder:
+            if input_points is not None or input_labels is not None:
+                raise ValueError(
+                    "this model is prompt-free (config.use_prompt_encoder=False, the paper's automatic model): it "
+                    "takes no clicks; drop input_points/input_labels (Sam3DPredictor.predict_automatic segments a "
+                    "whole scan with sliding windows), or use a prompted model"
+                )
+            if labels is not None:
+                self._check_labels(labels, (image_batch, *patch_size), check_values)
+            return
         if input_points is None:
             raise ValueError("input_points is required: a (batch, num_points, 3) tensor of (z, y, x) patch voxels")
         if not isinstance(input_points, torch.Tensor):
@@ -1017,14 +1040,7 @@ class Sam3DForPromptableSegmentation(Sam3DPreTrainedModel):
                     f"{tuple(input_points.shape[:2])}"
                 )
         if labels is not None:
-            if not isinstance(labels, torch.Tensor):
-                raise TypeError(f"labels must be a torch.Tensor (batch, D, H, W), got {type(labels).__name__}")
-            expected = (input_points.shape[0], *patch_size)
-            if tuple(labels.shape) not in (expected, (expected[0], 1, *expected[1:])):
-                raise ValueError(
-                    f"labels must have shape (batch, D, H, W) = {expected} or {(expected[0], 1, *expected[1:])}, got "
-                    f"{tuple(labels.shape)}"
-                )
+            self._check_labels(labels, (input_points.shape[0], *patch_size), check_values)
         if not check_values:
             return
         if not torch.isfinite(input_points).all():
@@ -1062,18 +1078,24 @@ class Sam3DForPromptableSegmentation(Sam3DPreTrainedModel):
                 f"input_points[{batch_index}, {point_index}] = {input_points[batch_index, point_index].tolist()} lies "
                 f"outside the patch: (z, y, x) must be within [0, {[int(s) - 1 for s in patch_size]}] (patch voxels)"
             )
-        if labels is not None:
-            binary = (labels == 0) | (labels == 1)
-            if labels.dtype == torch.bool:
-                pass
-            elif not binary.all():
-                found = labels.unique()
-                shown = found[:10].tolist()
-                raise ValueError(
-                    f"labels must be 0/1 (background/foreground) integers or booleans, found values {shown}"
-                    f"{' ...' if len(found) > 10 else ''}; binarise with labels == target_label or set the "
-                    "processor's target_label"
-                )
+
+    @staticmethod
+    def _check_labels(labels: torch.Tensor, expected: tuple[int, ...], check_values: bool) -> None:
+        """`labels`: a tensor of shape `expected` `(batch, D, H, W)` (or with a channel axis) holding 0/1."""
+        if not isinstance(labels, torch.Tensor):
+            raise TypeError(f"labels must be a torch.Tensor (batch, D, H, W), got {type(labels).__name__}")
+        if tuple(labels.shape) not in (expected, (expected[0], 1, *expected[1:])):
+            raise ValueError(
+                f"labels must have shape (batch, D, H, W) = {expected} or {(expected[0], 1, *expected[1:])}, got "
+                f"{tuple(labels.shape)}"
+            )
+        if check_values and labels.dtype != torch.bool and not ((labels == 0) | (labels == 1)).all():
+            found = labels.unique()
+            raise ValueError(
+                f"labels must be 0/1 (background/foreground) integers or booleans, found values {found[:10].tolist()}"
+                f"{' ...' if len(found) > 10 else ''}; binarise with labels == target_label or set the "
+                "processor's target_label"
+            )
 
     def segmentation_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """MONAI `DiceCELoss(include_background=False, softmax=True, to_onehot_y=True, lambda_dice=0.5,

@@ -283,9 +283,10 @@ def test_relative_position_bias_matches_per_pair_formula(tiny_model, layer):
 # ---------------------------------------------------------------- patch embedding and position tables
 
 
-def official_patch_embedding(embed, pixel_values):
-    """The official path: trilinear x4 upsampling, SAM's 16x16/16 kernel per slice, 16-tap stride-16 depth filter."""
-    up = F.interpolate(pixel_values, scale_factor=4, mode="trilinear", align_corners=False)
+def official_patch_embedding(embed, pixel_values, upsampling=4):
+    """The official path: trilinear x4 upsampling (x2 for the prompt-free model at 256³), SAM's 16x16/16 kernel per
+    slice, 16-tap stride-16 depth filter."""
+    up = F.interpolate(pixel_values, scale_factor=upsampling, mode="trilinear", align_corners=False)
     batch, _, depth, height, width = up.shape
     slices = up.permute(0, 2, 1, 3, 4).reshape(batch * depth, 1, height, width)
     planes = F.conv2d(slices, embed.projection_weight, embed.projection_bias, stride=16)
@@ -303,6 +304,16 @@ def test_folded_patch_embedding_equals_explicit_upsampling(tiny_model):
     folded = embed(pixel_values)
     assert folded.shape == (2, 3, 5, 4, 48)
     assert (folded - official_patch_embedding(embed, pixel_values)).abs().max() < 1e-10
+
+
+def test_folded_patch_embedding_at_token_stride_8_equals_explicit_x2_upsampling():
+    """The prompt-free model of train_auto.py: 256³ crops upsampled x2, so one token per 8 voxels (a 10³ kernel)."""
+    config = Sam3DConfig.from_preset("tiny", vision_config={"token_stride": 8, "image_size": (32, 48, 40)})
+    embed = randomize(Sam3DForPromptableSegmentation(config)).vision_encoder.patch_embed.double()
+    pixel_values = torch.randn(2, 1, 24, 40, 16, dtype=torch.float64)
+    folded = embed(pixel_values)
+    assert folded.shape == (2, 3, 5, 2, 48)
+    assert (folded - official_patch_embedding(embed, pixel_values, upsampling=2)).abs().max() < 1e-10
 
 
 def test_folded_patch_embedding_gradients_reach_the_stored_parameters(tiny_model):
@@ -618,10 +629,11 @@ def test_point_sampler_reads_the_voxel_centre_trilinearly(tiny_model, monkeypatc
     torch.testing.assert_close(sampled, expected, atol=1e-5, rtol=0)
 
 
-def reference_logits(model, embeddings, prompted_level, pixel_values):
+def reference_logits(model, embeddings, prompted_level, pixel_values, stride=4):
     """The mask decoder unsplit, as docs/design.md states it: all four level heads upsampled x2 (align_corners=True),
     the image channel averaged over 2x2x2 voxels (= trilinear x0.5 with align_corners=False), 513 channels through the
-    whole `fuse` stack, x2 upsampling."""
+    whole `fuse` stack, x2 upsampling. At token stride 8 (the official 256³ prompt-free model): the image channel at
+    1/4 (trilinear x0.25 reads the mean of voxels 4k+1 and 4k+2 of each axis) and x4 upsampling at the end."""
     decoder = model.mask_decoder
     levels = [*embeddings.feature_maps[:3], prompted_level]
     heads = [
@@ -629,9 +641,13 @@ def reference_logits(model, embeddings, prompted_level, pixel_values):
         for k, level in enumerate(levels)
     ]
     b, c, d, h, w = pixel_values.shape
-    image = pixel_values.reshape(b, c, d // 2, 2, h // 2, 2, w // 2, 2).mean(dim=(3, 5, 7))
+    if stride == 4:
+        image = pixel_values.reshape(b, c, d // 2, 2, h // 2, 2, w // 2, 2).mean(dim=(3, 5, 7))
+    else:
+        middle = pixel_values.reshape(b, c, d // 4, 4, h // 4, 4, w // 4, 4)[:, :, :, 1:3, :, 1:3, :, 1:3]
+        image = middle.mean(dim=(3, 5, 7))
     fused = decoder.fuse(torch.cat([*heads, image], dim=1))
-    return F.interpolate(fused, scale_factor=2, mode="trilinear", align_corners=True)
+    return F.interpolate(fused, scale_factor=stride // 2, mode="trilinear", align_corners=True)
 
 
 def test_cached_embeddings_equal_the_unsplit_decoder(tiny_model, tiny_inputs):
@@ -653,6 +669,39 @@ def test_cached_embeddings_equal_the_unsplit_decoder(tiny_model, tiny_inputs):
     finally:
         hook.remove()
     assert_close(cached, expected)
+
+
+@pytest.mark.parametrize("stride", [4, 8])
+def test_prompt_free_model_decodes_the_last_level_unchanged(stride):
+    """use_prompt_encoder=False (train_auto.py): no prompt encoder; the decoder takes level 3 as the encoder gives it;
+    at token stride 8 the output still has the input's size. Clicks are refused."""
+    size = (32, 48, 40) if stride == 8 else PATCH
+    config = Sam3DConfig.from_preset("tiny", vision_config={"token_stride": stride, "image_size": size},
+                                     use_prompt_encoder=False)  # fmt: skip
+    model = randomize(Sam3DForPromptableSegmentation(config)).eval()
+    assert not hasattr(model, "prompt_encoder") and not any(n.startswith("prompt") for n, _ in model.named_parameters())
+    pixel_values = torch.randn(2, 1, *size, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        out = model(pixel_values=pixel_values, labels=torch.zeros(2, *size, dtype=torch.long))
+        embeddings = model.get_image_embeddings(pixel_values)
+        expected = reference_logits(model, embeddings, embeddings.feature_maps[3], pixel_values, stride)
+        cached = model(image_embeddings=embeddings).logits
+    assert out.logits.shape == (2, 2, *size) and out.loss is not None
+    assert_close(out.logits, expected)
+    assert torch.equal(cached, out.logits)
+    with pytest.raises(ValueError, match=r"prompt-free .* takes no clicks"):
+        model(pixel_values=pixel_values, input_points=torch.zeros(2, 1, 3))
+
+
+def test_prompt_free_model_saves_and_reloads(tmp_path):
+    config = Sam3DConfig.from_preset("tiny", vision_config={"image_size": PATCH}, use_prompt_encoder=False)
+    model = randomize(Sam3DForPromptableSegmentation(config)).eval()
+    model.save_pretrained(tmp_path)
+    loaded = Sam3DForPromptableSegmentation.from_pretrained(tmp_path).eval()
+    assert loaded.config.use_prompt_encoder is False
+    pixel_values = torch.randn(1, 1, *PATCH)
+    with torch.no_grad():
+        assert torch.equal(loaded(pixel_values=pixel_values).logits, model(pixel_values=pixel_values).logits)
 
 
 # ---------------------------------------------------------------- input validation (issue 8)
