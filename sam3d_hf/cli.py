@@ -57,6 +57,8 @@ def _convert(args: argparse.Namespace) -> int:
     from .convert_sam3d import convert_official_checkpoint, convert_sam_checkpoint
 
     vision = {"image_size": tuple(args.image_size)} if args.image_size else {}
+    if args.source == "sam" and args.dataset:
+        raise ValueError("--dataset is for `sam3d convert official` (the preprocessing the snapshot was trained on)")
     if args.source == "sam":
         config = None
         if args.config:
@@ -73,9 +75,22 @@ def _convert(args: argparse.Namespace) -> int:
                 "--config and --revision are for `sam3d convert sam`; official sizes are read from the file"
             )
         kwargs = {"vision_config": vision} if vision else {}
-        report = convert_official_checkpoint(args.checkpoint, args.output, overwrite=args.overwrite, **kwargs)
+        factory = None
+        if args.dataset:  # the official code's reading of the dataset: the model sees the input it was trained on
+            from .processing_sam3d import Sam3DProcessor
+
+            def factory(model):
+                size = model.config.vision_config.image_size
+                return Sam3DProcessor.from_preset(
+                    f"official_{args.dataset}", patch_size=size, cluster_margin=min(size) // 8
+                )
+
+        report = convert_official_checkpoint(
+            args.checkpoint, args.output, overwrite=args.overwrite, processor_factory=factory, **kwargs
+        )
     print(report.summary())
-    print(f"wrote {args.output} (config.json, model.safetensors, conversion_report.json)")
+    extra = ", processor_config.json" if args.source == "official" and args.dataset else ""
+    print(f"wrote {args.output} (config.json, model.safetensors, conversion_report.json{extra})")
     return 0
 
 
@@ -397,6 +412,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--config", help="(sam) a Sam3DConfig folder or config.json, required for SAM sizes other than B/L/H"
     )
     convert.add_argument("--revision", help="(sam) Hub revision")
+    convert.add_argument("--dataset", choices=["kits", "lits", "pancreas", "colon"],
+                         help="(official) also save the processor of the dataset the snapshot was trained on: the "
+                         "official code's window, statistics, resampling and axes (official_<dataset>)")  # fmt: skip
     convert.set_defaults(func=_convert)
     return parser
 

@@ -198,12 +198,13 @@ def _map_section(section: str, tensors: dict, rules, report: ConversionReport, o
             report.ignored[f"{section}.{key}"] = why
 
 
-def _official_sizes(encoder_dict: dict, prompt_dict: dict, decoder_dict: dict) -> tuple[dict, dict, dict]:
+def _official_sizes(encoder_dict: dict, prompt_dict: dict | None, decoder_dict: dict) -> tuple[dict, dict, dict]:
     """The sub-config values an official snapshot's tensors determine (raises KeyError & co. on a malformed one).
     A size that several tensors carry (one per block, layer, neck or head) is their most common value, so that one
-    damaged or missing tensor is reported as such rather than making all the others look wrong."""
+    damaged or missing tensor is reported as such rather than making all the others look wrong. `prompt_dict` is
+    None for a prompt-free (`train_auto.py`) snapshot, whose prompt sub-config is then the default."""
     blocks = sorted({int(k.split(".")[1]) for k in encoder_dict if k.startswith("blocks.")})
-    layers = sorted({int(k.split(".")[2]) for k in prompt_dict if k.startswith("transformer.layers.")})
+    layers = sorted({int(k.split(".")[2]) for k in prompt_dict or {} if k.startswith("transformer.layers.")})
 
     def size(section: dict, keys: list[str], axis: int) -> int:
         return Counter(section[key].shape[axis] for key in keys if key in section).most_common(1)[0][0]
@@ -233,6 +234,9 @@ def _official_sizes(encoder_dict: dict, prompt_dict: dict, decoder_dict: dict) -
         "adapter_dim": size(encoder_dict, per_block("adapter.linear1.weight"), 0),
         "output_channels": size(encoder_dict, [f"neck_3d.{k}.0.weight" for k in range(4)], 0),
     }
+    decoder = {"hidden_size": size(decoder_dict, [f"mlahead.head{k}.0.weight" for k in range(2, 6)], 0)}
+    if prompt_dict is None:
+        return vision, {"hidden_size": vision["output_channels"]}, decoder
     prompt_hidden = size(prompt_dict, per_layer("global_query"), -1)
     prompt = {
         "hidden_size": prompt_hidden,
@@ -242,13 +246,19 @@ def _official_sizes(encoder_dict: dict, prompt_dict: dict, decoder_dict: dict) -
         "attention_downsample_rate": prompt_hidden
         // size(prompt_dict, per_layer("cross_attn_image_to_token.q_proj.weight"), 0),
     }
-    decoder = {"hidden_size": size(decoder_dict, [f"mlahead.head{k}.0.weight" for k in range(2, 6)], 0)}
     return vision, prompt, decoder
 
 
-def config_from_official(encoder_dict: dict, prompt_dict: dict, decoder_dict: dict, **overrides) -> Sam3DConfig:
+# train_auto.py trains the prompt-free model on 256³ crops, upsampled x2 (not x4) so that the encoder sees 32³ tokens.
+AUTOMATIC_SNAPSHOT_DEFAULTS = {"use_prompt_encoder": False, "vision_config": {"image_size": 256, "token_stride": 8}}
+
+
+def config_from_official(encoder_dict: dict, prompt_dict: dict | None, decoder_dict: dict, **overrides) -> Sam3DConfig:
     """Infer the sizes of an official snapshot from its tensors (heads are not stored: 64-wide heads, 8 prompt
-    heads, as in the official code; override through `vision_config={...}` etc. if yours differ)."""
+    heads, as in the official code; override through `vision_config={...}` etc. if yours differ). A prompt-free
+    snapshot (`prompt_dict=None`, `train_auto.py`) gives `use_prompt_encoder=False` at that script's 256³ crops and
+    token stride 8 ([`AUTOMATIC_SNAPSHOT_DEFAULTS`]), unless `overrides` say otherwise (e.g. `vision_config=
+    {"image_size": 128, "token_stride": 4}` for one trained with `--rand_crop_size 128`)."""
     try:
         vision, prompt, decoder = _official_sizes(encoder_dict, prompt_dict, decoder_dict)
     except (KeyError, IndexError, AttributeError, TypeError) as error:
@@ -256,6 +266,9 @@ def config_from_official(encoder_dict: dict, prompt_dict: dict, decoder_dict: di
             f"the official snapshot lacks or mis-stores an entry its sizes are read from ({type(error).__name__}: "
             f"{error}); expected the layout of {_LAYOUT_DOC} (is this file complete?)"
         ) from error
+    if prompt_dict is None:
+        vision.update(AUTOMATIC_SNAPSHOT_DEFAULTS["vision_config"])
+        overrides = {"use_prompt_encoder": AUTOMATIC_SNAPSHOT_DEFAULTS["use_prompt_encoder"], **overrides}
     for name, values in (
         ("vision_config", vision),
         ("prompt_encoder_config", prompt),
@@ -272,14 +285,17 @@ def _build_model(config: Sam3DConfig) -> PreTrainedModel:
 
 
 def convert_official_state_dicts(
-    encoder_dict: dict, prompt_dict: dict, decoder_dict: dict, config: Sam3DConfig | None = None
+    encoder_dict: dict, prompt_dict: dict | None, decoder_dict: dict, config: Sam3DConfig | None = None
 ) -> tuple[PreTrainedModel, ConversionReport]:
-    """Build a model from the three state dicts of an official snapshot (`encoder_dict`, `feature_dict[3]`,
-    `decoder_dict`), in float32. Raises if a model tensor has no source or a source tensor is unknown."""
-    report = ConversionReport(details={"source format": "official 3DSAM-adapter snapshot"})
+    """Build a model from the state dicts of an official snapshot (`encoder_dict`, `feature_dict[3]`, `decoder_dict`;
+    `prompt_dict=None` for a prompt-free `train_auto.py` snapshot), in float32. Raises if a model tensor has no source
+    or a source tensor is unknown."""
+    kind = "official 3DSAM-adapter snapshot" + (" (prompt-free, train_auto.py)" if prompt_dict is None else "")
+    report = ConversionReport(details={"source format": kind})
     state_dict: dict[str, torch.Tensor] = {}
     _map_section("encoder_dict", encoder_dict, _ENCODER_RULES, report, state_dict)
-    _map_section("feature_dict[3]", prompt_dict, _PROMPT_RULES, report, state_dict)
+    if prompt_dict is not None:
+        _map_section("feature_dict[3]", prompt_dict, _PROMPT_RULES, report, state_dict)
     _map_section("decoder_dict", decoder_dict, _DECODER_RULES, report, state_dict)
     config = config or config_from_official(encoder_dict, prompt_dict, decoder_dict)
     model = _build_model(config)
@@ -354,8 +370,9 @@ def _official_key(key: str) -> tuple[str | None, str, str | None]:
     return None, key, None
 
 
-def to_official_state_dicts(model: PreTrainedModel) -> tuple[dict, dict, dict]:
-    """The inverse of [`convert_official_state_dicts`]: `(encoder_dict, feature_dict[3], decoder_dict)` in the
+def to_official_state_dicts(model: PreTrainedModel) -> tuple[dict, dict | None, dict]:
+    """The inverse of [`convert_official_state_dicts`]: `(encoder_dict, feature_dict[3], decoder_dict)` (the middle
+    one None for a prompt-free model, as `train_auto.py` saves none) in the
     official layout (`(H, W, D)` kernel axes), with exactly the tensors the official forward uses. The official
     modules also hold tensors their forward never reads (the prompt module's `cross_attn_token_to_image` and Fourier
     matrix, the shift-mask buffers); they are not produced. Only the paper's architecture can be exported: one input
@@ -367,14 +384,15 @@ def to_official_state_dicts(model: PreTrainedModel) -> tuple[dict, dict, dict]:
             f"block); got num_channels={config.vision_config.num_channels}, "
             f"adapter_layers={config.vision_config.adapter_layers}"
         )
-    if config.prompt_encoder_config.use_point_labels:
+    if config.use_prompt_encoder and config.prompt_encoder_config.use_point_labels:
         raise ValueError("use_point_labels=True adds a label embedding the official model does not have")
     sections: dict[str, dict[str, torch.Tensor]] = {name: {} for name in _EXPORT_RULES}
     for key, tensor in model.state_dict().items():
         section, target, transform = _official_key(key)
         assert section is not None, f"no export rule for {key}"
         sections[section][target] = _EXPORT_TRANSFORMS[transform](tensor.detach().float().cpu()).clone()
-    return sections["encoder_dict"], sections["feature_dict[3]"], sections["decoder_dict"]
+    prompt = sections["feature_dict[3]"] if config.use_prompt_encoder else None  # train_auto.py has none
+    return sections["encoder_dict"], prompt, sections["decoder_dict"]
 
 
 def _torch_load(path: str | os.PathLike) -> object:
@@ -412,12 +430,14 @@ def load_official_checkpoint(path: str | os.PathLike, **config_overrides) -> tup
     """Read an official 3DSAM-adapter `*.pth.tar` training snapshot (safely: `weights_only=True`) and convert it.
 
     The snapshot is a dict with `encoder_dict`, `feature_dict` (a list of 4 prompt-module state dicts; only index 3
-    is used, as in the official inference code) and `decoder_dict`; anything else (optimiser states, epoch, best
-    loss) is reported as ignored. Sizes are inferred from the tensors ([`config_from_official`]); `config_overrides`
-    (`vision_config={...}` etc.) change what cannot be inferred, such as the training `image_size`.
+    is used, as in the official inference code) and `decoder_dict`; a `train_auto.py` snapshot of the prompt-free
+    model has no `feature_dict` and gives a `use_prompt_encoder=False` model (256³, token stride 8 by default, see
+    [`config_from_official`]); anything else (optimiser states, epoch, best loss) is reported as ignored. Sizes are
+    inferred from the tensors ([`config_from_official`]); `config_overrides` (`vision_config={...}` etc.) change what
+    cannot be inferred, such as the training `image_size`.
     """
     snapshot = _torch_load(path)
-    needed = ("encoder_dict", "feature_dict", "decoder_dict")
+    needed = ("encoder_dict", "decoder_dict")  # and feature_dict, except for train_auto.py's prompt-free snapshots
     if not isinstance(snapshot, dict) or any(k not in snapshot for k in needed):
         found = sorted(snapshot) if isinstance(snapshot, dict) else type(snapshot).__name__
         hint = ""
@@ -426,29 +446,34 @@ def load_official_checkpoint(path: str | os.PathLike, **config_overrides) -> tup
         ):
             hint = " It looks like a SAM 2D checkpoint: use `sam3d convert sam` / load_sam_checkpoint instead."
         raise ValueError(
-            f"{os.fspath(path)!r} is not an official 3DSAM-adapter snapshot: expected keys {needed}, found {found}."
-            + hint
+            f"{os.fspath(path)!r} is not an official 3DSAM-adapter snapshot: expected keys "
+            f"('encoder_dict', 'feature_dict', 'decoder_dict') (train.py) or ('encoder_dict', 'decoder_dict') "
+            f"(train_auto.py), found {found}." + hint
         )
-    features = snapshot["feature_dict"]
-    if not isinstance(features, (list, tuple)) or len(features) != 4:
-        raise ValueError(
-            f"feature_dict must be a list of 4 prompt-module state dicts, got {type(features).__name__}"
-            + (f" of length {len(features)}" if isinstance(features, (list, tuple)) else "")
-        )
+    prompt_dict = None
+    if "feature_dict" in snapshot:
+        features = snapshot["feature_dict"]
+        if not isinstance(features, (list, tuple)) or len(features) != 4:
+            raise ValueError(
+                f"feature_dict must be a list of 4 prompt-module state dicts, got {type(features).__name__}"
+                + (f" of length {len(features)}" if isinstance(features, (list, tuple)) else "")
+            )
+        _require_state_dict("feature_dict[3]", features[3])
+        prompt_dict = features[3]
     _require_state_dict("encoder_dict", snapshot["encoder_dict"])
-    _require_state_dict("feature_dict[3]", features[3])
     _require_state_dict("decoder_dict", snapshot["decoder_dict"])
     config = None
     if config_overrides:
         config = config_from_official(
-            snapshot["encoder_dict"], features[3], snapshot["decoder_dict"], **config_overrides
+            snapshot["encoder_dict"], prompt_dict, snapshot["decoder_dict"], **config_overrides
         )
     model, report = convert_official_state_dicts(
-        snapshot["encoder_dict"], features[3], snapshot["decoder_dict"], config
+        snapshot["encoder_dict"], prompt_dict, snapshot["decoder_dict"], config
     )
-    for index in range(3):
-        report.ignored[f"feature_dict[{index}]"] = "prompt modules 0-2 are never used by the official forward"
-    for key in sorted(set(snapshot) - set(needed)):
+    if prompt_dict is not None:
+        for index in range(3):
+            report.ignored[f"feature_dict[{index}]"] = "prompt modules 0-2 are never used by the official forward"
+    for key in sorted(set(snapshot) - {*needed, "feature_dict"}):
         report.ignored[str(key)] = "training state (optimiser, epoch, ...), not weights"
     report.details = {"source": os.fspath(path), **report.details}
     return model, report
@@ -802,14 +827,18 @@ def save_converted(
     output_dir: str | os.PathLike,
     *,
     overwrite: bool = False,
+    processor=None,
 ) -> Path:
-    """Write `model.save_pretrained` (config.json + model.safetensors) and `conversion_report.json` into
-    `output_dir`, atomically: everything is written to a temporary sibling folder that is then renamed. An existing
-    non-empty `output_dir` is only replaced with `overwrite=True`; an existing file is never replaced."""
+    """Write `model.save_pretrained` (config.json + model.safetensors), `conversion_report.json` and, when given,
+    the `processor` (`processor_config.json`) into `output_dir`, atomically: everything is written to a temporary
+    sibling folder that is then renamed. An existing non-empty `output_dir` is only replaced with `overwrite=True`; an
+    existing file is never replaced."""
     output = _check_output(output_dir, overwrite)
     with staged_folder(output) as staging:
         model.save_pretrained(staging)
         write_json(staging / "conversion_report.json", report.to_dict(), default=str)
+        if processor is not None:
+            processor.save_pretrained(staging)
     return output
 
 
@@ -830,14 +859,21 @@ def convert_sam_checkpoint(
 
 
 def convert_official_checkpoint(
-    path: str | os.PathLike, output_dir: str | os.PathLike, *, overwrite: bool = False, **config_overrides
+    path: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    processor_factory=None,
+    **config_overrides,
 ) -> ConversionReport:
     """`sam3d convert official`: [`load_official_checkpoint`] then [`save_converted`]; returns the report. The
     folder loads with `Sam3DForPromptableSegmentation.from_pretrained(output_dir)`. `output_dir` is checked before the
-    checkpoint is read."""
+    checkpoint is read. `processor_factory(model)`, when given, builds the processor saved with it (the CLI's
+    `--dataset`: the official preset, so the model sees the input it was trained on)."""
     _check_output(output_dir, overwrite)
     model, report = load_official_checkpoint(path, **config_overrides)
-    save_converted(model, report, output_dir, overwrite=overwrite)
+    processor = None if processor_factory is None else processor_factory(model)
+    save_converted(model, report, output_dir, overwrite=overwrite, processor=processor)
     return report
 
 

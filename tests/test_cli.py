@@ -414,7 +414,7 @@ def test_evaluate_runs_the_example_and_reports_errors(segment_setup, tmp_path, c
     assert main(argv) == 0
     capsys.readouterr()  # the progress bar
     rows = (tmp_path / "eval" / "cases.csv").read_text().splitlines()
-    assert len(rows) == 2  # header + one row per case
+    assert len(rows) == 3  # header + one row per case and click placement (official, per_lesion)
     # Its summary.json (one case: every std is null) and its column (named by --dataset_name) make the card.
     assert "null" in (tmp_path / "eval" / "summary.json").read_text()
     push = ["push", str(segment_setup["root"] / "model"), "--repo-id", "me/m", "--dry-run", "--evaluation"]

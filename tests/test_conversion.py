@@ -19,7 +19,7 @@ from conftest import PATCH, TINY, randomize
 from transformers import SamConfig, SamMaskDecoderConfig, SamModel, SamPromptEncoderConfig, SamVisionConfig
 
 import sam3d_hf.convert_sam3d as convert
-from sam3d_hf import Sam3DConfig, Sam3DForPromptableSegmentation, files
+from sam3d_hf import Sam3DConfig, Sam3DForPromptableSegmentation, Sam3DProcessor, files
 from sam3d_hf.cli import main
 
 # ---------------------------------------------------------------- helpers
@@ -97,6 +97,8 @@ def tiny_sam_state_dict(tiny_sam_folder):
 def sam_model_registry():
     """`segment_anything.sam_model_registry`; its package imports torchvision (for the predictor's resizing and the
     automatic mask generator's NMS), which is not a dependency here: stub those two modules if it is absent."""
+    import datasets  # noqa: F401  (at import it asks importlib whether torchvision exists: before the stub, not under it)
+
     with pytest.MonkeyPatch.context() as patch:
         try:
             import torchvision  # noqa: F401
@@ -538,6 +540,13 @@ def test_convert_official_cli_round_trip(official, official_snapshot, tmp_path, 
     assert "already exists" in capsys.readouterr().err
     assert main([*argv, "--overwrite"]) == 0
     assert Sam3DForPromptableSegmentation.from_pretrained(output).config.vision_config.image_size == (128, 128, 128)
+    # --dataset: the official preprocessing of that dataset travels with the weights
+    assert not (output / "processor_config.json").exists()
+    assert main([*argv, "--overwrite", "--dataset", "pancreas", "--image-size", "40", "24", "44"]) == 0
+    processor = Sam3DProcessor.from_pretrained(output)
+    assert processor.image_processor.preset == "official_pancreas" and processor.patch_size == PATCH
+    assert (processor.image_processor.resampling, processor.image_processor.stored_axes) == ("official", (2, 1, 0))
+    assert "processor_config.json" in capsys.readouterr().out
 
 
 def test_convert_sam_cli_with_a_config(tiny_sam_folder, tiny_sam_state_dict, tmp_path, tiny_inputs):
@@ -556,8 +565,8 @@ def test_convert_sam_cli_with_a_config(tiny_sam_folder, tiny_sam_state_dict, tmp
 def test_official_errors(official, tmp_path, capsys):
     encoder, prompt, decoder = official
     wrong = tmp_path / "wrong.pth.tar"
-    torch.save({"encoder_dict": encoder, "decoder_dict": decoder}, wrong)
-    with pytest.raises(ValueError, match=r"not an official 3DSAM-adapter snapshot: expected keys .*feature_dict"):
+    torch.save({"encoder_dict": encoder, "feature_dict": [prompt] * 4}, wrong)
+    with pytest.raises(ValueError, match=r"not an official 3DSAM-adapter snapshot: expected keys .*decoder_dict"):
         convert.load_official_checkpoint(wrong)
     torch.save({"encoder_dict": encoder, "feature_dict": [prompt], "decoder_dict": decoder}, wrong)
     with pytest.raises(ValueError, match=r"feature_dict must be a list of 4 .* of length 1"):
@@ -574,6 +583,27 @@ def test_official_errors(official, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
     assert main([*argv, "--config", "x"]) == 1
     assert "--config and --revision are for `sam3d convert sam`" in capsys.readouterr().err
+
+
+def test_prompt_free_train_auto_snapshot_round_trip(tmp_path):
+    """A train_auto.py snapshot (encoder_dict and decoder_dict, no feature_dict) imports as the prompt-free model, by
+    default at that script's 256³ crops with token stride 8, and gives the exported model's logits."""
+    size = (32, 48, 40)
+    vision = {**OFFICIAL_TINY["vision_config"], "image_size": size, "token_stride": 8}
+    config = Sam3DConfig(**{**OFFICIAL_TINY, "vision_config": vision}, use_prompt_encoder=False)
+    model = randomize(Sam3DForPromptableSegmentation(config)).eval()
+    encoder, prompt, decoder = convert.to_official_state_dicts(model)
+    assert prompt is None
+    path = tmp_path / "last.pth.tar"
+    torch.save({"epoch": 500, "encoder_dict": encoder, "decoder_dict": decoder, "encoder_opt": {}}, path)
+    default, report = convert.load_official_checkpoint(path)
+    assert default.config.use_prompt_encoder is False
+    assert (default.config.vision_config.image_size, default.config.vision_config.token_stride) == ((256,) * 3, 8)
+    assert "prompt-free" in report.details["source format"] and "feature_dict[0]" not in report.ignored
+    imported, _ = convert.load_official_checkpoint(path, vision_config={"image_size": size})
+    pixel_values = torch.randn(1, 1, *size)
+    with torch.no_grad():
+        torch.testing.assert_close(imported(pixel_values=pixel_values).logits, model(pixel_values=pixel_values).logits)
 
 
 def test_malformed_official_snapshots(official, tmp_path):
