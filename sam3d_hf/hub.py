@@ -293,9 +293,25 @@ def _training_rows(record: Mapping[str, Any]) -> list[tuple[str, str]]:
     saved = f"{selection['saved']} (step {selection['step']:,}"
     if "validation_dice" in selection:
         saved += f", validation Dice {selection['validation_dice']:.4f}"
+    if "validation_dice_loss" in selection:
+        saved += f", validation Dice loss {selection['validation_dice_loss']:.4f}"
     saved += ")"
     clicks = data["clicks"]
+    recipe = record["recipe"]
+    overridden = ", ".join(f"`{k}={json.dumps(v)}`" for k, v in sorted(recipe["overridden"].items())) or "none"
+    if clicks["scheme"] == "official":
+        click_text = (f"{clicks['positive']} tumour voxels and {clicks['patch']} voxels of the whole patch, "
+                      "unlabelled (the official scheme)")  # fmt: skip
+    elif clicks["scheme"] == "labelled":
+        click_text = (f"{clicks['positive']} tumour voxels and {clicks['patch']} patch voxels with their labels, and "
+                      f"{clicks['negative']} negatives next to the lesion")  # fmt: skip
+    elif clicks["scheme"] == "legacy":
+        click_text = (f"{clicks['positive']} positive, {clicks['negative']} negative; {clicks['patch']} when the "
+                      "patch holds no tumour")  # fmt: skip
+    else:
+        click_text = clicks["scheme"]
     rows = [
+        ("recipe", f"`{recipe['name']}` (docs/recipes.md); overridden: {overridden}"),
         ("initialisation", started),
         ("fine-tuning", _SCHEMES.get(record["finetune"], record["finetune"])),
         ("trainable parameters", f"{record['parameters']['trainable']:,} of {record['parameters']['total']:,}"),
@@ -309,10 +325,12 @@ def _training_rows(record: Mapping[str, Any]) -> list[tuple[str, str]]:
         ("batch", f"{batch['per_device']} per device × {batch['processes']} process(es) × {batch['accumulation']} "
                   f"accumulation = {batch['effective']}"),
         ("training patch", " × ".join(str(v) for v in data["patch_size"]) + " voxels (D, H, W)"),
-        ("clicks per patch", f"{clicks['positive']} positive, {clicks['negative']} negative; "
-                             f"{clicks['when_no_tumour']} when the patch holds no tumour"),
-        ("augmentation", "on" if data["augmentation"] else "off"),
-        ("scans", f"{data['training_cases']} training, {data['validation_cases']} validation"),
+        ("crop sampler", data["sampler"]),
+        ("clicks per patch", click_text),
+        ("augmentation", data["augmentation"]),
+        ("scans", f"{data['training_cases']} training, {data['validation_cases']} validation ({data['split']})"),
+        ("validation", "tumour-centred patches, Dice loss" if data["validation"] == "patches" else
+                       "whole scans, one click per lesion, Dice"),
         ("mixed precision", optim["mixed_precision"]),
         ("seed", str(record["seed"])),
         ("weights saved at", saved),
@@ -332,6 +350,9 @@ def _preprocessing(processor: Sam3DProcessor) -> dict[str, Any]:
         "target_spacing": list(image.target_spacing),
         "anisotropy_threshold": image.anisotropy_threshold,
         "axis_order": image.axis_order,
+        "stored_axes": None if image.stored_axes is None else list(image.stored_axes),
+        "resampling": image.resampling,
+        "padding": image.padding,
         "target_label": image.target_label,
         "patch_size": list(processor.patch_size),
         "cluster_margin": processor.cluster_margin,

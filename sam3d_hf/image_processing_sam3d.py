@@ -19,6 +19,7 @@ Coordinate conventions used throughout this module
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -66,6 +67,10 @@ class Sam3DDatasetPreset:
         spacing: target voxel spacing in mm per canonical axis `(D, H, W)`.
         patch_size: `(D, H, W)` patch in resampled voxels.
         note: source of the numbers and known discrepancies between the paper and the official code.
+        resampling, padding, stored_axes: see [`Sam3DImageProcessor`]; the `official_*` presets set them as the
+            official code reads its data (`dataset/base_dataset.py`).
+        augmentation: the official training augmentation branch of the dataset: `"zoom"` (KiTS, LiTS: `RandZoomd`
+            0.85-1.25 at p 0.8) or `"rotate_zoom"` (pancreas, colon: the "dummy 2D" rotation and in-plane zoom).
     """
 
     name: str
@@ -76,6 +81,10 @@ class Sam3DDatasetPreset:
     spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
     patch_size: tuple[int, int, int] = (128, 128, 128)
     note: str = ""
+    resampling: str = "nnunet"
+    padding: str = "air"
+    stored_axes: tuple[int, int, int] | None = None
+    augmentation: str = "zoom"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -101,6 +110,7 @@ SAM3D_PRESETS: dict[str, Sam3DDatasetPreset] = {
         std=63.42,
         target_label=2,
         note="Paper Table 5, MSD Task07 Pancreas (labels: 1 pancreas, 2 tumour).",
+        augmentation="rotate_zoom",
     ),
     "lits17": Sam3DDatasetPreset(
         name="lits17",
@@ -131,8 +141,34 @@ SAM3D_PRESETS: dict[str, Sam3DDatasetPreset] = {
             "Paper Table 5, MSD Task10 Colon (label 1: colon cancer). The paper reports a 256^3 patch for colon; the "
             "official code trains at 128^3, which is used here."
         ),
+        augmentation="rotate_zoom",
     ),
 }
+# The official code's own preprocessing (dataset/datasets.py and base_dataset.py), value for value: what an official
+# checkpoint was trained on and what the `official` training recipe uses.
+_OFFICIAL = {"resampling": "official", "padding": "mean", "note": "The official code (dataset/datasets.py)."}
+SAM3D_PRESETS.update(
+    {
+        "official_kits": Sam3DDatasetPreset(
+            name="official_kits", window=(-54.0, 247.0), mean=59.53867, std=55.457336, target_label=2,
+            stored_axes=(0, 1, 2), augmentation="zoom", **_OFFICIAL,
+        ),
+        "official_lits": Sam3DDatasetPreset(
+            name="official_lits", window=(-48.0, 163.0), mean=60.057533, std=40.198017, target_label=2,
+            stored_axes=(2, 1, 0), augmentation="zoom", **_OFFICIAL,
+        ),
+        "official_pancreas": Sam3DDatasetPreset(
+            name="official_pancreas", window=(-39.0, 204.0), mean=68.45214, std=63.422806, target_label=2,
+            stored_axes=(2, 1, 0), augmentation="rotate_zoom", **_OFFICIAL,
+        ),
+        "official_colon": Sam3DDatasetPreset(
+            name="official_colon", window=(-57.0, 175.0), mean=65.175035, std=32.651197, target_label=1,
+            stored_axes=(2, 1, 0), augmentation="rotate_zoom", **_OFFICIAL,
+        ),
+    }
+)  # fmt: skip
+RESAMPLING_MODES = ("nnunet", "official")
+PADDING_MODES = ("air", "mean")
 
 
 def _get_preset(name: str) -> Sam3DDatasetPreset:
@@ -342,9 +378,10 @@ def canonical_to_original_matrix(
     return m
 
 
-def resampled_to_canonical_matrix(canonical_size: Sequence[int], resampled_size: Sequence[int]) -> np.ndarray:
-    """`(4, 4)` matrix mapping resampled voxel coordinates to canonical voxel coordinates (voxel-centre aligned)."""
-    scale = np.asarray(canonical_size, np.float64) / np.asarray(resampled_size, np.float64)
+def resampled_to_canonical_matrix(scale: Sequence[float]) -> np.ndarray:
+    """`(4, 4)` matrix mapping resampled voxel coordinates to canonical voxel coordinates (voxel-centre aligned), for
+    `scale` canonical voxels per resampled voxel along each axis (the geometry's `resampling_scale`)."""
+    scale = np.asarray(scale, np.float64)
     m = np.diag([*scale, 1.0])
     m[:3, 3] = 0.5 * scale - 0.5  # q = (r + 0.5) * old / new - 0.5
     return m
@@ -488,15 +525,26 @@ class Sam3DImageProcessorKwargs(ImagesKwargs, total=False):
     axis_order: str
     target_label: int | None
     preset: str | None
+    resampling: str
+    padding: str
+    stored_axes: tuple[int, int, int] | None
 
 
 class Sam3DImageProcessor(BaseImageProcessor):
     r"""Brings a CT volume to the geometry and intensities a Sam3D checkpoint was trained on.
 
-    Steps: read (NIfTI / NRRD / DICOM folder / nibabel / array) -> reorient to the canonical `(D, H, W)` axes (default
-    `(S, A, R)`, see the module docstring) -> clip to `window` -> resample to `target_spacing` (nnU-Net rule for
-    anisotropic scans) -> clip again (cubic overshoot) -> `(x - intensity_mean) / intensity_std`. Label maps are
-    binarised to `target_label` and resampled the nnU-Net way (see [`resample_volume`]).
+    Steps (`resampling="nnunet"`, the default): read (NIfTI / NRRD / DICOM folder / nibabel / array) -> reorient to the
+    canonical `(D, H, W)` axes (default `(S, A, R)`, see the module docstring) -> clip to `window` -> resample to
+    `target_spacing` (nnU-Net rule for anisotropic scans) -> clip again (cubic overshoot) -> `(x - intensity_mean) /
+    intensity_std`. Label maps are binarised to `target_label` and resampled the nnU-Net way (see [`resample_volume`]).
+
+    `resampling="official"` reads scans as the official 3DSAM-adapter code does (`dataset/base_dataset.py`), so that
+    an official checkpoint sees the input it was trained on: trilinear `F.interpolate(scale_factor=spacing /
+    target_spacing)` (`floor` sizes; the official split into bilinear in-plane and linear through-plane above a
+    spacing ratio of 8 is the same separable interpolation), *then* the clip, then the z-score; labels: the binary
+    target map interpolated the same way, `> 0.5`. The `official_*` presets also set `padding="mean"` (patches leave
+    the scan as zeros after normalisation, as `test.py` pads) and `stored_axes` (no reorientation: the stored axes are
+    transposed to `(D, H, W)` as the official `spatial_index`, no flip).
 
     Args:
         window (`tuple[float, float]`, defaults to KiTS21's `(-52, 247)`): HU clipping window.
@@ -513,6 +561,14 @@ class Sam3DImageProcessor(BaseImageProcessor):
         preset (`str`, *optional*): name of the preset these values come from (informational), set by
             [`Sam3DImageProcessor.from_preset`]. `None` by default: the default intensity settings are KiTS21's, but
             a default processor is not the KiTS21 preset, whose `target_label` is 2.
+        resampling (`str`, defaults to `"nnunet"`): `"nnunet"` or `"official"` (see above). Use `"official"` (the
+            `official_*` presets) for official checkpoints and to train with the official recipe; `"nnunet"` is
+            kinder to thick-slice scans (cubic in-plane, no interpolation across thick slices).
+        padding (`str`, defaults to `"air"`): where a patch leaves the scan: `"air"` (the window's lower bound) or
+            `"mean"` (0 after normalisation, the dataset mean: the official code's zero padding).
+        stored_axes (`(3,)` ints, *optional*): take `(D, H, W)` as these stored axes, in this order, with no flip and
+            no reorientation by the affine (the official `spatial_index`: `(0, 1, 2)` for KiTS21, `(2, 1, 0)` for the
+            MSD and LiTS files); `None` (default) reorients by the affine to `axis_order`.
     """
 
     model_input_names: ClassVar[list[str]] = ["pixel_values"]
@@ -528,9 +584,20 @@ class Sam3DImageProcessor(BaseImageProcessor):
         axis_order: str = "SAR",
         target_label: int | None = None,
         preset: str | None = None,
+        resampling: str = "nnunet",
+        padding: str = "air",
+        stored_axes: Sequence[int] | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        if resampling not in RESAMPLING_MODES:
+            raise ValueError(f"`resampling` must be one of {RESAMPLING_MODES}, got {resampling!r}.")
+        if padding not in PADDING_MODES:
+            raise ValueError(f"`padding` must be one of {PADDING_MODES}, got {padding!r}.")
+        if stored_axes is not None:
+            stored_axes = tuple(int(a) for a in stored_axes)
+            if sorted(stored_axes) != [0, 1, 2]:
+                raise ValueError(f"`stored_axes` must be a permutation of (0, 1, 2), got {stored_axes}.")
         window = tuple(float(v) for v in window)
         if len(window) != 2 or not window[0] < window[1]:
             raise ValueError(f"`window` must be (low, high) with low < high, got {window}.")
@@ -549,6 +616,9 @@ class Sam3DImageProcessor(BaseImageProcessor):
         self.axis_order = axis_order
         self.target_label = None if target_label is None else int(target_label)
         self.preset = preset
+        self.resampling = resampling
+        self.padding = padding
+        self.stored_axes = stored_axes
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs) -> Sam3DImageProcessor:
@@ -579,14 +649,22 @@ class Sam3DImageProcessor(BaseImageProcessor):
             "target_spacing": p.spacing,
             "target_label": p.target_label,
             "preset": p.name,
+            "resampling": p.resampling,
+            "padding": p.padding,
+            "stored_axes": p.stored_axes,
         }
         kwargs.update(overrides)
         return cls(**kwargs)
 
     @property
-    def pad_value(self) -> float:
-        """Normalised value of the window's lower bound (air): used wherever a patch leaves the volume."""
+    def air_value(self) -> float:
+        """Normalised value of the window's lower bound (air)."""
         return (self.window[0] - self.intensity_mean) / self.intensity_std
+
+    @property
+    def pad_value(self) -> float:
+        """What a patch holds where it leaves the volume: air (`padding="air"`) or 0, the mean (`padding="mean"`)."""
+        return self.air_value if self.padding == "air" else 0.0
 
     def normalize_intensity(self, array: np.ndarray) -> np.ndarray:
         """Clip to `window` and z-score with `intensity_mean`/`intensity_std`."""
@@ -594,9 +672,11 @@ class Sam3DImageProcessor(BaseImageProcessor):
         return ((np.clip(array, low, high) - self.intensity_mean) / self.intensity_std).astype(np.float32)
 
     def resampled_size(self, canonical_size: Sequence[int], canonical_spacing: Sequence[float]) -> tuple[int, ...]:
-        """Shape of the resampled canonical grid: `round(size * spacing / target_spacing)`, at least 1."""
+        """Shape of the resampled canonical grid: `round(size * spacing / target_spacing)` (`floor` with
+        `resampling="official"`, as `F.interpolate(scale_factor=...)` gives), at least 1."""
+        size_of = math.floor if self.resampling == "official" else round
         return tuple(
-            max(1, round(n * s / t)) for n, s, t in zip(canonical_size, canonical_spacing, self.target_spacing)
+            max(1, size_of(n * (s / t))) for n, s, t in zip(canonical_size, canonical_spacing, self.target_spacing)
         )
 
     def preprocess(
@@ -660,18 +740,39 @@ class Sam3DImageProcessor(BaseImageProcessor):
         self._check_labels(labels.data)
         return volume, labels.data
 
+    def _canonical_transform(self, affine: np.ndarray) -> tuple[list[int], list[bool]]:
+        if self.stored_axes is not None:  # the official spatial_index: a transposition, no flip
+            return list(self.stored_axes), [False, False, False]
+        return canonical_transform(affine, self.axis_order)
+
+    def _interpolate(self, canonical: np.ndarray, spacing: Sequence[float], new_size: Sequence[int], is_label: bool):
+        """Resample a canonical array (image: float32; label: a 0/1 map, returned as uint8)."""
+        if self.resampling == "nnunet":
+            return resample_volume(
+                canonical, spacing, new_size, is_label=is_label, anisotropy_threshold=self.anisotropy_threshold
+            )
+        scale = tuple(float(s / t) for s, t in zip(spacing, self.target_spacing))
+        x = torch.from_numpy(np.ascontiguousarray(canonical, dtype=np.float32))[None, None]
+        # align_corners=False; the scale (not the size ratio) places the samples, exactly as the official code
+        out = F.interpolate(x, scale_factor=scale, mode="trilinear")[0, 0].numpy()
+        assert out.shape == tuple(new_size), (out.shape, new_size)
+        return (out > 0.5).astype(np.uint8) if is_label else out
+
     def _geometry_and_resample(self, volume: Sam3DVolume) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        axes, flips = canonical_transform(volume.affine, self.axis_order)
+        axes, flips = self._canonical_transform(volume.affine)
         canonical = to_canonical(volume.data, axes, flips)
         canonical_spacing = [volume.spacing[a] for a in axes]
         new_size = self.resampled_size(canonical.shape, canonical_spacing)
         low, high = self.window
-        resampled = resample_volume(
-            np.clip(canonical, low, high), canonical_spacing, new_size, anisotropy_threshold=self.anisotropy_threshold
-        )
+        if self.resampling == "official":  # resample, then clip (the official order)
+            resampled = self._interpolate(canonical, canonical_spacing, new_size, is_label=False)
+            # canonical voxels per resampled voxel: the interpolation's own scale, not the size ratio
+            scale = np.asarray(self.target_spacing) / np.asarray(canonical_spacing)
+        else:
+            resampled = self._interpolate(np.clip(canonical, low, high), canonical_spacing, new_size, is_label=False)
+            scale = np.asarray(canonical.shape, np.float64) / np.asarray(new_size, np.float64)
         data = self.normalize_intensity(resampled)
         to_original = canonical_to_original_matrix(volume.data.shape, axes, flips)
-        to_canonical_m = resampled_to_canonical_matrix(canonical.shape, new_size)
         geometry = {
             "original_size": np.asarray(volume.data.shape, np.int64),
             "original_affine": volume.affine.astype(np.float64),
@@ -679,26 +780,22 @@ class Sam3DImageProcessor(BaseImageProcessor):
             "canonical_flips": np.asarray(flips, bool),
             "canonical_size": np.asarray(canonical.shape, np.int64),
             "resampled_size": np.asarray(new_size, np.int64),
-            "resampled_spacing": np.asarray(canonical_spacing) * np.asarray(canonical.shape) / np.asarray(new_size),
-            "resampled_affine": volume.affine @ to_original @ to_canonical_m,
+            "resampling_scale": np.asarray(scale, np.float64),
+            "resampled_spacing": np.asarray(canonical_spacing) * scale,
+            "resampled_affine": volume.affine @ to_original @ resampled_to_canonical_matrix(scale),
         }
         return data, geometry
 
     def _resample_labels(self, label_data: np.ndarray, geometry: dict[str, np.ndarray]) -> np.ndarray:
-        """Binary target map (see `_check_labels`) resampled the nnU-Net way onto the resampled canonical grid."""
+        """Binary target map (see `_check_labels`) resampled onto the resampled canonical grid (the nnU-Net way, or
+        the official way with `resampling="official"`)."""
         axes, flips = geometry["canonical_axes"].tolist(), geometry["canonical_flips"].tolist()
         if self.target_label is not None:  # binarise first: the official code resamples the binary target map
             label_data = label_data == self.target_label
         canonical = to_canonical(label_data.astype(np.uint8), axes, flips)
         spacing = np.linalg.norm(geometry["original_affine"][:3, :3], axis=0)[axes]
-        labels = resample_volume(
-            canonical,
-            spacing,
-            geometry["resampled_size"].tolist(),
-            is_label=True,
-            anisotropy_threshold=self.anisotropy_threshold,
-        )
-        return labels  # uint8 0/1: int64 on the whole 1 mm grid costs seconds; the crops are cast
+        # uint8 0/1: int64 on the whole 1 mm grid costs seconds; the crops are cast
+        return self._interpolate(canonical, spacing, geometry["resampled_size"].tolist(), is_label=True)
 
     def _check_labels(self, label_data: np.ndarray) -> None:
         """Refuse label maps the model cannot train on: non-integer values, or several labels and no `target_label`."""

@@ -263,7 +263,7 @@ class Sam3DProcessor(ProcessorMixin):
         to_original = canonical_to_original_matrix(
             geometry["original_size"], geometry["canonical_axes"], geometry["canonical_flips"]
         )
-        to_canonical = resampled_to_canonical_matrix(geometry["canonical_size"], resampled_size)
+        to_canonical = resampled_to_canonical_matrix(geometry["resampling_scale"])
         resampled_to_original = to_original @ to_canonical
         homogeneous = np.concatenate([points, np.ones((len(points), 1))], axis=1)
         points_r = (np.linalg.inv(resampled_to_original) @ homogeneous.T).T[:, :3]
@@ -418,6 +418,7 @@ _GEOMETRY_KEYS = (
     "canonical_flips",
     "canonical_size",
     "resampled_size",
+    "resampling_scale",
     "resampled_spacing",
     "resampled_affine",
 )

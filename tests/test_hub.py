@@ -41,6 +41,7 @@ SUMMARY = {
 TRAINING = {
     "format": "sam3d-hf-training-v1",
     "sam3d_hf_version": "0.1.0.dev0",
+    "recipe": {"name": "official", "overridden": {"train_batch_size": 2}, "values": {}},
     "initialisation": {"kind": "SAM", "source": "sam_vit_b_01ec64.pth"},
     "finetune": "adapter",
     "parameters": {"trainable": 25198976, "total": 114230000},
@@ -62,9 +63,13 @@ TRAINING = {
     "data": {
         "patch_size": [128, 128, 128],
         "processor_preset": "kits21",
+        "resampling": "official",
         "patches_per_scan_per_epoch": 1,
-        "augmentation": True,
-        "clicks": {"positive": 40, "negative": 3, "when_no_tumour": 10},
+        "sampler": "official",
+        "augmentation": "official",
+        "clicks": {"scheme": "official", "positive": 10, "patch": 20, "negative": 0},
+        "validation": "patches",
+        "split": "kits fold 0",
         "training_cases": 209,
         "validation_cases": 30,
     },
@@ -384,6 +389,7 @@ def test_card_reads_evaluates_summary_json_of_one_case_and_picks_the_dataset_col
             "msd_colon",
         ),
         ("msd_pancreas", {"patch_size": (96, 128, 160), "cluster_margin": 8}, "msd_pancreas"),
+        ("official_pancreas", {}, "msd_pancreas"),
     ],
 )
 def test_card_preprocessing_equals_the_saved_processor_config(tiny_weights, tmp_path, preset, overrides, dataset):
@@ -396,10 +402,18 @@ def test_card_preprocessing_equals_the_saved_processor_config(tiny_weights, tmp_
     assert f"preset `{image['preset']}`" in card
     assert _numbers(_table_row(card, "intensity window (HU)")[0]) == image["window"]
     assert _numbers(_table_row(card, "z-score")[0]) == [image["intensity_mean"], image["intensity_std"]]
-    assert _numbers(_table_row(card, "resampling")[0]) == [*image["target_spacing"], image["anisotropy_threshold"]]
+    resampling = _table_row(card, "resampling")[0]
+    if image["resampling"] == "official":
+        assert "the official code's: trilinear" in resampling and _numbers(resampling) == image["target_spacing"]
+        assert f"stored axes {', '.join(map(str, image['stored_axes']))} taken as" in card
+        assert "0 after normalisation" in _table_row(card, "padding")[0]
+    else:
+        assert _numbers(resampling) == [*image["target_spacing"], image["anisotropy_threshold"]]
+        assert "air" in _table_row(card, "padding")[0]
     assert _numbers(_table_row(card, "inference patch")[0]) == config["patch_size"]
     assert _numbers(_table_row(card, "target label")[0]) == [image["target_label"]]
-    assert f"grow towards `{image['axis_order']}`" in card
+    if image.get("stored_axes") is None:
+        assert f"grow towards `{image['axis_order']}`" in card
     assert f"minus a {config['cluster_margin']}-voxel margin" in card
 
 
@@ -456,8 +470,13 @@ def test_card_training_section_states_the_record(model_folder, tmp_path):
     assert _table_row(card, "epochs") == ["6 (209 optimiser steps each; the steps decide)"]
     assert _table_row(card, "batch") == ["2 per device × 4 process(es) × 1 accumulation = 8"]
     assert _numbers(_table_row(card, "training patch")[0]) == [128, 128, 128]
-    assert _table_row(card, "clicks per patch") == ["40 positive, 3 negative; 10 when the patch holds no tumour"]
-    assert _table_row(card, "scans") == ["209 training, 30 validation"]
+    assert _table_row(card, "recipe") == ["`official` (docs/recipes.md); overridden: `train_batch_size=2`"]
+    assert _table_row(card, "clicks per patch") == [
+        "10 tumour voxels and 20 voxels of the whole patch, unlabelled (the official scheme)"
+    ]
+    assert _table_row(card, "scans") == ["209 training, 30 validation (kits fold 0)"]
+    assert _table_row(card, "crop sampler") == ["official"] and _table_row(card, "augmentation") == ["official"]
+    assert _table_row(card, "validation") == ["tumour-centred patches, Dice loss"]
     assert _table_row(card, "mixed precision") == ["bf16"] and _table_row(card, "seed") == ["7"]
     assert _table_row(card, "weights saved at") == ["best validation Dice (step 900, validation Dice 0.7125)"]
     assert _table_row(card, "trained with") == ["sam3d-hf 0.1.0.dev0"]

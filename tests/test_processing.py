@@ -10,6 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import official_dataset_constants
 
 from sam3d_hf.configuration_sam3d import Sam3DConfig
 from sam3d_hf.image_processing_sam3d import (
@@ -275,7 +276,7 @@ def test_presets_match_paper_table_5():
         "lits17_code": ((-48, 163), 60.06, 40.20, 2),
         "msd_colon": ((-57, 175), 65.18, 32.65, 1),
     }
-    assert set(SAM3D_PRESETS) == set(expected)
+    assert set(SAM3D_PRESETS) == set(expected) | {f"official_{d}" for d in ("kits", "lits", "pancreas", "colon")}
     for name, (window, mean, std, target) in expected.items():
         preset = SAM3D_PRESETS[name]
         assert (preset.window, preset.mean, preset.std, preset.target_label) == (window, mean, std, target)
@@ -284,6 +285,18 @@ def test_presets_match_paper_table_5():
     assert "(-48, 163)" in SAM3D_PRESETS["lits17"].note
     proc = Sam3DProcessor.from_preset("msd_colon")
     assert proc.image_processor.target_label == 1 and proc.patch_size == (128, 128, 128)
+
+
+@pytest.mark.parametrize("dataset", ["kits", "lits", "pancreas", "colon"])
+def test_official_presets_are_the_official_code(dataset):
+    expected = official_dataset_constants()[dataset]
+    preset = SAM3D_PRESETS[f"official_{dataset}"]
+    assert (preset.window, preset.mean, preset.std) == (expected["window"], expected["mean"], expected["std"])
+    assert preset.stored_axes == expected["axes"] and preset.target_label == expected["target"]
+    assert preset.augmentation == ("rotate_zoom" if expected["rotate"] else "zoom")
+    assert (preset.resampling, preset.padding, preset.spacing) == ("official", "mean", (1.0, 1.0, 1.0))
+    ip = Sam3DImageProcessor.from_preset(f"official_{dataset}")
+    assert (ip.resampling, ip.padding, ip.stored_axes, ip.pad_value) == ("official", "mean", expected["axes"], 0.0)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -664,3 +677,51 @@ def test_bad_clicks_are_refused_before_the_volume_is_resampled(monkeypatch):
     assert calls == []
     processor(images=volume, spacing=(1.0, 1.0, 3.0), input_points=[[5, 5, 3]])
     assert calls == [1]
+
+
+def official_reading(path_image, path_label, spatial_index, window, mean, std, target):
+    """dataset/base_dataset.py's __getitem__ and its first transforms, written out independently: transpose by
+    spatial_index, resample (bilinear in-plane then trilinear along depth above a spacing ratio of 8, else trilinear;
+    scale_factor = spacing / 1 mm), clip, z-score; the label as the binary target map resampled the same way, > 0.5."""
+    import torch.nn.functional as F
+
+    image = nib.load(path_image)
+    img = image.get_fdata().astype(np.float32).transpose(spatial_index)
+    spacing = tuple(np.array(image.header.get_zooms())[list(spatial_index)])
+    seg = (nib.load(path_label).get_fdata().astype(np.float32).transpose(spatial_index) == target).astype(np.float32)
+
+    def resample(x):
+        if max(spacing) / min(spacing) > 8:
+            t = F.interpolate(torch.tensor(x[:, None]), scale_factor=tuple(spacing[i] for i in (1, 2)), mode="bilinear")
+            t = t.unsqueeze(0).permute(0, 2, 1, 3, 4).contiguous()
+            return F.interpolate(t, scale_factor=(spacing[0], 1, 1), mode="trilinear")[0, 0].numpy()
+        return F.interpolate(torch.tensor(x[None, None]), scale_factor=spacing, mode="trilinear")[0, 0].numpy()
+
+    img = (np.clip(resample(img), *window) - mean) / std
+    return img, resample(seg) > 0.5
+
+
+@pytest.mark.parametrize("zooms", [(0.8, 0.9, 2.5), (0.7, 0.75, 6.4)])  # spacing ratio below and above 8
+def test_official_resampling_equals_the_official_reading(tmp_path, zooms):
+    rng = np.random.default_rng(0)
+    data = rng.normal(60, 80, size=(45, 38, 11)).astype(np.float32)
+    label = np.zeros(data.shape, np.uint8)
+    label[10:30, 8:25, 3:8] = 1
+    label[15:25, 12:20, 4:7] = 2
+    affine = np.diag([*zooms, 1.0])
+    affine[:3, :3] = np.array([[0, 0, 1], [0, -1, 0], [-1, 0, 0]]) @ affine[:3, :3]  # an orientation to ignore
+    nib.save(nib.Nifti1Image(data, affine), tmp_path / "ct.nii.gz")
+    nib.save(nib.Nifti1Image(label, affine), tmp_path / "seg.nii.gz")
+    preset = SAM3D_PRESETS["official_lits"]
+    expected, expected_label = official_reading(
+        tmp_path / "ct.nii.gz", tmp_path / "seg.nii.gz", preset.stored_axes, preset.window, preset.mean, preset.std, 2
+    )
+    out = Sam3DImageProcessor.from_preset("official_lits").preprocess(
+        str(tmp_path / "ct.nii.gz"), segmentation_maps=str(tmp_path / "seg.nii.gz"), return_tensors="np"
+    )
+    assert out["pixel_values"].shape[2:] == expected.shape
+    np.testing.assert_allclose(out["pixel_values"][0, 0], expected, atol=2e-5)
+    differ = out["labels"][0].astype(bool) != expected_label
+    assert expected_label.sum() > 100 and differ.sum() <= 2  # a voxel at exactly 0.5 may fall either way
+    # The geometry is the interpolation's own: resampled voxel r lies at (r + 0.5) * 1 mm / spacing - 0.5
+    np.testing.assert_allclose(out["resampling_scale"], 1.0 / np.array(zooms)[list(preset.stored_axes)])
