@@ -17,7 +17,12 @@ setup(
     # Likewise docs/ (design.md, which error messages cite) is installed as sam3d_hf/docs.
     packages=[*find_packages(include=["sam3d_hf", "sam3d_hf.*"]), "sam3d_hf.hub_cards", "sam3d_hf.docs"],
     package_dir={"sam3d_hf.hub_cards": "hub_cards", "sam3d_hf.docs": "docs"},
-    package_data={"sam3d_hf.hub_cards": ["*.md", "*.yaml"], "sam3d_hf.docs": ["*.md"]},
+    # The official code's splits (datafile/<dataset>/split.pkl, as JSON): `--split_file official`.
+    package_data={
+        "sam3d_hf": ["official_splits/*.json"],
+        "sam3d_hf.hub_cards": ["*.md", "*.yaml"],
+        "sam3d_hf.docs": ["*.md"],
+    },
     python_requires=">=3.10",
     # The versions these were verified with (see ECOSYSTEM_NOTES); torch is installed first, from the CPU wheel.
     install_requires=[

@@ -40,6 +40,8 @@ __all__ = [
     "default_cache_dir",
     "index_dataset",
     "load_or_create_split",
+    "official_split",
+    "resolve_split",
     "validate_dataset",
 ]
 
@@ -48,7 +50,7 @@ logger = logging.getLogger(__name__)
 LAYOUTS = ("auto", "msd", "kits21", "lits17", "folder")
 SPLITS = ("train", "validation", "test")
 IMAGE_SUFFIXES = NIFTI_SUFFIXES + NRRD_SUFFIXES
-CACHE_FORMAT = "sam3d-hf-preprocessed-v1"
+CACHE_FORMAT = "sam3d-hf-preprocessed-v2"  # v2: the geometry records resampling_scale
 _LAYOUT_HELP = (
     "Expected one of: an MSD task folder (dataset.json, imagesTr/, labelsTr/), KiTS21 (case_XXXXX/imaging.nii.gz and "
     "aggregated_MAJ_seg.nii.gz, under the root or root/data), LiTS17 (volume-N.nii and segmentation-N.nii), or a "
@@ -333,6 +335,109 @@ def load_or_create_split(
     if split_file is not None:
         write_json(split_file, {**split, "seed": seed, "fractions": list(fractions)}, make_parents=True)
     return split
+
+
+OFFICIAL_SPLITS_DIR = Path(__file__).resolve().parent / "official_splits"
+OFFICIAL_DATASETS = ("kits", "pancreas", "lits", "colon")
+# The official split's dataset of each processor preset (the paper's and the official code's presets).
+PRESET_DATASETS = {
+    "kits21": "kits", "official_kits": "kits", "msd_pancreas": "pancreas", "official_pancreas": "pancreas",
+    "lits17": "lits", "lits17_code": "lits", "official_lits": "lits", "msd_colon": "colon", "official_colon": "colon",
+}  # fmt: skip
+
+
+def official_split(
+    case_ids: Sequence[str], source: str | os.PathLike = "official", fold: int = 0, dataset: str | None = None
+) -> tuple[dict[str, list[str]], str]:
+    """A fold of the official code's split (`datafile/<dataset>/split.pkl`: five folds of train / val / test; its
+    scripts use fold 0), or of a JSON file in that format (`{"folds": [{"train": {case_id: [image, label]}, "val":
+    ..., "test": ...}, ...]}`), matched to the case ids of your folder (KiTS21 `case_XXXXX`, MSD `pancreas_NNN` /
+    `colon_NNN`, LiTS `volume-N`, as `index_dataset` names them).
+
+    Args:
+        case_ids: the cases `index_dataset` found.
+        source: `"official"` (the split shipped with the package) or the path of such a JSON file.
+        fold: the fold, 0-4.
+        dataset: `kits`, `pancreas`, `lits` or `colon` for `"official"`; default: the one whose split names most of
+            `case_ids`.
+
+    Returns:
+        `({"train", "validation", "test"}, description)`.
+
+    Raises:
+        ValueError: an unknown dataset or fold, or cases of the split that the folder lacks (all named).
+    """
+    ids = set(map(str, case_ids))
+    if str(source) == "official":
+        if dataset is None:  # the dataset whose fold 0 names most of the folder's cases
+            overlap = {name: len(ids & _official_case_ids(_load_split_json(OFFICIAL_SPLITS_DIR / f"{name}.json")))
+                       for name in OFFICIAL_DATASETS}  # fmt: skip
+            dataset = max(overlap, key=overlap.get)
+            if not overlap[dataset]:
+                raise ValueError(
+                    f"none of the {len(ids)} cases of the folder (e.g. {sorted(ids)[:3]}) is in an official split: "
+                    "they are for KiTS21 (case_XXXXX), MSD pancreas and colon (pancreas_NNN, colon_NNN) and LiTS17 "
+                    "(volume-N)"
+                )
+        if dataset not in OFFICIAL_DATASETS:
+            raise ValueError(f"no official split for dataset {dataset!r}; expected one of {OFFICIAL_DATASETS}")
+        path = OFFICIAL_SPLITS_DIR / f"{dataset}.json"
+    else:
+        path = Path(source)
+    data = _load_split_json(path)
+    folds = data["folds"]
+    if not 0 <= fold < len(folds):
+        raise ValueError(f"{path} has folds 0 to {len(folds) - 1}; got --fold {fold}")
+    parts = {ours: sorted(map(str, folds[fold][theirs])) for ours, theirs in (("train", "train"), ("validation", "val"),
+                                                                              ("test", "test"))}  # fmt: skip
+    missing = sorted(c for part in parts.values() for c in part if c not in ids)
+    if missing:
+        raise ValueError(
+            f"{len(missing)} case(s) of fold {fold} of {path.name} are not in the dataset folder: {missing}; add them, "
+            "or use a split of your own (--split_file)"
+        )
+    return parts, f"{path.stem if str(source) == 'official' else path} fold {fold}"
+
+
+def resolve_split(
+    case_ids: Sequence[str],
+    split_file: str | os.PathLike | None,
+    seed: int = 0,
+    fold: int = 0,
+    dataset: str | None = None,
+) -> tuple[dict[str, list[str]], str]:
+    """The split training and evaluation use, and a line saying what it is: `split_file="official"` or an
+    official-format JSON (with `folds`): [`official_split`]; another JSON file: [`load_or_create_split`] (made from
+    `seed` and written there if missing); `None`: a seeded split that is not written."""
+    if split_file is not None and (str(split_file) == "official" or _has_folds(Path(split_file))):
+        return official_split(case_ids, split_file, fold, dataset)
+    split = load_or_create_split(case_ids, split_file, seed=seed)
+    return split, f"{Path(split_file).name}" if split_file is not None else f"seeded 70/10/20 split (seed {seed})"
+
+
+def _has_folds(path: Path) -> bool:
+    try:
+        return isinstance(json.loads(path.read_text(encoding="utf-8")).get("folds"), list)
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _load_split_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"could not read the split {path} ({err})") from err
+    folds = data.get("folds") if isinstance(data, dict) else None
+    if not isinstance(folds, list) or not all(
+        isinstance(f, dict) and {"train", "val", "test"} <= set(f) for f in folds
+    ):
+        raise ValueError(f"{path} is not an official-format split: expected {{'folds': [{{'train', 'val', 'test'}}]}}")
+    return data
+
+
+def _official_case_ids(data: Mapping[str, Any]) -> set[str]:
+    fold = data["folds"][0]
+    return {str(c) for part in ("train", "val", "test") for c in fold[part]}
 
 
 def _read_split(path: Path, case_ids: list[str]) -> dict[str, list[str]]:

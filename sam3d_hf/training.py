@@ -28,6 +28,7 @@ import os
 import random
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import nibabel as nib
@@ -48,13 +49,14 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from .configuration_sam3d import CONFIG_PRESETS, Sam3DConfig
-from .data import PreprocessedCache, index_dataset, load_or_create_split, validate_dataset
+from .data import PRESET_DATASETS, PreprocessedCache, _has_folds, index_dataset, resolve_split, validate_dataset
 from .files import atomic_write_text, staged_folder, write_json
 from .modeling_sam3d import Sam3DForPromptableSegmentation
 from .peft_sam3d import Sam3DAdapterConfig, enable_full_finetuning, get_adapter_model, lora_config
 from .pipeline import write_remote_code
 from .processing_sam3d import Sam3DProcessor
-from .sampling import Sam3DTrainingDataset, sam3d_collate
+from .recipes import AUGMENTATIONS, CLICK_SCHEMES, RECIPES, SAMPLERS, SCHEDULES, VALIDATIONS
+from .sampling import AUGMENTATION_BRANCHES, Sam3DTrainingDataset, sam3d_collate, validation_patch
 
 logger = get_logger(__name__)
 
@@ -62,34 +64,74 @@ COMPLETE_MARKER = "checkpoint_complete.json"
 TRAINING_STATE = "training_state.json"
 
 
+# Training flags that override a field of the recipe (flag -> recipe field); each defaults to the recipe's value.
+RECIPE_FLAGS = {
+    "learning_rate": "learning_rate",
+    "weight_decay": "weight_decay",
+    "adam_beta1": "adam_beta1",
+    "adam_beta2": "adam_beta2",
+    "lr_schedule": "schedule",
+    "end_factor": "end_factor",
+    "lr_warmup_steps": "lr_warmup_steps",
+    "num_train_epochs": "num_train_epochs",
+    "max_grad_norm": "max_grad_norm",
+    "clip_per_part": "clip_per_part",
+    "train_batch_size": "train_batch_size",
+    "patch_size": "patch_size",
+    "clicks": "clicks",
+    "num_positive_points": "num_positive_points",
+    "num_patch_points": "num_patch_points",
+    "num_negative_points": "num_negative_points",
+    "sampler": "sampler",
+    "augmentation": "augmentation",
+    "validation": "validation",
+}
+
+
 def parse_args(argv=None, prog=None) -> argparse.Namespace:
     class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
         """The module docstring as written, and every option's default."""
 
     parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=Formatter)
+    recipe = parser.add_argument_group("recipe (docs/recipes.md; each option below marked 'recipe' overrides it)")
+    recipe.add_argument(
+        "--recipe", choices=list(RECIPES), default="official",
+        help="The training method: " + "; ".join(f"{r.name}: {r.description}" for r in RECIPES.values()),
+    )  # fmt: skip
     data = parser.add_argument_group("data")
     data.add_argument(
         "--data_dir", required=True, help="Dataset folder (MSD layout: dataset.json, imagesTr, labelsTr)."
     )
     data.add_argument(
-        "--split_file", help="JSON split (train/validation/test case ids); default <output_dir>/split.json."
-    )
-    data.add_argument("--preset", default="kits21", help="Processor preset (window, statistics, tumour label).")
+        "--split_file", help="JSON split (train/validation/test case ids), 'official' (the official code's split.pkl "
+        "of the dataset, shipped with the package) or an official-format JSON (with 'folds'); default "
+        "<output_dir>/split.json, made from --seed if missing.",
+    )  # fmt: skip
+    data.add_argument("--fold", type=int, default=0, help="Fold of an official split (the official code uses 0).")
+    data.add_argument(
+        "--preset", help="Processor preset (window, statistics, tumour label, resampling); default: official_kits for "
+        "the official recipes, kits21 for legacy. The official_* presets read scans as the official code.",
+    )  # fmt: skip
     data.add_argument("--processor", help="A saved Sam3DProcessor folder instead of --preset.")
     data.add_argument(
-        "--patch_size", type=int, nargs=3, default=[128, 128, 128], metavar=("D", "H", "W"),
-        help="Training patch (voxels of the processor's resampled grid), multiples of 4.",
+        "--patch_size", type=int, nargs=3, metavar=("D", "H", "W"),
+        help="recipe: training patch (voxels of the processor's resampled grid), multiples of the token stride.",
     )  # fmt: skip
-    data.add_argument("--num_positive_points", type=int, default=40, help="Clicks in the patch's tumour (paper: 40).")
+    data.add_argument("--clicks", choices=CLICK_SCHEMES, help="recipe: the click scheme (sam3d_hf.recipes).")
+    data.add_argument("--num_positive_points", type=int, help="recipe: clicks in the patch's tumour.")
     data.add_argument(
-        "--num_background_points", type=int, default=10, help="Clicks when the patch holds no tumour (paper: 10)."
-    )
-    data.add_argument(
-        "--num_negative_points", type=int, default=3,
-        help="Negative clicks near the lesion (models trained here take point labels; 0: none).",
+        "--num_patch_points", "--num_background_points", dest="num_patch_points", type=int,
+        help="recipe: clicks anywhere in the patch (official: always added; legacy: only without tumour).",
     )  # fmt: skip
+    data.add_argument("--num_negative_points", type=int, help="recipe: labelled negative clicks next to the lesion.")
+    data.add_argument("--sampler", choices=SAMPLERS, help="recipe: the crop sampler (official or legacy).")
+    data.add_argument("--augmentation", choices=AUGMENTATIONS, help="recipe: the augmentations.")
+    data.add_argument(
+        "--augmentation_branch", choices=AUGMENTATION_BRANCHES,
+        help="The official augmentation branch (default: the preset's: rotate_zoom for pancreas and colon, zoom else).",
+    )  # fmt: skip
+    data.add_argument("--no_augment", action="store_true", help="Disable training augmentation (--augmentation none).")
     data.add_argument("--samples_per_volume", type=int, default=1, help="Random patches per training scan per epoch.")
-    data.add_argument("--no_augment", action="store_true", help="Disable training augmentation.")
     data.add_argument("--cache_dir", help="Preprocessed-volume cache (default ~/.cache/sam3d-hf/preprocessed).")
     data.add_argument("--dataloader_num_workers", type=int, default=0, help="DataLoader worker processes.")
     data.add_argument("--max_validation_cases", type=int, help="Validate on the first N validation cases only.")
@@ -112,16 +154,22 @@ def parse_args(argv=None, prog=None) -> argparse.Namespace:
     model.add_argument("--gradient_checkpointing", action="store_true", help="Recompute ViT blocks in backward.")
 
     optim = parser.add_argument_group("optimisation")
-    optim.add_argument("--train_batch_size", type=int, default=1, help="Patches per device per step.")
+    optim.add_argument("--train_batch_size", type=int, help="recipe: patches per device per step.")
     optim.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Batches per optimiser step.")
-    optim.add_argument("--learning_rate", type=float, default=1e-4, help="AdamW peak learning rate (paper: 1e-4).")
-    optim.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1.")
-    optim.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2.")
-    optim.add_argument("--weight_decay", type=float, default=1e-5, help="AdamW weight decay.")
-    optim.add_argument("--lr_warmup_steps", type=int, default=0, help="Linear warm-up, then linear decay to 0.")
-    optim.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping (global L2 norm).")
+    optim.add_argument("--learning_rate", type=float, help="recipe: AdamW learning rate (the peak, or the start).")
+    optim.add_argument("--adam_beta1", type=float, help="recipe: AdamW beta1.")
+    optim.add_argument("--adam_beta2", type=float, help="recipe: AdamW beta2.")
+    optim.add_argument("--weight_decay", type=float, help="recipe: AdamW weight decay.")
+    optim.add_argument("--lr_schedule", choices=SCHEDULES, help="recipe: linear per epoch, or per step with warm-up.")
+    optim.add_argument("--end_factor", type=float, help="recipe: the last epoch's learning-rate factor (per epoch).")
+    optim.add_argument("--lr_warmup_steps", type=int, help="recipe: warm-up steps of the per-step schedule.")
+    optim.add_argument("--max_grad_norm", type=float, help="recipe: gradient clipping threshold (L2 norm).")
+    optim.add_argument(
+        "--clip_per_part", action=argparse.BooleanOptionalAction,
+        help="recipe: clip the encoder, prompt encoder and decoder each (the official code), or all together.",
+    )  # fmt: skip
     optim.add_argument("--max_train_steps", type=int, help="Optimiser steps; overrides --num_train_epochs.")
-    optim.add_argument("--num_train_epochs", type=int, default=100, help="Epochs, unless --max_train_steps is given.")
+    optim.add_argument("--num_train_epochs", type=int, help="recipe: epochs, unless --max_train_steps is given.")
     optim.add_argument("--mixed_precision", choices=["no", "bf16", "fp16"], help="Default: the accelerate config's.")
     optim.add_argument("--seed", type=int, default=0, help="Seeds the split, crops, augmentation, clicks and init.")
 
@@ -133,7 +181,14 @@ def parse_args(argv=None, prog=None) -> argparse.Namespace:
         help="Complete checkpoints kept (older ones go only once a newer one is complete).",
     )  # fmt: skip
     run.add_argument("--resume_from_checkpoint", help="'latest' (newest complete checkpoint) or a checkpoint folder.")
-    run.add_argument("--validation_steps", type=int, default=500, help="Validation Dice every N steps (0: never).")
+    run.add_argument(
+        "--validation", choices=VALIDATIONS,
+        help="recipe: tumour-centred patches by Dice loss (official) or whole scans by Dice.",
+    )  # fmt: skip
+    run.add_argument(
+        "--validation_steps", type=int,
+        help="Validate every N optimiser steps (0: never); default: every epoch for patch validation, 500 for scans.",
+    )  # fmt: skip
     run.add_argument(
         "--report_to", choices=["jsonl", "tensorboard", "all"], default="all",
         help="Trackers: logs/metrics.jsonl, TensorBoard (when installed), or both.",
@@ -141,10 +196,39 @@ def parse_args(argv=None, prog=None) -> argparse.Namespace:
     run.add_argument("--find_unused_parameters", action="store_true", help="DDP option, for custom trainable sets.")
     run.add_argument("--save_rank_checksums", action="store_true", help="Write each rank's weight hashes at the end.")
     args = parser.parse_args(argv)
+    if args.no_augment:
+        if args.augmentation not in (None, "none"):
+            parser.error("--no_augment contradicts --augmentation " + args.augmentation)
+        args.augmentation = "none"
+
+    # The recipe, with what the flags override; recorded by the run.
+    base = RECIPES[args.recipe]
+    args.overridden = {
+        flag: list(value) if isinstance(value, (list, tuple)) else value
+        for flag, field in RECIPE_FLAGS.items()
+        if (value := getattr(args, flag)) is not None and value != getattr(base, field)
+        and not (field == "patch_size" and tuple(value) == base.patch_size)
+    }  # fmt: skip
+    changes = {RECIPE_FLAGS[flag]: tuple(v) if flag == "patch_size" else v for flag, v in args.overridden.items()}
+    try:
+        args.recipe_values = base.replace(**changes)
+    except ValueError as error:
+        parser.error(str(error))
+    recipe_values = args.recipe_values
+    for flag, field in RECIPE_FLAGS.items():  # every recipe value reaches the run through its flag's name too
+        setattr(args, flag, getattr(recipe_values, field))
+    args.patch_size = list(recipe_values.patch_size)
+    if args.validation_steps is None:
+        args.validation_steps = -1 if recipe_values.validation == "patches" else 500  # -1: every epoch
+    if args.preset is None and args.processor is None:
+        args.preset = "kits21" if recipe_values.resampling == "nnunet" else "official_kits"
 
     # Sanity checks: fail before anything is loaded.
-    if any(p <= 0 or p % 4 for p in args.patch_size):
-        parser.error(f"--patch_size must be three positive multiples of 4 (the token stride), got {args.patch_size}")
+    stride = recipe_values.token_stride
+    if any(p <= 0 or p % stride for p in args.patch_size):
+        parser.error(
+            f"--patch_size must be three positive multiples of {stride} (the token stride), got {args.patch_size}"
+        )
     if args.model_config not in CONFIG_PRESETS and not Path(args.model_config).is_file():
         parser.error(f"--model_config must be one of {list(CONFIG_PRESETS)} or a JSON file, got {args.model_config!r}")
     for name in ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "samples_per_volume"):
@@ -154,8 +238,12 @@ def parse_args(argv=None, prog=None) -> argparse.Namespace:
         parser.error(f"--max_train_steps must be >= 1, got {args.max_train_steps}")
     if args.checkpoints_total_limit < 1:
         parser.error(f"--checkpoints_total_limit must be >= 1, got {args.checkpoints_total_limit}")
-    if args.learning_rate <= 0 or args.max_grad_norm <= 0:
-        parser.error("--learning_rate and --max_grad_norm must be > 0")
+    if args.learning_rate <= 0 or args.max_grad_norm <= 0 or args.num_train_epochs < 1:
+        parser.error("--learning_rate and --max_grad_norm must be > 0, --num_train_epochs >= 1")
+    if args.validation_steps < -1:
+        parser.error(f"--validation_steps must be >= 0, got {args.validation_steps}")
+    if not recipe_values.use_prompt_encoder and args.validation == "scans":
+        parser.error("--validation scans places clicks: the prompt-free model validates on patches")
     if args.finetune != "adapter" and args.adapter_dim is not None:
         parser.error("--adapter_dim only applies to --finetune adapter")
     if not Path(args.data_dir).is_dir():
@@ -167,8 +255,9 @@ def parse_args(argv=None, prog=None) -> argparse.Namespace:
 # Trackers and checkpoints
 # ----------------------------------------------------------------------------------------------------------------------
 class JSONLinesTracker(GeneralTracker):
-    """Appends one JSON object per `accelerator.log` call to `<logging_dir>/metrics.jsonl` (no extra dependency).
-    A resumed run appends again from its checkpoint's step: the last line for a step is the valid one."""
+    """Appends one JSON object per `accelerator.log` call to `<logging_dir>/metrics.jsonl` (no extra dependency), with
+    its wall time (`time`, seconds since the epoch). A resumed run appends again from its checkpoint's step: the last
+    line for a step is the valid one."""
 
     name = "jsonl"
     requires_logging_directory = True
@@ -191,8 +280,8 @@ class JSONLinesTracker(GeneralTracker):
     @on_main_process
     def log(self, values: dict, step: int | None = None, **kwargs) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a", encoding="utf-8") as file:
-            file.write(json.dumps({"step": step, **values}) + "\n")
+        with self.path.open("a", encoding="utf-8") as file:  # with the wall time, to plot curves against it
+            file.write(json.dumps({"step": step, **values, "time": round(time.time(), 3)}) + "\n")
 
 
 def note_changed_arguments(logging_dir: Path, config: dict, step: int, accelerator: Accelerator) -> None:
@@ -218,8 +307,8 @@ def note_changed_arguments(logging_dir: Path, config: dict, step: int, accelerat
 
 def tensorboard_hparams(config: dict) -> dict:
     """The arguments as TensorBoard hyperparameters: `add_hparams` takes only int, float, str and bool, so lists
-    (`patch_size`) become strings, as the diffusers examples do."""
-    return {k: str(v) if isinstance(v, (list, tuple)) else v for k, v in config.items()}
+    (`patch_size`) and dicts (`overridden`) become strings, as the diffusers examples do."""
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in config.items()}
 
 
 def checkpoint_index(folder: Path) -> int:
@@ -316,17 +405,20 @@ def save_model_folder(trainee, processor: Sam3DProcessor, finetune: str, target:
 # Model
 # ----------------------------------------------------------------------------------------------------------------------
 def build_config(args) -> Sam3DConfig:
-    vision = {"image_size": tuple(args.patch_size)}
+    """The model the recipe trains: its patch and token stride, prompted or prompt-free, with or without click labels
+    (the official model has none)."""
+    recipe = args.recipe_values
+    vision = {"image_size": tuple(args.patch_size), "token_stride": recipe.token_stride}
     if args.finetune == "lora":
         vision["adapter_layers"] = []  # LoRA baseline: no spatial adapters
-    # Models trained here tell positive from negative clicks (the training sampler gives both).
-    prompt = {"use_point_labels": True}
+    prompt = {"use_point_labels": recipe.use_point_labels}
+    top = {"use_prompt_encoder": recipe.use_prompt_encoder}
     if args.model_config in CONFIG_PRESETS:
-        return Sam3DConfig.from_preset(args.model_config, vision_config=vision, prompt_encoder_config=prompt)
+        return Sam3DConfig.from_preset(args.model_config, vision_config=vision, prompt_encoder_config=prompt, **top)
     values = json.loads(Path(args.model_config).read_text(encoding="utf-8"))
     values.setdefault("vision_config", {}).update(vision)
     values.setdefault("prompt_encoder_config", {}).update(prompt)
-    return Sam3DConfig(**values)
+    return Sam3DConfig(**{**values, **top})
 
 
 def build_model(args):
@@ -337,6 +429,17 @@ def build_model(args):
             raise ValueError(
                 f"--finetune lora needs a base without spatial adapters, but {args.init_from} has adapter_layers="
                 f"{model.config.vision_config.adapter_layers}; use --finetune adapter or full, or a SAM-only base"
+            )
+        recipe = args.recipe_values
+        if model.config.use_prompt_encoder != recipe.use_prompt_encoder:
+            kind = "prompted" if model.config.use_prompt_encoder else "prompt-free"
+            raise ValueError(
+                f"--init_from {args.init_from} is a {kind} model; the recipe {recipe.name!r} trains the other kind"
+            )
+        if recipe.use_point_labels and not model.config.prompt_encoder_config.use_point_labels:
+            raise ValueError(
+                f"the recipe {recipe.name!r} gives labelled clicks, but --init_from {args.init_from} has no label "
+                "embedding (use_point_labels=False, as official models); start from SAM, or choose --clicks official"
             )
     else:
         config = build_config(args)
@@ -379,6 +482,7 @@ def run_facts(args, trainee, processor, accelerator, updates_per_epoch: int, max
     `selection`: which step was saved and why), from which the model card's training section is written."""
     from .version import __version__
 
+    recipe = args.recipe_values
     if args.init_from:
         initialisation = {"kind": "sam3d-hf model", "source": _public_name(args.init_from)}
     elif args.sam_checkpoint:
@@ -387,20 +491,30 @@ def run_facts(args, trainee, processor, accelerator, updates_per_epoch: int, max
         initialisation = {"kind": "random", "source": None}
     parameters = list(trainee.parameters())
     trainable = sum(p.numel() for p in parameters if p.requires_grad)
+    if recipe.schedule == "linear_per_epoch":
+        schedule = (
+            f"linear from 1 to {recipe.end_factor:g} x the learning rate over "
+            f"{math.ceil(max_train_steps / updates_per_epoch)} epochs, stepped once per epoch, no warm-up"
+        )
+    else:
+        schedule = (
+            f"linear warm-up over {recipe.lr_warmup_steps} steps, then linear decay to 0, stepped per optimiser step"
+        )
+    clipping = "per part (encoder, prompt encoder, decoder)" if recipe.clip_per_part else "all parameters together"
     return {
         "format": "sam3d-hf-training-v1",
         "sam3d_hf_version": __version__,
+        "recipe": {"name": recipe.name, "overridden": args.overridden, "values": recipe.to_dict()},
         "initialisation": initialisation,
         "finetune": args.finetune,
         "parameters": {"trainable": trainable, "total": sum(p.numel() for p in parameters)},
         "optimisation": {
             "optimizer": "AdamW",
-            "learning_rate": args.learning_rate,
-            "betas": [args.adam_beta1, args.adam_beta2],
-            "weight_decay": args.weight_decay,
-            "schedule": f"linear warm-up over {args.lr_warmup_steps} steps, then linear decay to 0, stepped per "
-            "optimiser step",
-            "gradient_clipping": f"global L2 norm {args.max_grad_norm}",
+            "learning_rate": recipe.learning_rate,
+            "betas": [recipe.adam_beta1, recipe.adam_beta2],
+            "weight_decay": recipe.weight_decay,
+            "schedule": schedule,
+            "gradient_clipping": f"L2 norm {recipe.max_grad_norm:g}, {clipping}",
             "loss": "DiceCE (0.5 Dice + 0.5 cross-entropy)",
             "mixed_precision": accelerator.mixed_precision,
             "gradient_checkpointing": args.gradient_checkpointing,
@@ -409,24 +523,82 @@ def run_facts(args, trainee, processor, accelerator, updates_per_epoch: int, max
         "updates_per_epoch": updates_per_epoch,
         "epochs": math.ceil(max_train_steps / updates_per_epoch),
         "batch": {
-            "per_device": args.train_batch_size,
+            "per_device": recipe.train_batch_size,
             "processes": accelerator.num_processes,
             "accumulation": args.gradient_accumulation_steps,
-            "effective": args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps,
+            "effective": recipe.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps,
         },
         "data": {
-            "patch_size": list(args.patch_size),
+            "patch_size": list(recipe.patch_size),
             "processor_preset": processor.image_processor.preset,
+            "resampling": processor.image_processor.resampling,
             "patches_per_scan_per_epoch": args.samples_per_volume,
-            "augmentation": not args.no_augment,
+            "sampler": recipe.sampler,
+            "augmentation": recipe.augmentation,
             "clicks": {
-                "positive": args.num_positive_points,
-                "negative": args.num_negative_points,
-                "when_no_tumour": args.num_background_points,
+                "scheme": recipe.clicks if recipe.use_prompt_encoder else "none (prompt-free model)",
+                "positive": recipe.num_positive_points,
+                "patch": recipe.num_patch_points,
+                "negative": recipe.num_negative_points,
             },
+            "validation": recipe.validation,
+            "split": args.split_description,
         },
         "seed": args.seed,
     }
+
+
+PARTS = {"encoder": "vision_encoder.", "prompt_encoder": "prompt_encoder.", "mask_decoder": "mask_decoder."}
+
+
+def parameter_parts(trainee: torch.nn.Module) -> dict[str, list[torch.nn.Parameter]]:
+    """The trainable parameters by part (the official code's three optimisers and clipping groups): the image
+    encoder's, the prompt encoder's and the mask decoder's; parts without a trainable parameter are left out."""
+    parts: dict[str, list[torch.nn.Parameter]] = {name: [] for name in PARTS}
+    for name, parameter in trainee.named_parameters():
+        if parameter.requires_grad:
+            part = next((p for p, prefix in PARTS.items() if prefix in name), None)
+            assert part is not None, f"trainable parameter {name} belongs to no part"
+            parts[part].append(parameter)
+    return {name: group for name, group in parts.items() if group}
+
+
+def clip_gradients(accelerator: Accelerator, parts: dict[str, list[torch.nn.Parameter]], args) -> torch.Tensor:
+    """Clip at `max_grad_norm`: each part on its own (`clip_per_part`, the official code) or all together. Returns
+    the norm of all gradients before clipping (what is logged)."""
+    if not args.clip_per_part:
+        return accelerator.clip_grad_norm_([p for group in parts.values() for p in group], args.max_grad_norm)
+    accelerator.unscale_gradients()  # once per step (mixed precision); each part is then clipped by torch
+    norms = [torch.nn.utils.clip_grad_norm_(group, args.max_grad_norm) for group in parts.values()]
+    return torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
+
+
+@torch.no_grad()
+def validation_patch_scores(model, processor: Sam3DProcessor, rows, args, epoch: int, accelerator: Accelerator):
+    """`(case_id, Dice loss)` of each of `rows`' `(position, row)` scans on its official validation patch
+    ([`sam3d_hf.sampling.validation_patch`], drawn from `(seed, epoch, position)`): MONAI `DiceLoss(
+    include_background=False, softmax=True, to_onehot_y=True)`, the official validation metric (lower is better)."""
+    from monai.losses import DiceLoss
+
+    criterion = DiceLoss(include_background=False, softmax=True, to_onehot_y=True)
+    cache = PreprocessedCache(processor, args.cache_dir)
+    prompted = model.config.use_prompt_encoder
+    scores = []
+    was_training = model.training
+    model.eval()
+    for position, row in rows:
+        rng = np.random.default_rng(np.random.SeedSequence([args.seed, epoch, position]))
+        patch = validation_patch(cache.get(row), processor.image_processor, args.patch_size, rng,
+                                 num_points=args.num_positive_points if prompted else 0)  # fmt: skip
+        inputs = {"pixel_values": patch["pixel_values"].to(accelerator.device)}
+        if prompted:
+            inputs.update(input_points=patch["input_points"].to(accelerator.device),
+                          input_labels=patch["input_labels"].to(accelerator.device))  # fmt: skip
+        with accelerator.autocast():
+            logits = model(**inputs).logits.float()
+        scores.append((row["case_id"], float(criterion(logits, patch["labels"][:, None].to(logits.device)))))
+    model.train(was_training)
+    return scores
 
 
 def weight_checksums(model: torch.nn.Module) -> dict[str, str]:
@@ -549,11 +721,26 @@ def main(argv=None) -> None:
         # 16 voxels of context around click clusters at 128³, as the processor's default; scaled for small patches.
         margin = min(args.patch_size) // 8
         processor = Sam3DProcessor.from_preset(args.preset, patch_size=tuple(args.patch_size), cluster_margin=margin)
-    split_file = Path(args.split_file) if args.split_file else output_dir / "split.json"
+    recipe = args.recipe_values
+    if processor.image_processor.resampling != recipe.resampling:
+        logger.warning(
+            f"The recipe {recipe.name!r} reads scans with resampling={recipe.resampling!r} (the "
+            f"{'official_* presets' if recipe.resampling == 'official' else 'paper presets such as kits21'}); this "
+            f"processor resamples {processor.image_processor.resampling!r}. Training goes on with the processor's."
+        )
+    # The split: --split_file (a JSON split, 'official' or an official-format JSON), else <output_dir>/split.json
+    # (made from --seed once); an official fold is also written there, for evaluate.
+    official = args.split_file is not None and (args.split_file == "official" or _has_folds(Path(args.split_file)))
+    split_file = output_dir / "split.json" if official or not args.split_file else Path(args.split_file)
     try:  # every data error ends here, as one line, before the model is built
         dataset = index_dataset(args.data_dir, labelled_only=True)  # evaluate.py splits the same labelled cases
         with accelerator.main_process_first():  # the main process writes the split, the others read it
-            split = load_or_create_split(dataset["case_id"], split_file, seed=args.seed)
+            preset_dataset = PRESET_DATASETS.get(processor.image_processor.preset or "")
+            source = args.split_file if official else split_file
+            split, args.split_description = resolve_split(dataset["case_id"], source, args.seed, args.fold,
+                                                          preset_dataset)  # fmt: skip
+            if official and accelerator.is_main_process:
+                write_json(split_file, {**split, "source": args.split_description}, make_parents=True)
         validate_dataset(dataset, processor)  # every case, test included: a broken file is reported now
     except (ValueError, TypeError) as err:
         raise SystemExit(f"error: the dataset in {args.data_dir} is not usable: {err}") from None
@@ -584,12 +771,8 @@ def main(argv=None) -> None:
     train_dataset = Sam3DTrainingDataset(
         train_rows,
         processor,
-        patch_size=tuple(args.patch_size),
-        num_positive_points=args.num_positive_points,
-        num_background_points=args.num_background_points,
-        num_negative_points=args.num_negative_points,
-        use_point_labels=model.config.prompt_encoder_config.use_point_labels,
-        augment=not args.no_augment,
+        recipe=recipe,
+        augmentation_branch=args.augmentation_branch,
         cache_dir=args.cache_dir,
         seed=args.seed,
         samples_per_volume=args.samples_per_volume,
@@ -608,18 +791,29 @@ def main(argv=None) -> None:
             f"{args.train_batch_size}; lower the batch size or raise --samples_per_volume"
         )
 
-    parameters = [p for p in trainee.parameters() if p.requires_grad]
+    # One AdamW, a parameter group per part (the official code's three optimisers, which see the same settings);
+    # clipping per part when the recipe says so.
+    parts = parameter_parts(trainee)
     optimizer = torch.optim.AdamW(
-        parameters, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.weight_decay
-    )
+        [{"params": group, "name": name} for name, group in parts.items()],
+        lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.weight_decay,
+    )  # fmt: skip
     updates_per_epoch = math.ceil(len(train_dataloader) / accelerator.num_processes / args.gradient_accumulation_steps)
     max_train_steps = args.max_train_steps or args.num_train_epochs * updates_per_epoch
-    # The prepared scheduler steps once per process at every optimiser step, hence the factor.
-    lr_scheduler = get_linear_schedule_with_warmup(
-        optimizer,
-        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=max_train_steps * accelerator.num_processes,
-    )
+    # The prepared scheduler steps once per process at each call (it is saved with the checkpoints), hence the factor
+    # of the process count in both schedules; the per-epoch one is called once per epoch, as the official code does.
+    processes = accelerator.num_processes
+    if args.lr_schedule == "linear_per_epoch":
+        schedule_epochs = math.ceil(max_train_steps / updates_per_epoch)  # the recipe's epochs, or the steps' ones
+        lr_scheduler = torch.optim.lr_scheduler.LinearLR(
+            optimizer, start_factor=1.0, end_factor=args.end_factor, total_iters=schedule_epochs * processes
+        )
+    else:
+        lr_scheduler = get_linear_schedule_with_warmup(
+            optimizer,
+            num_warmup_steps=args.lr_warmup_steps * processes,
+            num_training_steps=max_train_steps * processes,
+        )
     trainee, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
         trainee, optimizer, train_dataloader, lr_scheduler
     )
@@ -628,7 +822,8 @@ def main(argv=None) -> None:
     facts = run_facts(args, trainee, processor, accelerator, updates_per_epoch, max_train_steps)
     facts["data"].update(training_cases=len(train_rows), validation_cases=len(validation_rows))
     accelerator.init_trackers("sam3d-train")
-    config = {k: v for k, v in vars(args).items() if v is not None}
+    # The arguments as given, with each recipe value they resolved to (the recipe object itself is in the record).
+    config = {k: v for k, v in vars(args).items() if v is not None and k != "recipe_values"}
     for tracker in accelerator.trackers:  # logs/config.json keeps the lists (the model card reads it)
         tracker.store_init_configuration(config if tracker.name == "jsonl" else tensorboard_hparams(config))
 
@@ -683,31 +878,47 @@ def main(argv=None) -> None:
             remove_old_checkpoints(output_dir, args.checkpoints_total_limit)
         accelerator.wait_for_everyone()
 
-    def validate() -> None:
+    patches = args.validation == "patches"
+    per_step_schedule = args.lr_schedule == "linear_per_step"
+
+    def validate(epoch: int) -> None:
+        """Score the validation scans; keep the best weights in best_model/ (highest Dice; lowest Dice loss)."""
         nonlocal best_dice
         if not validation_rows:
             return
         # Each process scores its share of the scans (no rank idles through a whole validation waiting for another);
         # every rank then holds all the scores, in case order, so `best_dice` agrees.
-        with accelerator.split_between_processes(validation_rows) as rows:
-            scores = validation_scores(accelerator.unwrap_model(trainee), processor, rows, accelerator)
-        scores = dict(gather_object(scores))  # every rank's (case_id, Dice) pairs, in case order
+        indexed = list(enumerate(validation_rows))
+        with accelerator.split_between_processes(indexed) as rows:
+            model_now = accelerator.unwrap_model(trainee)
+            if patches:
+                scores = validation_patch_scores(model_now, processor, rows, args, epoch, accelerator)
+            else:
+                scores = validation_scores(model_now, processor, [row for _, row in rows], accelerator)
+        scores = dict(gather_object(scores))  # every rank's (case_id, score) pairs, in case order
         score = float(np.mean(list(scores.values()))) if scores else float("nan")
         if accelerator.is_main_process:
-            per_case = {f"validation_dice/{case_id}": value for case_id, value in scores.items()}
-            accelerator.log({"validation_dice": score, **per_case}, step=global_step)
-            logger.info(f"step {global_step}: validation Dice {score:.4f} (best {max(best_dice, 0):.4f})")
-        if score > best_dice:
-            best_dice = score
+            name = "validation_dice_loss" if patches else "validation_dice"
+            per_case = {f"{name}/{case_id}": value for case_id, value in scores.items()}
+            accelerator.log({name: score, **per_case}, step=global_step)
+            best = 1 - best_dice if patches else best_dice
+            best = "none yet" if best_dice < 0 else f"{best:.4f}"
+            logger.info(f"step {global_step}: {name.replace('_', ' ')} {score:.4f} (best {best})")
+        quality = 1 - score if patches else score  # higher is better
+        if quality > best_dice:
+            best_dice = quality
             if accelerator.is_main_process:
-                info = {**facts, "selection": {"saved": "best validation Dice", "step": global_step,
-                                               "validation_dice": score}}  # fmt: skip
+                selection = {"saved": "best validation Dice", "step": global_step, "validation_dice": score}
+                if patches:
+                    selection = {"saved": "lowest validation Dice loss (tumour-centred patches)",
+                                 "step": global_step, "validation_dice_loss": score}  # fmt: skip
+                info = {**facts, "selection": selection}
                 save_model_folder(
                     accelerator.unwrap_model(trainee), processor, args.finetune, output_dir / "best_model", info
                 )
 
     if global_step == 0 and args.validation_steps:
-        validate()  # the curve starts at the initial weights
+        validate(0)  # the curve starts at the initial weights
     trainee.train()
     running_loss = torch.zeros((), device=accelerator.device)
     for epoch in range(first_epoch, num_epochs):
@@ -725,9 +936,10 @@ def main(argv=None) -> None:
                 running_loss += loss.detach() / args.gradient_accumulation_steps
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(parameters, args.max_grad_norm)
+                    grad_norm = clip_gradients(accelerator, parts, args)
                 optimizer.step()
-                lr_scheduler.step()
+                if per_step_schedule:
+                    lr_scheduler.step()
                 optimizer.zero_grad()
             if not accelerator.sync_gradients:
                 continue
@@ -738,8 +950,15 @@ def main(argv=None) -> None:
             logs = {"train_loss": step_loss, "lr": lr_scheduler.get_last_lr()[0], "grad_norm": float(grad_norm)}
             accelerator.log(logs, step=global_step)
             progress.set_postfix(loss=f"{step_loss:.4f}")
-            if args.validation_steps and global_step % args.validation_steps == 0:
-                validate()
+            # An epoch ends with this step: its schedule step and (per-epoch) validation come before the checkpoint,
+            # so that a run resumed from it starts the next epoch as the uninterrupted run did.
+            end_of_epoch = global_step % updates_per_epoch == 0
+            if end_of_epoch and not per_step_schedule:
+                lr_scheduler.step()
+            if args.validation_steps == -1 and end_of_epoch:
+                validate(epoch + 1)
+            elif args.validation_steps > 0 and global_step % args.validation_steps == 0:
+                validate(epoch + 1)
             if global_step % args.checkpointing_steps == 0 or global_step == max_train_steps:
                 checkpoint()
             if global_step >= max_train_steps:
@@ -753,12 +972,19 @@ def main(argv=None) -> None:
     if accelerator.is_main_process:
         validated = best_dice >= 0
         selection = {"saved": "last step", "step": global_step}
-        if validated:
-            selection["best_validation_dice"] = best_dice  # that model is in best_model/
+        if validated and patches:
+            selection["lowest_validation_dice_loss"] = 1 - best_dice  # that model is in best_model/
+        elif validated:
+            selection["best_validation_dice"] = best_dice
         info = {**facts, "selection": selection}
         save_model_folder(final, processor, args.finetune, output_dir / "final_model", info)
         if validated:
-            logger.info(f"Saved {output_dir / 'final_model'} (best validation Dice {best_dice:.4f} in best_model/)")
+            best = (
+                f"lowest validation Dice loss {1 - best_dice:.4f}"
+                if patches
+                else f"best validation Dice {best_dice:.4f}"
+            )
+            logger.info(f"Saved {output_dir / 'final_model'} (the best, {best}, in best_model/)")
         else:
             logger.info(
                 f"Saved {output_dir / 'final_model'}; no validation score was recorded (--validation_steps 0, no "

@@ -1,6 +1,7 @@
 import copy
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -65,6 +66,51 @@ def assert_mask_of(mask: torch.Tensor, probabilities: torch.Tensor, threshold: f
     differ = mask.bool() != expected
     assert not (differ & ((probabilities - threshold).abs() > margin)).any(), "masks differ away from the threshold"
     assert differ.sum() <= max(3, expected.sum() // 1000), f"{int(differ.sum())} voxels differ"
+
+
+def call_training(argv: list[str]) -> None:
+    """`sam3d_hf.training.main(argv)` in this process (as `accelerate launch` with the CPU config runs it);
+    Accelerate's process-wide state is reset before and after."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    from sam3d_hf import training
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    try:
+        training.main(argv)
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+
+
+OFFICIAL_RECIPE = Path(__file__).resolve().parents[2] / "shared" / "OFFICIAL_RECIPE.md"
+
+
+def official_recipe_text() -> str:
+    """../shared/OFFICIAL_RECIPE.md: the values of the official code, which the recipe tests check against."""
+    if not OFFICIAL_RECIPE.is_file():
+        pytest.fail(f"{OFFICIAL_RECIPE} is missing: the tests need the project's shared folder beside the checkout")
+    return OFFICIAL_RECIPE.read_text(encoding="utf-8")
+
+
+def official_dataset_constants() -> dict[str, dict]:
+    """The per-dataset constants of ../shared/OFFICIAL_RECIPE.md (read from the official code), parsed from its
+    table: {kits|lits|pancreas|colon: window, mean, std, axes, rotate, target}."""
+    text = official_recipe_text()
+    rows = {}
+    for line in text.split("## Per-dataset constants", 1)[1].split("\n## ", 1)[0].splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        match = re.search(r"\((kits|lits)\)|MSD (pancreas|colon)", cells[0]) if len(cells) == 7 else None
+        if match:
+            window = tuple(float(v) for v in re.findall(r"-?\d+", cells[1]))
+            axes = tuple(int(v) for v in re.findall(r"\d", cells[4]))
+            rows[match.group(1) or match.group(2)] = {
+                "window": window, "mean": float(cells[2]), "std": float(cells[3]), "axes": axes,
+                "rotate": cells[5].startswith("yes"), "target": int(cells[6]),
+            }  # fmt: skip
+    assert sorted(rows) == ["colon", "kits", "lits", "pancreas"], rows
+    return rows
 
 
 def copy_with_an_unlabelled_scan(msd_folder: Path, destination: Path) -> tuple[Path, list[str]]:

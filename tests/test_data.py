@@ -16,6 +16,7 @@ from safetensors.numpy import load_file
 
 from sam3d_hf import Sam3DConfig, Sam3DForPromptableSegmentation, Sam3DImageProcessor, Sam3DProcessor
 from sam3d_hf.data import PreprocessedCache, default_cache_dir, index_dataset, load_or_create_split, validate_dataset
+from sam3d_hf.recipes import get_recipe
 from sam3d_hf.sampling import Sam3DTrainingDataset, sam3d_collate, sample_points
 from sam3d_hf.synthetic import SYNTHETIC_PROCESSOR_KWARGS, generate_case, generate_dataset
 
@@ -378,14 +379,21 @@ def test_sample_points_positive_inside_negative_in_ring_empty_patch_positive():
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Training dataset
+# Training dataset: the legacy sampler (the official one: tests/test_recipes.py)
 # ----------------------------------------------------------------------------------------------------------------------
+def legacy(patch_size, augment: bool = True, **changes):
+    """The legacy recipe at a test patch size, with or without its (Table 4) augmentations."""
+    return get_recipe("legacy").replace(
+        patch_size=tuple(patch_size), augmentation="table4" if augment else "none", **changes
+    )
+
+
 def test_crop_ratio_is_one_to_one(tmp_path, processor):
     # axis-aligned scans: MONAI moves centres near the volume's faces inwards, which keeps them in the body (a
     # cylinder along S) only when the grid is not oblique
     ds = index_dataset(generate_dataset(tmp_path / "ras", num_cases=3, seed=1, num_lesions=1, orientation="RAS"))
     train = Sam3DTrainingDataset(
-        ds, processor, patch_size=(12, 12, 12), augment=False, cache_dir=tmp_path, samples_per_volume=20
+        ds, processor, recipe=legacy((12, 12, 12), augment=False), cache_dir=tmp_path, samples_per_volume=20
     )
     centre_is_tumour = []
     for epoch in range(4):
@@ -401,7 +409,7 @@ def test_crop_ratio_is_one_to_one(tmp_path, processor):
 def test_items_shapes_clicks_and_labels(tmp_path, msd_root, processor):
     ds = index_dataset(msd_root)
     patch = (24, 32, 32)
-    train = Sam3DTrainingDataset(ds, processor, patch_size=patch, cache_dir=tmp_path, samples_per_volume=4)
+    train = Sam3DTrainingDataset(ds, processor, recipe=legacy(patch), cache_dir=tmp_path, samples_per_volume=4)
     pad_value = processor.pad_value
     seen_empty = seen_full = 0
     for i in range(len(train)):
@@ -430,7 +438,7 @@ def test_items_shapes_clicks_and_labels(tmp_path, msd_root, processor):
 def test_augmentations_are_the_papers_table_4(tmp_path, processor):
     """The MONAI chain holds the Table 4 transforms with their probabilities and ranges (and none without augment)."""
     rows = [{"case_id": "a", "image": "a.nii.gz", "label": "a_seg.nii.gz"}]  # never read: the chain alone
-    chain = Sam3DTrainingDataset(rows, processor, patch_size=(12, 12, 20), cache_dir=tmp_path).transform.transforms
+    chain = Sam3DTrainingDataset(rows, processor, recipe=legacy((12, 12, 20)), cache_dir=tmp_path).after_crop.transforms
     found = {}
     for transform in chain:
         found.setdefault(type(transform).__name__, []).append(transform)
@@ -443,8 +451,8 @@ def test_augmentations_are_the_papers_table_4(tmp_path, processor):
     assert (shift.prob, shift.shifter.offsets) == (0.5, (-0.1, 0.1))
     (crop,) = found["RandCropByPosNegLabeld"]
     assert crop.cropper.spatial_size == (14, 23, 23)  # ceil(12 / 0.9), then a square plane of ceil(20 / 0.9)
-    plain = Sam3DTrainingDataset(rows, processor, patch_size=(12, 12, 20), augment=False, cache_dir=tmp_path)
-    assert [type(t).__name__ for t in plain.transform.transforms] == ["RandCropByPosNegLabeld"]
+    plain = Sam3DTrainingDataset(rows, processor, recipe=legacy((12, 12, 20), augment=False), cache_dir=tmp_path)
+    assert [type(t).__name__ for t in plain.after_crop.transforms] == ["RandCropByPosNegLabeld"]
 
 
 def test_augmentations_flip_turn_zoom_and_shift_samples(tmp_path, processor):
@@ -458,9 +466,7 @@ def test_augmentations_flip_turn_zoom_and_shift_samples(tmp_path, processor):
     train = Sam3DTrainingDataset(
         rows,
         processor,
-        patch,
-        num_positive_points=1,
-        num_background_points=1,
+        recipe=legacy(patch, num_positive_points=1, num_patch_points=1),
         cache_dir=tmp_path,
         samples_per_volume=400,
     )
@@ -512,7 +518,7 @@ def test_volume_smaller_than_patch_is_padded_with_air_and_background(tmp_path, m
     row = index_dataset(msd_root)[0]
     depth = PreprocessedCache(processor, tmp_path).get(row)["pixel_values"].shape[1]
     patch = (depth + 20, 16, 16)
-    train = Sam3DTrainingDataset([row], processor, patch_size=patch, augment=False, cache_dir=tmp_path)
+    train = Sam3DTrainingDataset([row], processor, recipe=legacy(patch, augment=False), cache_dir=tmp_path)
     item = train[0]
     assert item["pixel_values"].shape == (1, *patch)
     # MONAI pads symmetrically: 10 slices of air before and after, labels 0 there
@@ -524,7 +530,7 @@ def test_volume_smaller_than_patch_is_padded_with_air_and_background(tmp_path, m
 
 def test_samples_depend_only_on_seed_epoch_index(tmp_path, msd_root, processor):
     ds = index_dataset(msd_root)
-    kwargs = {"patch_size": (16, 16, 16), "cache_dir": tmp_path, "samples_per_volume": 2}
+    kwargs = {"recipe": legacy((16, 16, 16)), "cache_dir": tmp_path, "samples_per_volume": 2}
     a, b = Sam3DTrainingDataset(ds, processor, **kwargs), Sam3DTrainingDataset(ds, processor, **kwargs)
     order = [5, 0, 7, 3]
     np.random.seed(1)
@@ -572,9 +578,12 @@ def test_training_dataset_errors(tmp_path, msd_root, processor):
     with pytest.raises(ValueError, match="Case 'x' has no label file"):
         Sam3DTrainingDataset([{"case_id": "x", "image": ds["image"][0], "label": None}], processor, cache_dir=tmp_path)
     with pytest.raises(ValueError, match="patch_size"):
-        Sam3DTrainingDataset(ds, processor, patch_size=(64, 64), cache_dir=tmp_path)
+        Sam3DTrainingDataset(ds, processor, recipe=legacy((64, 64)), cache_dir=tmp_path)
     with pytest.raises(ValueError, match="num_positive_points >= 1"):
-        Sam3DTrainingDataset(ds, processor, num_positive_points=0, cache_dir=tmp_path)
+        Sam3DTrainingDataset(ds, processor, recipe=legacy(PATCH, num_positive_points=0), cache_dir=tmp_path)
+    with pytest.raises(ValueError, match="num_patch_points >= 1"):
+        official = get_recipe("official").replace(patch_size=PATCH, num_patch_points=0)
+        Sam3DTrainingDataset(ds, processor, recipe=official, cache_dir=tmp_path)
     with pytest.raises(ValueError, match="keys case_id, image and label"):
         Sam3DTrainingDataset([{"image": ds["image"][0]}], processor, cache_dir=tmp_path)
     with pytest.raises(TypeError, match="must be a file path"):
@@ -586,7 +595,7 @@ def test_training_dataset_errors(tmp_path, msd_root, processor):
 def test_a_batch_trains_the_tiny_model(tmp_path, msd_root, processor):
     """The contract with the model: a collated batch goes straight into forward and gives a finite loss and gradients
     (non-cubic patch, H != W: the quarter turns run too, the shapes still match the model's image_size)."""
-    train = Sam3DTrainingDataset(index_dataset(msd_root), processor, patch_size=PATCH, cache_dir=tmp_path)
+    train = Sam3DTrainingDataset(index_dataset(msd_root), processor, recipe=legacy(PATCH), cache_dir=tmp_path)
     batch = next(iter(torch.utils.data.DataLoader(train, batch_size=2, shuffle=False, collate_fn=sam3d_collate)))
     assert batch["labels"].shape == (2, *PATCH) and batch["input_points"].shape == (2, 43, 3)
     assert ((batch["input_labels"] == 1).sum(1) >= 1).all()

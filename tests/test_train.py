@@ -31,8 +31,10 @@ from conftest import copy_with_an_unlabelled_scan
 from sam3d_hf.synthetic import generate_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
+# The loop's mechanics (resume, DDP, checkpoints, validation on scans) on the legacy recipe; the official recipes'
+# own runs: tests/test_recipe_runs.py.
 TINY_ARGS = [
-    "--model_config", "tiny", "--patch_size", "32", "24", "40", "--train_batch_size", "2",
+    "--recipe", "legacy", "--model_config", "tiny", "--patch_size", "32", "24", "40", "--train_batch_size", "2",
     "--num_positive_points", "6", "--num_background_points", "3", "--num_negative_points", "1",
     "--max_validation_cases", "1", "--report_to", "jsonl", "--seed", "3",
 ]  # fmt: skip
@@ -112,7 +114,12 @@ def step_losses(output_dir: Path) -> dict[int, float]:
 def validation_records(output_dir: Path) -> dict[int, dict[str, float]]:
     """The validation scores logged at each step: the mean and one per scan."""
     records = [json.loads(line) for line in (output_dir / "logs" / "metrics.jsonl").read_text().splitlines()]
-    return {r.pop("step"): r for r in records if "validation_dice" in r}
+    kept = {}
+    for record in records:
+        if "validation_dice" in record:
+            del record["time"]  # the wall time of the line
+            kept[record.pop("step")] = record
+    return kept
 
 
 def final_weights(output_dir: Path) -> dict[str, str]:
@@ -301,6 +308,7 @@ def resume_and_compare(train, caplog, output_dir, data_dir, reference_run, resum
         (restored,) = [r for r in records if "resumed_rng_fingerprint" in r]
         states = [json.loads(p.read_text()) for p in (reference_run / "checkpoints").glob("*/training_state.json")]
         (saved,) = [s["rng_fingerprint"] for s in states if s["global_step"] == resumed_at]
+        restored.pop("time")  # the wall time of the line
         assert restored == {"step": resumed_at, "resumed_rng_fingerprint": saved}
 
 
@@ -662,7 +670,9 @@ def test_readme_fine_tune_commands_run_as_written(train, tmp_path, monkeypatch, 
     the GPU command's arguments are accepted by the script (no GPU, SAM weights or pancreas data here)."""
     section = fine_tune_section()
     (python,) = re.findall(r"^```python\n(.*?)^```", section, flags=re.S | re.M)
-    cpu, gpu = readme_commands(section)
+    commands = readme_commands(section)
+    (cpu,) = [c for c in commands if "examples/accelerate_configs/cpu.yaml" in c]
+    (gpu,) = [c for c in commands if "examples/accelerate_configs/single_gpu.yaml" in c]
     os.symlink(ROOT / "examples", tmp_path / "examples")  # the commands name examples/ relative to the repository
     monkeypatch.setenv("SAM3D_HF_CACHE", str(tmp_path / "cache"))  # the default cache, not ~/.cache
     monkeypatch.chdir(tmp_path)
@@ -686,6 +696,7 @@ def test_readme_fine_tune_commands_run_as_written(train, tmp_path, monkeypatch, 
     (tmp_path / gpu[gpu.index("--data_dir") + 1]).mkdir()
     args = train.parse_args(gpu[gpu.index("examples/train.py") + 1 :])
     assert (args.model_config, args.patch_size, args.finetune) == ("vit_b", [128, 128, 128], "adapter")
+    assert (args.recipe, args.split_file, args.fold) == ("official", "official", 0)
     from sam3d_hf import Sam3DProcessor
 
     assert Sam3DProcessor.from_preset(args.preset).image_processor.target_label is not None
