@@ -44,8 +44,8 @@ DEMO_SETTINGS = {
 PATCH_SIZE = (32, 32, 32)
 TARGET_SPACING = (1.5, 1.5, 1.5)
 TRAIN_ARGS = [
-    "--model_config", "tiny", "--finetune", "adapter", "--train_batch_size", "2", "--learning_rate", "2e-3",
-    "--lr_warmup_steps", "20", "--num_positive_points", "6", "--num_background_points", "3",
+    "--recipe", "legacy", "--model_config", "tiny", "--finetune", "adapter", "--train_batch_size", "2",
+    "--learning_rate", "2e-3", "--lr_warmup_steps", "20", "--num_positive_points", "6", "--num_background_points", "3",
     "--num_negative_points", "1", "--validation_steps", "0", "--report_to", "jsonl",
 ]  # fmt: skip
 
@@ -122,11 +122,12 @@ def run_demo(output_dir: str | os.PathLike = "sam3d-demo", quick: bool = False, 
             "--model", str(work / "model"), "--data_dir", str(data_dir), "--split_file",
             str(work / "training" / "split.json"), "--split", "test", "--protocols", settings["protocols"],
             "--rounds", str(settings["rounds"]), "--dataset_name", "synthetic", "--seed", str(seed),
+            "--click_placement", "official,per_lesion",
             "--output_dir", str(evaluation_dir), "--save_masks",
         ])  # fmt: skip
 
         _step(4, "keeping the scored 1-click masks of the held-out cases as predictions/ (NIfTI)")
-        os.replace(evaluation_dir / "masks" / "1", work / "predictions")  # the masks its table scored
+        os.replace(evaluation_dir / "masks" / "1-per_lesion", work / "predictions")  # the masks its table scored
         label_image = nib.load(data_dir / "labelsTr" / f"{test[0]}.nii.gz")
         tumour = np.asarray(label_image.dataobj) == target
         lesions, count = ndimage.label(tumour)  # a voxel inside the largest lesion, for the `sam3d segment` line

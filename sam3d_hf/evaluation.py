@@ -8,16 +8,22 @@ preprocessed once, and each patch encoded once for all protocols) -> mask in the
 NSD at 5 mm per scan and per lesion (`sam3d_hf.metrics.evaluate_case`).
 
 Protocols (`--protocols`, comma separated; default 1,3,10):
-* a number N (the paper: 1, 3, 10): N clicks placed by `--click_placement` -- `per_lesion` (default: one click in each
-  lesion as long as there are clicks, the rest uniform over the tumour; a scan with several lesions gets one patch
-  per click cluster) or `uniform` (the official evaluation: uniform over all tumour voxels);
+* a number N (the paper: 1, 3, 10): N clicks placed by each of `--click_placement` (default `official,per_lesion`,
+  both rows in the table) -- `official` (`test.py`: N tumour voxels of the label map resized to the resampled grid,
+  drawn with replacement, here seeded; one crop of the patch size centred on their bounding box, zero-padded after
+  normalisation, never shifted; lesions outside it count as missed), `per_lesion` (the package's improvement: one
+  click in each lesion as long as there are clicks, the rest uniform over the tumour; one patch per click cluster) or
+  `uniform` (uniform over all tumour voxels, one patch per cluster);
 * `center`, `surrounding`, `marginal`: the paper's ablation, one click in that depth band of the largest lesion;
 * `correction` (models with `prompt_encoder_config.use_point_labels=True`): one click as for `1`, then up to
   `--rounds` (5) corrective clicks at the centre of the largest error region (`correction_click`: negative in a false
   positive, positive in a miss), Dice and NSD after every round. Its rows are named `<method> (interactive)`.
-With `--automatic`, the sliding-window mode (`Sam3DPredictor.predict_automatic`, no click; for models trained without
-prompts) is evaluated too, as the row `<method>, automatic (sliding window)` (protocol `automatic` in the CSV files);
-`--automatic` without `--protocols` evaluates only it.
+With `--automatic`, the prompt-free model (`config.use_prompt_encoder=False`, the paper's Table 3) segments each scan
+with sliding windows (`Sam3DPredictor.predict_automatic`: MONAI, Gaussian weighting, `--overlap` 0.5 as the official
+`test_auto.py`, 0.7 as the paper's text), as the row `<method>, automatic (sliding window)` (protocol `automatic` in
+the CSV files); `--automatic` without `--protocols` evaluates only it, and a prompt-free model takes no click protocol.
+A prompted model is evaluated that way only with `--centre_clicks` (one click at each window's centre: not the
+paper's method).
 
 Patches. Each protocol's first prediction places its patches centred on its clicks, as a fresh `Sam3DProcessor` call
 does (`predict(..., reuse_patches=False)`), so a protocol's results do not depend on which protocols ran before it.
@@ -29,7 +35,8 @@ Outputs in `--output_dir`: `cases.csv` (one row per scan, protocol and round), `
 "protocols", "click_placement", "rounds", "seed", "tolerance_mm", "target_label", ...}, "summary": ...}`, the
 summary being `sam3d_hf.metrics.summarize`'s mean and std per protocol and round, NaN written as null: the model card
 reads the settings from it, never a default), with `--save_masks` `masks/<protocol>/<case>.nii.gz` (each protocol's
-last scored mask, in the scan's geometry),
+last scored mask, in the scan's geometry; `<protocol>` is e.g. `1-official`, `3-per_lesion`, `correction-per_lesion`,
+`center`, `automatic`),
 `table.md` (Table 1 shape), `dice_per_round.png` (mean Dice/NSD per correction round, or per number of clicks; only
 with such rows), and `overlays/<case>.png` (three orthogonal slices through each lesion: ground truth, prediction,
 clicks; from the first protocol, or the last correction round). Everything is written into a hidden sibling folder and
@@ -57,6 +64,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import torch
+import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object
 from tqdm.auto import tqdm
@@ -64,16 +72,19 @@ from tqdm.auto import tqdm
 from .data import index_dataset, load_or_create_split, validate_dataset
 from .files import atomic_write, atomic_write_text, make_staging_folder, replace_folder, write_json
 from .hub import check_model_reference
+from .image_processing_sam3d import to_canonical
 from .inference import Sam3DPredictor
 from .metrics import correction_click, evaluate_case, markdown_table, simulate_clicks, summarize
 from .modeling_sam3d import Sam3DForPromptableSegmentation
 from .peft_sam3d import PEFT_TYPE as SPATIAL_ADAPTER_TYPE
 from .peft_sam3d import Sam3DAdapterModel
 from .processing_sam3d import Sam3DProcessor, save_mask_nifti
+from .recipes import RECIPES
 from .version import __version__
 from .visualization import save_curve, save_overlay
 
 POSITION_PROTOCOLS = ("center", "surrounding", "marginal")
+CLICK_PLACEMENTS = ("official", "per_lesion", "uniform")
 SUMMARY_FORMAT = "sam3d-hf-evaluation-v1"
 CASE_COLUMNS = (
     "case_id", "dataset", "method", "protocol_name", "protocol", "num_clicks", "round", "dice", "nsd", "voxels",
@@ -98,14 +109,23 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--split_file", help="JSON split (made with seed --seed if missing); without it: all cases")
     parser.add_argument("--split", default="test", choices=["train", "validation", "test"],
                         help="which part of --split_file to evaluate (default: test)")  # fmt: skip
+    parser.add_argument("--recipe", choices=list(RECIPES), help="the training recipe whose test protocol to run "
+                        "(default: the model's, from its training_info.json, else official): official and paper: 1, "
+                        "3, 10 clicks; interactive: also correction rounds; official_auto: --automatic")  # fmt: skip
     parser.add_argument("--protocols", help="comma separated: N (clicks), center, surrounding, marginal, correction "
                         "(default: 1,3,10; none with --automatic alone)")  # fmt: skip
     parser.add_argument("--automatic", action="store_true", help="also evaluate sliding windows without clicks "
-                        "(Sam3DPredictor.predict_automatic: overlap 0.7, Gaussian) as the row 'automatic'")  # fmt: skip
+                        "(the prompt-free model; Sam3DPredictor.predict_automatic) as the row 'automatic'")  # fmt: skip
     parser.add_argument("--sw_batch_size", type=int, default=1, help="windows per forward pass with --automatic")
-    parser.add_argument("--click_placement", default="per_lesion", choices=["per_lesion", "uniform"],
-                        help="where the N clicks of a numeric protocol go: per_lesion (one per lesion first, the "
-                        "rest uniform) or uniform (over all tumour voxels, as the official evaluation)")  # fmt: skip
+    parser.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap with --automatic (the "
+                        "official code: 0.5; the paper's text: 0.7)")  # fmt: skip
+    parser.add_argument("--centre_clicks", action="store_true", help="--automatic with a prompted model: one click at "
+                        "each window's centre (not the paper's method)")  # fmt: skip
+    parser.add_argument("--click_placement", default="official,per_lesion",
+                        help="comma separated, each gives its rows: official (test.py: clicks and one crop as the "
+                        "official code), per_lesion (one click per lesion first, one patch per cluster) or uniform "
+                        "(uniform over all tumour voxels, one patch per cluster); corrections start from the first "
+                        "that is not official")  # fmt: skip
     parser.add_argument("--rounds", type=int, default=5, help="correction rounds")
     parser.add_argument("--target_label", type=int, help="tumour label (default: the processor's target_label)")
     parser.add_argument("--method", default="3DSAM-adapter", help="row name in the table")
@@ -120,8 +140,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--max_cases", type=int, help="evaluate only the first N cases of the split")
     parser.add_argument("--tolerance_mm", type=float, default=5.0, help="NSD tolerance in mm (the paper: 5)")
     parser.add_argument("--save_masks", action="store_true",
-                        help="also write the scored masks as NIfTI: masks/<protocol>/<case>.nii.gz, each protocol's "
-                        "last prediction, in the scan's geometry")  # fmt: skip
+                        help="also write the scored masks as NIfTI: masks/<protocol>/<case>.nii.gz (e.g. "
+                        "masks/1-official/), each protocol's last prediction, in the scan's geometry")  # fmt: skip
     return parser
 
 
@@ -130,8 +150,12 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
     args = parser.parse_args(argv)
     if (args.model is None) == (args.base is None) or (args.base is None) != (args.adapter is None):
         parser.error("give --model, or --base together with --adapter")
+    if args.recipe is None:  # the recipe the model was trained with, as its training record says
+        args.recipe = _trained_recipe(args.model or args.base) or "official"
+    if args.recipe == "official_auto" and args.protocols is None:
+        args.automatic = True  # the prompt-free model: sliding windows, test_auto.py
     if args.protocols is None:
-        args.protocols = "" if args.automatic else "1,3,10"
+        args.protocols = "" if args.automatic else "1,3,10,correction" if args.recipe == "interactive" else "1,3,10"
     protocols = [p.strip() for p in args.protocols.split(",") if p.strip()]
     for protocol in protocols:
         if not (protocol.isdigit() and int(protocol) > 0) and protocol not in (*POSITION_PROTOCOLS, "correction"):
@@ -139,11 +163,29 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
     if not protocols and not args.automatic:
         parser.error("--protocols is empty (give click protocols, or --automatic)")
     args.protocols = protocols + (["automatic"] if args.automatic else [])
+    args.click_placements = [p.strip() for p in args.click_placement.split(",") if p.strip()]
+    unknown = [p for p in args.click_placements if p not in CLICK_PLACEMENTS]
+    if unknown or not args.click_placements:
+        parser.error(
+            f"--click_placement takes {', '.join(CLICK_PLACEMENTS)}, comma separated; got {args.click_placement!r}"
+        )
+    if not 0 <= args.overlap < 1:
+        parser.error(f"--overlap must lie in [0, 1), got {args.overlap}")
     if args.rounds < 1 or args.sw_batch_size < 1 or (args.max_cases is not None and args.max_cases < 1):
         parser.error("--rounds, --sw_batch_size and --max_cases must be >= 1")
     if not args.tolerance_mm > 0:
         parser.error(f"--tolerance_mm must be > 0 (millimetres), got {args.tolerance_mm}")
     return args
+
+
+def _trained_recipe(folder: str | None) -> str | None:
+    """The recipe named by a local model folder's training_info.json, if it has one."""
+    path = Path(folder or "") / "training_info.json"
+    try:
+        name = json.loads(path.read_text(encoding="utf-8"))["recipe"]["name"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return name if name in RECIPES else None
 
 
 def load_processor(args: argparse.Namespace) -> Sam3DProcessor:
@@ -207,6 +249,42 @@ def predict_in_session(predictor: Sam3DPredictor, points, labels, session: list[
     return prediction.mask
 
 
+def official_crop_prediction(
+    predictor: Sam3DPredictor, tumour: np.ndarray, num_clicks: int, seed: int
+) -> tuple[torch.Tensor, np.ndarray]:
+    """`test.py`'s prediction: `num_clicks` tumour voxels of the label map resized (nearest) to the resampled grid,
+    drawn uniformly with replacement (here from `seed`), one crop of the processor's patch size centred on the clicks'
+    bounding box (`(max + min) // 2` per axis), zero-padded where it leaves the scan (0 after normalisation: the
+    dataset mean), never shifted; the foreground probability pasted into an empty scan and mapped back to its
+    geometry. Returns `(mask in the scan's geometry, clicks as stored voxel indices (i, j, k))`."""
+    processor, model, pre = predictor.processor, predictor.model, predictor.preprocessed
+    axes, flips = np.asarray(pre["canonical_axes"]).tolist(), np.asarray(pre["canonical_flips"]).tolist()
+    canonical = torch.from_numpy(to_canonical(tumour.astype(np.float32), axes, flips).copy())
+    size = tuple(np.asarray(pre["resampled_size"]).tolist())
+    prompt = F.interpolate(canonical[None, None], size=size, mode="nearest")[0, 0].numpy() > 0
+    candidates = np.argwhere(prompt)
+    if len(candidates) == 0:  # a lesion smaller than a resampled voxel: the nearest voxel of its centre
+        candidates = np.rint(np.argwhere(canonical.numpy()).mean(0) / np.asarray(pre["resampling_scale"]))[None]
+    clicks = candidates[np.random.default_rng(seed).integers(len(candidates), size=num_clicks)].astype(np.int64)
+    patch = np.asarray(processor.patch_size)
+    origin = (clicks.max(0) + clicks.min(0)) // 2 - patch // 2
+    volume = torch.as_tensor(np.asarray(pre["pixel_values"]), dtype=torch.float32)[0, 0]
+    crop = torch.zeros(tuple(patch.tolist()))  # zero padding: the dataset mean
+    lo, hi = np.maximum(origin, 0), np.minimum(origin + patch, size)
+    inside = tuple(slice(a, b) for a, b in zip(lo, hi))
+    crop[tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, origin))] = volume[inside]
+    with torch.inference_mode(), predictor.autocast():
+        logits = model(
+            pixel_values=crop[None, None].to(model.device),
+            input_points=torch.from_numpy((clicks - origin).astype(np.float32))[None].to(model.device),
+        ).logits.float()
+    mask = processor.post_process_masks(logits, {**pre, "patch_origins": origin[None]})
+    stored = nib.affines.apply_affine(
+        np.linalg.inv(np.asarray(pre["original_affine"])) @ np.asarray(pre["resampled_affine"]), clicks
+    )
+    return mask, stored
+
+
 def evaluate_one(case: dict[str, Any], predictor: Sam3DPredictor, args: argparse.Namespace) -> dict[str, Any]:
     """Every protocol on one scan; returns CSV rows, lesion rows and what the overlay needs."""
     label_image = nib.load(case["label"])
@@ -240,15 +318,18 @@ def evaluate_one(case: dict[str, Any], predictor: Sam3DPredictor, args: argparse
         })  # fmt: skip
         result["lesion_rows"].extend({**meta, **lesion} for lesion in scores["lesions"])
         if args.mask_dir is not None:  # each protocol's last scored mask (the last round's, for corrections)
-            folder = args.mask_dir / protocol_name
+            folder = args.mask_dir / (protocol_name if protocol == protocol_name else f"{protocol_name}-{protocol}")
             folder.mkdir(parents=True, exist_ok=True)
             save_mask_nifti(mask, case["image"], folder / f"{case['case_id']}.nii.gz")
         if "overlay" not in result or protocol_name == "correction":
             result["overlay"] = (mask, np.asarray(points), np.asarray(labels), f"{protocol_name} round {round_}")
 
+    session_placement = next((p for p in args.click_placements if p != "official"), "per_lesion")
     for protocol_name in args.protocols:
         if protocol_name == "automatic":
-            mask = predictor.predict_automatic(batch_size=args.sw_batch_size).mask
+            mask = predictor.predict_automatic(
+                batch_size=args.sw_batch_size, overlap=args.overlap, centre_clicks=args.centre_clicks
+            ).mask
             record(protocol_name, protocol_name, np.zeros((0, 3)), np.zeros(0, np.int64), 0, mask, args.method)
         elif protocol_name in POSITION_PROTOCOLS:
             try:
@@ -259,22 +340,27 @@ def evaluate_one(case: dict[str, Any], predictor: Sam3DPredictor, args: argparse
             mask = predictor.predict(points, labels, reuse_patches=False).mask
             record(protocol_name, protocol_name, points, labels, 0, mask, args.method)
         elif protocol_name == "correction":
-            points, labels = simulate_clicks(tumour, args.click_placement, 1, seed=seed, spacing=spacing)
+            points, labels = simulate_clicks(tumour, session_placement, 1, seed=seed, spacing=spacing)
             session = []  # the patches of this protocol's rounds (see `predict_in_session`)
             mask = predict_in_session(predictor, points, labels, session)
             method = f"{args.method} (interactive)"
-            record(protocol_name, args.click_placement, points, labels, 0, mask, method)
+            record(protocol_name, session_placement, points, labels, 0, mask, method)
             for round_ in range(1, args.rounds + 1):
                 click = correction_click(tumour, mask, spacing)
                 if click is not None:  # otherwise the prediction is perfect: it stays as it is
                     points, labels = np.vstack([points, click[0]]), np.append(labels, click[1])
                     mask = predict_in_session(predictor, points, labels, session)
-                record(protocol_name, args.click_placement, points, labels, round_, mask, method)
+                record(protocol_name, session_placement, points, labels, round_, mask, method)
         else:
             count = int(protocol_name)
-            points, labels = simulate_clicks(tumour, args.click_placement, count, seed=seed, spacing=spacing)
-            mask = predictor.predict(points, labels, reuse_patches=False).mask
-            record(protocol_name, args.click_placement, points, labels, 0, mask, args.method)
+            for placement in args.click_placements:
+                if placement == "official":
+                    mask, points = official_crop_prediction(predictor, tumour, count, seed)
+                    labels = np.ones(count, np.int64)
+                else:
+                    points, labels = simulate_clicks(tumour, placement, count, seed=seed, spacing=spacing)
+                    mask = predictor.predict(points, labels, reuse_patches=False).mask
+                record(protocol_name, placement, points, labels, 0, mask, args.method)
     if "overlay" in result and args.overlay_dir is not None:
         mask, points, labels, title = result.pop("overlay")
         image = np.asarray(nib.load(case["image"]).dataobj, dtype=np.float32)
@@ -388,6 +474,7 @@ def write_outputs(
             "cases": len({r["case_id"] for r in rows}),
             "protocols": args.protocols,
             "click_placement": args.click_placement,
+            "overlap": args.overlap if "automatic" in args.protocols else None,
             "rounds": args.rounds,
             "seed": args.seed,
             "tolerance_mm": args.tolerance_mm,
@@ -396,6 +483,7 @@ def write_outputs(
             "sw_batch_size": args.sw_batch_size,
             "max_cases": args.max_cases,
             "method": args.method,
+            "recipe": args.recipe,
         },
         "summary": summary,
     }
@@ -432,6 +520,17 @@ def run(args: argparse.Namespace, accelerator: Accelerator) -> None:
     except (ValueError, TypeError) as error:
         raise ValueError(f"the dataset in {args.data_dir} is not usable: {error}") from None
     model = load_model(args)
+    click_protocols = [p for p in args.protocols if p != "automatic"]
+    if not model.config.use_prompt_encoder and click_protocols:
+        raise ValueError(
+            f"this model is prompt-free (use_prompt_encoder=False) and takes no clicks: evaluate it with --automatic "
+            f"alone, not the click protocols {click_protocols}"
+        )
+    if "automatic" in args.protocols and model.config.use_prompt_encoder and not args.centre_clicks:
+        raise ValueError(
+            "--automatic evaluates the prompt-free model (sliding windows, no click); this model is prompted: drop "
+            "--automatic, or add --centre_clicks for one click at each window's centre (not the paper's method)"
+        )
     if "correction" in args.protocols and not model.config.prompt_encoder_config.use_point_labels:
         raise ValueError(
             "protocol 'correction' places negative clicks, but this model has prompt_encoder_config.use_point_labels="

@@ -148,7 +148,8 @@ class Sam3DPredictor:
             raise ValueError("No scan is set: call `predictor.set_image(path_or_array)` before predicting.")
         return self._preprocessed
 
-    def _autocast(self):
+    def autocast(self):
+        """The context the predictor runs the model in: bf16 autocast with `bf16=True`, else nothing."""
         if not self.bf16:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.model.device.type, dtype=torch.bfloat16)
@@ -198,6 +199,11 @@ class Sam3DPredictor:
         Returns:
             [`Sam3DPrediction`] with one score and one logits row per patch.
         """
+        if not self.model.config.use_prompt_encoder:
+            raise ValueError(
+                "this model is prompt-free (config.use_prompt_encoder=False): it takes no clicks; segment the scan "
+                "with predictor.predict_automatic() (sliding windows)"
+            )
         preprocessed = self.preprocessed
         if isinstance(reuse_patches, bool):
             reusable = list(reversed(self._cache)) if reuse_patches else None  # most recently used first
@@ -205,7 +211,7 @@ class Sam3DPredictor:
             reusable = _patch_origins(reuse_patches)
         inputs = self.processor.prepare_prompts(preprocessed, input_points, input_labels, points_in, "pt", reusable)
         origins = inputs["patch_origins"].tolist()
-        with torch.inference_mode(), self._autocast():
+        with torch.inference_mode(), self.autocast():
             rows = [self._embeddings(tuple(o), inputs["pixel_values"][b : b + 1]) for b, o in enumerate(origins)]
             # The class the model returned: with `trust_remote_code` the model and this module may come from two
             # copies of modeling_sam3d, and the model checks the type of its embeddings.
@@ -228,18 +234,24 @@ class Sam3DPredictor:
         )
 
     # -------------------------------------------------------------------------------------------------- automatic
-    def predict_automatic(self, batch_size: int = 1, overlap: float = 0.7, threshold: float = 0.5) -> Sam3DPrediction:
-        """Segment the whole scan with sliding windows (MONAI `sliding_window_inference`, Gaussian weighting).
+    def predict_automatic(
+        self, batch_size: int = 1, overlap: float = 0.5, threshold: float = 0.5, centre_clicks: bool = False
+    ) -> Sam3DPrediction:
+        """Segment the whole scan with sliding windows (MONAI `sliding_window_inference`, Gaussian weighting), as the
+        official `test_auto.py` does with the prompt-free model (`config.use_prompt_encoder=False`).
 
-        Every window is a `processor.patch_size` patch of the resampled scan (padded with air,
-        `image_processor.pad_value`, where it leaves the scan) and gets one positive click at its centre voxel (see
-        the module docstring for why). The windows' foreground probabilities are blended with Gaussian weights and
-        mapped back to the original geometry.
+        Every window is a `processor.patch_size` patch of the resampled scan (padded with `image_processor.pad_value`
+        where it leaves the scan: 0, the mean, for the official presets, as `test_auto.py` pads). The windows'
+        foreground probabilities are blended with Gaussian weights and mapped back to the original geometry.
 
         Args:
             batch_size: windows per forward pass.
-            overlap: fraction of a window shared with its neighbour along each axis, in `[0, 1)` (the paper: 0.7).
+            overlap: fraction of a window shared with its neighbour along each axis, in `[0, 1)`: 0.5 as the official
+                code, 0.7 as the paper's text says.
             threshold: foreground probability threshold, strictly between 0 and 1.
+            centre_clicks: a prompted model needs clicks: with `True` every window gets one positive click at its
+                centre voxel (not the paper's method: a stand-in for models trained with prompts only). A prompted
+                model without it, or a prompt-free one with it, is refused.
 
         Returns:
             [`Sam3DPrediction`] whose `scores` holds one value (mean probability inside the mask); no logits/inputs.
@@ -248,12 +260,23 @@ class Sam3DPredictor:
             raise ValueError(f"`batch_size` must be an int >= 1 (windows per forward pass), got {batch_size!r}.")
         if not 0.0 <= overlap < 1.0:
             raise ValueError(f"`overlap` must lie in [0, 1) (window fraction shared with a neighbour), got {overlap}.")
+        prompted = self.model.config.use_prompt_encoder
+        if prompted and not centre_clicks:
+            raise ValueError(
+                "automatic (sliding-window) mode needs the prompt-free model (config.use_prompt_encoder=False, "
+                "trained with the official_auto recipe or converted from a train_auto.py snapshot); this model is "
+                "prompted: give clicks with predict(), or pass centre_clicks=True for one click per window's centre"
+            )
+        if centre_clicks and not prompted:
+            raise ValueError("centre_clicks=True is for prompted models; a prompt-free model takes no clicks")
         preprocessed = self.preprocessed
         volume = torch.as_tensor(np.asarray(preprocessed["pixel_values"]), dtype=torch.float32)  # (1, 1, D, H, W)
         patch = self.processor.patch_size
         centre = torch.tensor([(p - 1) / 2 for p in patch], dtype=torch.float32, device=self.model.device)
 
         def window_probabilities(windows: torch.Tensor) -> torch.Tensor:  # (B, 1, *patch) -> (B, 1, *patch)
+            if not prompted:
+                return torch.softmax(self.model(pixel_values=windows).logits.float(), dim=1)[:, 1:]
             batch = windows.shape[0]
             logits = self.model(
                 pixel_values=windows,
@@ -262,7 +285,7 @@ class Sam3DPredictor:
             ).logits.float()
             return torch.softmax(logits, dim=1)[:, 1:]
 
-        with torch.inference_mode(), self._autocast():
+        with torch.inference_mode(), self.autocast():
             resampled = sliding_window_inference(
                 volume,
                 roi_size=patch,

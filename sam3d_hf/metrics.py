@@ -62,7 +62,7 @@ from scipy import ndimage
 
 CLICK_PROTOCOLS = ("uniform", "per_lesion", "center", "surrounding", "marginal")
 # Rows of a summary: the click protocols, then "automatic" (sliding window without clicks, `predict_automatic`).
-SUMMARY_PROTOCOLS = (*CLICK_PROTOCOLS, "automatic")
+SUMMARY_PROTOCOLS = ("official", *CLICK_PROTOCOLS, "automatic")  # official: test.py's placement and crop
 # Full 26-connectivity: voxels that share only an edge or a corner belong to the same lesion / error region.
 CONNECTIVITY_26 = np.ones((3, 3, 3), dtype=bool)
 

@@ -90,8 +90,9 @@ def test_every_output_and_summary_equals_csv_means(setup):
     train = json.loads(split.read_text())["train"]
     rows = read_csv(out / "cases.csv")
     assert sorted({r["case_id"] for r in rows}) == sorted(train)[:2]
-    # 1, 3, center: one row per case each; correction: rounds 0, 1, 2.
-    assert len(rows) == 2 * 6
+    # 1 and 3 clicks (official and per_lesion placements), center: one row per case each; correction: rounds 0, 1, 2.
+    assert len(rows) == 2 * 8
+    assert sorted({r["protocol"] for r in rows if r["protocol_name"] in ("1", "3")}) == ["official", "per_lesion"]
     for r in rows:
         if r["protocol_name"] != "center":
             assert json.loads(r["click_labels"]).count(1) >= 1
@@ -102,7 +103,7 @@ def test_every_output_and_summary_equals_csv_means(setup):
     groups = {}
     for r in rows:
         groups.setdefault((r["method"], r["protocol"], int(r["num_clicks"]), int(r["round"])), []).append(r)
-    assert len(summary) == len(groups) == 6
+    assert len(summary) == len(groups) == 8
     for (method, protocol, clicks, round_), members in groups.items():
         name = f"{method}, {clicks} click{'s' if clicks != 1 else ''} ({protocol})"
         name += f" + {round_} correction{'s' if round_ != 1 else ''}" if round_ else ""
@@ -178,13 +179,14 @@ def test_the_nsd_tolerance_is_used_and_recorded(setup, tmp_path):
     for tolerance in (1.0, 5.0):
         out = tmp_path / f"tolerance-{tolerance:g}"
         load_script().main(["--model", str(setup["model"]), "--data_dir", str(setup["data"]), "--protocols", "1",
-                            "--max_cases", "2", "--tolerance_mm", str(tolerance), "--save_masks",
+                            "--click_placement", "per_lesion", "--max_cases", "2", "--tolerance_mm", str(tolerance),
+                            "--save_masks",
                             "--output_dir", str(out)])  # fmt: skip
         assert json.loads((out / "summary.json").read_text())["settings"]["tolerance_mm"] == tolerance
         rows = read_csv(out / "cases.csv")
         for row, case in zip(rows, index_dataset(setup["data"])):
             label = nib.load(case["label"])
-            mask = np.asarray(nib.load(out / "masks" / "1" / f"{case['case_id']}.nii.gz").dataobj)
+            mask = np.asarray(nib.load(out / "masks" / "1-per_lesion" / f"{case['case_id']}.nii.gz").dataobj)
             spacing = np.linalg.norm(label.affine[:3, :3], axis=0)
             expected = evaluate_case(mask, np.asarray(label.dataobj) == 2, spacing, tolerance_mm=tolerance)
             assert float(row["nsd"]) == pytest.approx(expected["nsd"], abs=1e-12)
@@ -386,7 +388,8 @@ def test_scans_without_a_label_are_left_out_as_in_training(setup, tmp_path):
 def test_automatic_mode_is_its_own_row(setup, tmp_path, capsys):
     out = tmp_path / "automatic"
     load_script().main(["--model", str(setup["model"]), "--data_dir", str(setup["data"]), "--automatic",
-                        "--sw_batch_size", "4", "--max_cases", "1", "--output_dir", str(out)])  # fmt: skip
+                        "--centre_clicks", "--sw_batch_size", "4", "--max_cases", "1",
+                        "--output_dir", str(out)])  # fmt: skip
     assert "cases: 100%" in capsys.readouterr().err  # the progress bar
     rows = read_csv(out / "cases.csv")
     assert [(r["protocol_name"], r["protocol"], r["num_clicks"], r["clicks"]) for r in rows] == [
@@ -402,7 +405,7 @@ def test_automatic_mode_is_its_own_row(setup, tmp_path, capsys):
     predictor.set_image(case["image"])
     label = nib.load(case["label"])
     expected = evaluate_case(
-        predictor.predict_automatic(batch_size=4).mask,
+        predictor.predict_automatic(batch_size=4, centre_clicks=True).mask,
         np.asarray(label.dataobj) == 2,
         np.linalg.norm(label.affine[:3, :3], axis=0),
     )
@@ -418,3 +421,60 @@ def test_help_names_the_command_and_explains_every_option(capsys):
         script.parse_args(["--help"], prog="sam3d evaluate")
     out = capsys.readouterr().out
     assert out.startswith("usage: sam3d evaluate ") and "--automatic" in out and "preset" in out
+
+
+class Everything(torch.nn.Module):
+    """A prompted stand-in that calls every voxel of its input foreground: its mask is the crop itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(()))
+        self.config = Sam3DConfig.from_preset("tiny")
+        self.points = []
+
+    @property
+    def device(self):
+        return self.anchor.device
+
+    def forward(self, pixel_values, input_points=None, input_labels=None):
+        self.points.append(input_points)
+        self.pixel_values = pixel_values
+        ones = torch.ones_like(pixel_values)
+        return type("Out", (), {"logits": torch.cat([-10 * ones, 10 * ones], dim=1)})()
+
+
+def test_official_placement_is_test_pys_crop_and_misses_the_far_lesion(tmp_path):
+    """On a 1 mm scan read the official way (no resampling, no reorientation), test.py's rule written out: N tumour
+    voxels, one crop of the patch size centred at (max + min) // 2 of the clicks, never shifted (here it leaves the
+    scan), zero padding; a lesion outside the crop is missed."""
+    from sam3d_hf import evaluation
+
+    shape = (120, 80, 120)
+    label = np.zeros(shape, np.uint8)
+    label[2:9, 2:8, 2:9] = 2  # near the scan's corner: the crop leaves the scan
+    label[95:103, 60:66, 95:104] = 2  # far away: outside any crop around the first
+    image = nib.Nifti1Image(np.full(shape, 40.0, np.float32), np.eye(4))
+    processor = Sam3DProcessor(Sam3DImageProcessor.from_preset("official_kits"), patch_size=PATCH, cluster_margin=4)
+    model = Everything()
+    predictor = Sam3DPredictor(model, processor)
+    predictor.set_image(image)
+    tumour = label == 2
+    first = np.zeros(shape, bool)
+    first[2:9, 2:8, 2:9] = True
+    for seed in range(4):
+        mask, clicks = evaluation.official_crop_prediction(predictor, first, 3, seed)
+        assert clicks.shape == (3, 3) and first[tuple(np.rint(clicks).astype(int).T)].all()
+        centre = (clicks.max(0) + clicks.min(0)) // 2
+        low = (centre - np.array(PATCH) // 2).astype(int)
+        box = np.zeros(shape, bool)
+        box[tuple(slice(max(a, 0), a + p) for a, p in zip(low, PATCH))] = True
+        assert (low < 0).any()  # the crop leaves the scan: not shifted inside
+        np.testing.assert_array_equal(mask.numpy().astype(bool), box)
+        np.testing.assert_array_equal(model.points[-1][0].numpy(), clicks - low)  # the clicks in patch voxels
+        crop = model.pixel_values[0, 0]
+        inside = tuple(slice(max(-a, 0), None) for a in low)  # the part of the crop inside the scan (at its start)
+        ip = processor.image_processor
+        assert torch.allclose(crop[inside], torch.tensor((40.0 - ip.intensity_mean) / ip.intensity_std))
+        assert (crop == 0).sum() == np.prod(PATCH) - crop[inside].numel()  # zero padding: the dataset mean
+        lesions = evaluate_case(mask, tumour, (1, 1, 1))["lesions"]
+        assert [lesion["detected"] for lesion in lesions] == [True, False]  # the far lesion counts as missed

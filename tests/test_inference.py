@@ -217,12 +217,13 @@ def test_bf16_autocast_stays_close_to_float32(tiny_model, oblique_case):
 # ------------------------------------------------------------------------------ geometry with an analytic model
 class IntensityModel(nn.Module):
     """Foreground logit = 4 x the normalised intensity: the prediction is the image, thresholded where it crosses the
-    normalisation mean. Records the clicks it gets."""
+    normalisation mean. Records the clicks it gets; `prompted=False` stands for the prompt-free model."""
 
-    def __init__(self):
+    def __init__(self, prompted: bool = True):
         super().__init__()
         self.anchor = nn.Parameter(torch.zeros(()))  # gives the module a device
         self.calls = []
+        self.config = Sam3DConfig.from_preset("tiny", use_prompt_encoder=prompted)
 
     @property
     def device(self):
@@ -233,6 +234,10 @@ class IntensityModel(nn.Module):
 
     def forward(self, pixel_values=None, input_points=None, input_labels=None, image_embeddings=None):
         image = pixel_values if pixel_values is not None else image_embeddings.decoder_context
+        assert (input_points is not None) == self.config.use_prompt_encoder, "clicks for a prompt-free model"
+        if input_points is None:
+            self.calls.append((None, None, image.shape[0]))
+            return Sam3DSegmentationOutput(logits=torch.cat([torch.zeros_like(image), 4 * image], dim=1))
         self.calls.append((input_points.clone(), input_labels.clone(), image.shape[0]))
         logits = torch.cat([torch.zeros_like(image), 4 * image], dim=1).expand(input_points.shape[0], -1, -1, -1, -1)
         return Sam3DSegmentationOutput(logits=logits)
@@ -271,12 +276,32 @@ def test_mask_is_aligned_with_the_original_scan(sphere_scan):
         )
 
 
+def test_automatic_mode_segments_without_clicks_with_the_prompt_free_model(sphere_scan):
+    """The prompt-free model (test_auto.py): windows without any click; a prompted model is refused without
+    centre_clicks, and a prompt-free one refuses clicks."""
+    image, expected, _ = sphere_scan
+    model = IntensityModel(prompted=False)
+    predictor = Sam3DPredictor(model, make_processor(spacing=1.5))
+    predictor.set_image(image)
+    prediction = predictor.predict_automatic(batch_size=3)
+    assert dice_score(prediction.mask, expected) > 0.95
+    assert model.calls and all(points is None for points, _, _ in model.calls)
+    with pytest.raises(ValueError, match=r"prompt-free .* takes no clicks; segment the scan"):
+        predictor.predict([[10, 10, 10]])
+    with pytest.raises(ValueError, match="centre_clicks=True is for prompted models"):
+        predictor.predict_automatic(centre_clicks=True)
+    prompted = Sam3DPredictor(IntensityModel(), make_processor(spacing=1.5))
+    prompted.set_image(image)
+    with pytest.raises(ValueError, match=r"needs the prompt-free model .* or pass centre_clicks=True"):
+        prompted.predict_automatic()
+
+
 def test_automatic_mode_blends_windows_with_centre_clicks(sphere_scan):
     image, expected, _ = sphere_scan
     model = IntensityModel()
     predictor = Sam3DPredictor(model, make_processor(spacing=1.5))
     predictor.set_image(image)
-    prediction = predictor.predict_automatic(batch_size=3, overlap=0.5)
+    prediction = predictor.predict_automatic(batch_size=3, overlap=0.5, centre_clicks=True)
     assert tuple(prediction.mask.shape) == image.shape
     # Every window agrees on every voxel, so Gaussian blending must give the image's own probability everywhere.
     assert dice_score(prediction.mask, expected) > 0.95
@@ -311,7 +336,8 @@ def test_errors(tiny_model, oblique_case):
 
 
 def test_automatic_mode_settings_reach_monai(sphere_scan, monkeypatch):
-    """The paper's settings: Gaussian blending, overlap 0.7 by default, windows padded with air (not 0 = mean)."""
+    """test_auto.py's settings: Gaussian blending, overlap 0.5 by default (0.7 in the paper's text, when asked), windows
+    padded with the processor's padding value: air, or 0 (the mean) for the official presets, as test_auto.py pads."""
     import sam3d_hf.inference as inference
 
     seen = {}
@@ -323,8 +349,15 @@ def test_automatic_mode_settings_reach_monai(sphere_scan, monkeypatch):
     inference_sliding_window = inference.sliding_window_inference
     monkeypatch.setattr(inference, "sliding_window_inference", recording)
     processor = make_processor(spacing=1.5)
-    predictor = Sam3DPredictor(IntensityModel(), processor)
+    predictor = Sam3DPredictor(IntensityModel(prompted=False), processor)
     predictor.set_image(sphere_scan[0])
     predictor.predict_automatic(batch_size=2)
-    assert seen["mode"] == "gaussian" and seen["overlap"] == 0.7 and seen["sw_batch_size"] == 2
-    assert seen["roi_size"] == PATCH and seen["cval"] == pytest.approx(processor.image_processor.pad_value)
+    assert seen["mode"] == "gaussian" and seen["overlap"] == 0.5 and seen["sw_batch_size"] == 2
+    assert seen["roi_size"] == PATCH and seen["cval"] == pytest.approx(processor.image_processor.air_value)
+    predictor.predict_automatic(overlap=0.7)
+    assert seen["overlap"] == 0.7
+    official = Sam3DProcessor(Sam3DImageProcessor.from_preset("official_kits"), patch_size=PATCH, cluster_margin=4)
+    predictor = Sam3DPredictor(IntensityModel(prompted=False), official)
+    predictor.set_image(sphere_scan[0])
+    predictor.predict_automatic()
+    assert seen["cval"] == 0.0
