@@ -443,10 +443,25 @@ def read_scan(path: str | os.PathLike, workdir: str | os.PathLike) -> Scan:
     Raises:
         ValueError: unreadable, not 3D (a 2D picture or a single slice), or a zip without a DICOM series.
     """
-    from .image_processing_sam3d import load_volume
 
     path = Path(path)
     name = path.name
+    try:
+        return _read_scan(path, name, workdir)
+    except (ValueError, FileNotFoundError) as error:
+        # Uploads live under temporary names: the message names the file as the user knows it.
+        if error.__cause__ is not None:  # a reader refused the file
+            reason = str(error.__cause__).replace(os.fspath(path), name)
+            raise ValueError(
+                f"{name} could not be read as a scan ({type(error.__cause__).__name__}: {reason}). Upload a NIfTI "
+                "(.nii, .nii.gz) or NRRD (.nrrd, .nhdr) file, or a .zip of one DICOM series"
+            ) from None
+        raise ValueError(str(error).replace(os.fspath(path), name)) from None
+
+
+def _read_scan(path: Path, name: str, workdir: str | os.PathLike) -> Scan:
+    from .image_processing_sam3d import load_volume
+
     if name.lower().endswith(".zip"):
         folder = Path(tempfile.mkdtemp(prefix="dicom-", dir=workdir))
         try:
@@ -948,7 +963,7 @@ def _encoding_notice(session: AppSession) -> str:
     patch = "×".join(map(str, model.patch_size))
     last = f" (the last encoding with this model took {model.encode_seconds:.0f} s)" if model.encode_seconds else ""
     return (
-        f"⏳ **Encoding a new {patch} patch** (the first click in this region runs the image encoder): about a "
+        f"**Encoding a new {patch} patch** (the first click in this region runs the image encoder): about a "
         f"minute for ViT-B on a CPU, seconds on a GPU{last}. The page stays usable; the mask appears when it is done."
     )
 
@@ -992,7 +1007,7 @@ def build_app(
         return AppSession(store, default, display_size=display_size)
 
     def error_text(error: BaseException) -> str:
-        return "❌ **Error:** " + (" ".join(str(error).split()) or type(error).__name__)
+        return "**Error:** " + (" ".join(str(error).split()) or type(error).__name__)
 
     with gr.Blocks(title="sam3d-hf") as page:
         session_state = gr.State(None, delete_callback=lambda session: session and shutil.rmtree(session.workdir, True))
@@ -1092,7 +1107,7 @@ def build_app(
                     return everything(session, error_text(error))
                 except Exception as error:  # a bug: the page says so and keeps working; the log has the traceback
                     logger.exception("sam3d app: unexpected error")
-                    return everything(session, f"❌ **Internal error** ({type(error).__name__}: {error}); see the log")
+                    return everything(session, f"**Internal error** ({type(error).__name__}: {error}); see the log")
                 return everything(session, message)
 
             return handler
@@ -1140,9 +1155,15 @@ def build_app(
         click_on_view = clicking(view_voxel)
 
         def on_select(view: str):
-            def handler(session: AppSession | None, mode: str, evt: gr.SelectData):
+            def handler(session: AppSession | None, mode: str, evt):
+                if evt is None or not isinstance(getattr(evt, "index", None), (list, tuple)):
+                    yield only_message(session or new_session(), "**Error:** the click came without a position")
+                    return
                 yield from click_on_view(session, view, evt.index[0], evt.index[1], mode)
 
+            # Gradio passes the click's position to a parameter annotated with the class itself; this module's
+            # postponed annotations would hand it the string "gr.SelectData" instead.
+            handler.__annotations__ = {"evt": gr.SelectData}
             return handler
 
         def on_slide(view: str):

@@ -425,8 +425,8 @@ def write_png(path: Path) -> Path:
 @pytest.mark.parametrize(
     "name, write, message",
     [
-        ("garbage.nii.gz", lambda p: p.write_bytes(b"not an image at all"), "Could not read"),
-        ("picture.png", write_png, "Could not read"),
+        ("garbage.nii.gz", lambda p: p.write_bytes(b"not an image at all"), "could not be read as a scan"),
+        ("picture.png", write_png, "could not be read as a scan"),
         ("flat.nii.gz", lambda p: nib.save(nib.Nifti1Image(np.zeros((16, 16), np.int16), np.eye(4)), p),
          "Expected a 3D volume"),
         ("one_slice.nii.gz", lambda p: nib.save(nib.Nifti1Image(np.zeros((1, 16, 16), np.int16), np.eye(4)), p),
@@ -629,7 +629,7 @@ def test_gradio_client_flow(served, tmp_path):
     assert (np.asarray(mask_image.dataobj).astype(bool) & (np.asarray(label.dataobj) == 2)).sum() > 100
 
     outside = outputs_of(client.predict("axial", 5000, 3, "positive", api_name="/click_view"))
-    assert "❌ **Error:** the click at pixel (5000.0, 3.0) lies outside the axial view" in outside["status"]
+    assert "**Error:** the click at pixel (5000.0, 3.0) lies outside the axial view" in outside["status"]
     outside = outputs_of(client.predict("999, 1, 1", "voxel", "positive", api_name="/click_voxel"))
     assert "lies outside the scan" in outside["status"] and len(outside["clicks"]["data"]) == 2
     world = outputs_of(client.predict("1e6, 0, 0", "world", "positive", api_name="/click_voxel"))
@@ -638,7 +638,10 @@ def test_gradio_client_flow(served, tmp_path):
 
     png = write_png(tmp_path / "picture.png")
     refused = outputs_of(client.predict(handle_file(str(png)), api_name="/load_scan"))
-    assert "❌ **Error:** Could not read" in refused["status"] and len(refused["clicks"]["data"]) == 2
+    assert (
+        "**Error:** picture.png could not be read as a scan" in refused["status"]
+        and len(refused["clicks"]["data"]) == 2
+    )
     assert "cached patch" in outputs_of(client.predict(", ".join(map(str, target)), "voxel", "positive",
                                                        api_name="/click_voxel"))["status"]  # fmt: skip
 
@@ -648,9 +651,9 @@ def test_gradio_client_model_errors_and_sessions(served):
 
     client = Client(served["url"], verbose=False)
     bad = outputs_of(client.predict("no/such/folder/x", "", "", api_name="/load_model"))
-    assert "❌ **Error:** model 'no/such/folder/x': no such folder" in bad["status"]
+    assert "**Error:** model 'no/such/folder/x': no such folder" in bad["status"]
     tiny = outputs_of(client.predict(served["tiny"], "", "", api_name="/load_model"))
-    assert "❌" not in tiny["status"] and "positive clicks only" in tiny["status"]
+    assert "Error" not in tiny["status"] and "positive clicks only" in tiny["status"]
     client.predict(4, "RAS", 1, api_name="/load_generated")
     _, label = generate_case(4, orientation="RAS", num_lesions=1)
     target = ", ".join(map(str, lesion_centre(np.asarray(label.dataobj))))
@@ -658,7 +661,7 @@ def test_gradio_client_model_errors_and_sessions(served):
         "ran the encoder" in outputs_of(client.predict(target, "voxel", "positive", api_name="/click_voxel"))["status"]
     )
     refused = outputs_of(client.predict(target, "voxel", "negative", api_name="/click_voxel"))
-    assert "❌ **Error:** this model takes no negative clicks" in refused["status"]
+    assert "**Error:** this model takes no negative clicks" in refused["status"]
     # Another client is another session: no scan there.
     other = outputs_of(Client(served["url"], verbose=False).predict("1, 2, 3", "voxel", "positive",
                                                                     api_name="/click_voxel"))  # fmt: skip
