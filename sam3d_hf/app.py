@@ -763,18 +763,18 @@ class AppSession:
         voxel = nib.affines.apply_affine(np.linalg.inv(scan.volume.affine), np.asarray(world, np.float64))
         return self.checked_voxel(voxel)
 
+    # Cursor and window changes take no lock: they are one assignment each, and must not wait for a click whose
+    # encoding runs (the page stays usable during it).
     def move_cursor(self, voxel: Sequence[float]) -> str:
-        with self._lock:
-            self.cursor = self.checked_voxel(voxel)
-            return self.describe_cursor()
+        self.cursor = self.checked_voxel(voxel)
+        return self.describe_cursor()
 
     def set_slice(self, view: str, position: int) -> None:
         """Move the cursor to slider position `position` of `view` (the other two views follow)."""
-        with self._lock:
-            geometry = self._view(view)
-            cursor = list(self.cursor)
-            cursor[geometry.slice_axis] = geometry.slice_of(position)
-            self.cursor = tuple(cursor)
+        geometry = self._view(view)
+        cursor = list(self.cursor)
+        cursor[geometry.slice_axis] = geometry.slice_of(position)
+        self.cursor = tuple(cursor)
 
     def _view(self, view: str) -> ViewGeometry:
         self._require_scan()
@@ -877,9 +877,8 @@ class AppSession:
 
     # ------------------------------------------------------------------------------------------------------ output
     def set_window(self, level: float, width: float) -> None:
-        with self._lock:
-            self._bounds = window_bounds((float(level), float(width)), np.zeros(1))
-            self.window = (float(level), float(width))
+        self._bounds = window_bounds((float(level), float(width)), np.zeros(1))
+        self.window = (float(level), float(width))
 
     def set_window_preset(self, preset: str) -> tuple[float, float]:
         """Apply a preset of [`WINDOW_PRESETS`]; returns its `(level, width)` (computed for "auto")."""

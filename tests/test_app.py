@@ -716,3 +716,24 @@ def test_example_app_builds_from_its_environment(tmp_path, monkeypatch):
     assert isinstance(module.demo, gr.Blocks)
     requirements = (REPOSITORY / "examples" / "app_requirements.txt").read_text()
     assert "sam3d-hf[app]" in requirements.splitlines()
+
+
+def test_the_page_stays_responsive_while_the_encoder_runs(served):
+    """A slider move is served while a click's encoding is still running (in the same session)."""
+    from gradio_client import Client
+
+    client = Client(served["url"], verbose=False)
+    client.predict(11, "RAS", 1, api_name="/load_generated")
+    _, label = generate_case(11, orientation="RAS", num_lesions=1)
+    served["model"].delay = 6.0
+    try:
+        started = time.monotonic()
+        job = client.submit(", ".join(map(str, lesion_centre(np.asarray(label.dataobj)))), "voxel", "positive",
+                            api_name="/click_voxel")  # fmt: skip
+        time.sleep(1.0)
+        moved = outputs_of(client.predict("coronal", 3, api_name="/set_slice"))
+        assert not job.done() and time.monotonic() - started < 6.0  # answered during the encoding
+        assert moved["coronal_slice"]["value"] == 3
+        assert "ran the encoder" in outputs_of(job.result())["status"]
+    finally:
+        served["model"].delay = 1.0
