@@ -251,6 +251,21 @@ def test_pixels_are_mirror_symmetric_and_round_trip():
             assert geometry.pixel_to_voxel(x, y, index) == voxel
 
 
+def test_a_voxel_centre_is_the_centre_of_its_pixels():
+    """On an isotropic cube drawn at 3 pixels per voxel, display voxel c covers pixels 3c..3c+2 and its centre (where
+    the cursor lines and click crosses go) is pixel 3c+1 exactly; at 1 pixel per voxel it is pixel c."""
+    affine = scan_affine(np.eye(3), (1.0, 1.0, 1.0))
+    for size, per_voxel in ((30, 3), (1, 1)):
+        geometry = ViewGeometry.build("axial", affine, (10, 10, 10), size=size)
+        assert (geometry.width, geometry.height) == (10 * per_voxel, 10 * per_voxel)
+        for i in range(10):
+            # RAS scan: display column c shows i = 9 - c (patient's right on the left), display row r shows j = 9 - r
+            x, y = geometry.voxel_to_pixel((i, i, 0))
+            c = 9 - i
+            assert (x, y) == (per_voxel * c + (per_voxel - 1) / 2, per_voxel * c + (per_voxel - 1) / 2)
+            assert set(np.flatnonzero(geometry.columns == i)) == set(range(per_voxel * c, per_voxel * (c + 1)))
+
+
 @pytest.mark.parametrize("orientation", ["RAS", "LPS", "permuted", "oblique"])
 def test_generated_anatomy_is_shown_radiologically(orientation):
     """On the phantom itself: the spine (bone) lies in the lower half of the axial view (posterior at the bottom),
@@ -344,6 +359,14 @@ def test_undo_redo_clear_restore_the_masks_exactly(tmp_path):
     session.undo()  # clear is undoable
     np.testing.assert_array_equal(session.mask, second)
     session.undo()
+    np.testing.assert_array_equal(session.mask, first)
+    session.redo()  # one step forward (two clicks), not to the end (cleared)
+    np.testing.assert_array_equal(session.mask, second)
+    session.undo()
+    session.undo()
+    assert session.mask.sum() == 0
+    session.redo()
+    np.testing.assert_array_equal(session.mask, first)
     session.add_click(target + np.array([0, 2, 0]), 1)  # a new click after an undo drops the redo step
     assert not session.can_redo and len(session.clicks) == 2
     session.undo()
