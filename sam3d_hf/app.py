@@ -598,31 +598,40 @@ class AppSession:
 
     # ------------------------------------------------------------------------------------------------------ loading
     def set_model(self, name: str, adapter: str | None = None, preset: str | None = None) -> str:
-        """Load (or take from the store) a model; a loaded scan is preprocessed again for it, its clicks cleared."""
+        """Load (or take from the store) a model; a loaded scan is preprocessed again for it, its clicks cleared.
+        On an error nothing changes."""
         with self._lock:
-            self.model = self.store.get(name, adapter, preset)
-            self._start_predictor()
-            return self.model.describe()
+            model = self.store.get(name, adapter, preset)
+            predictor = _predictor(model, self.scan)
+            self.model, self.predictor = model, predictor
+            self._reset_history()
+            return model.describe()
 
     def set_scan(self, scan: Scan) -> str:
-        """Show a new scan (cursor at its centre, or at the reference lesion's centre) and preprocess it."""
+        """Show a new scan (cursor at its centre, or at the reference lesion's centre) and preprocess it. On an error
+        (the default model does not load, the scan cannot be preprocessed) nothing changes."""
         with self._lock:
-            self.scan = scan
-            affine = scan.volume.affine
-            self.views = {name: ViewGeometry.build(name, affine, scan.shape, self.display_size) for name in VIEWS}
+            model = self.model
+            if model is None and self.default_model and self.default_model[0]:
+                model = self.store.get(*self.default_model)
+            predictor = _predictor(model, scan)
+            views = {
+                name: ViewGeometry.build(name, scan.volume.affine, scan.shape, self.display_size) for name in VIEWS
+            }
             if scan.reference is not None and scan.reference.any():
                 from scipy import ndimage
 
                 regions, count = ndimage.label(scan.reference)
                 largest = 1 + int(np.argmax(ndimage.sum_labels(scan.reference, regions, range(1, count + 1))))
                 inside = np.argwhere(regions == largest)
-                self.cursor = tuple(int(v) for v in inside[np.argmin(((inside - inside.mean(0)) ** 2).sum(1))])
+                cursor = tuple(int(v) for v in inside[np.argmin(((inside - inside.mean(0)) ** 2).sum(1))])
             else:
-                self.cursor = tuple(int(n) // 2 for n in scan.shape)
-            self._bounds = window_bounds(self.window, scan.volume.data)
-            if self.model is None and self.default_model and self.default_model[0]:
-                self.model = self.store.get(*self.default_model)
-            self._start_predictor()
+                cursor = tuple(int(n) // 2 for n in scan.shape)
+            bounds = window_bounds(self.window, scan.volume.data)
+            self.model, self.scan, self.predictor, self.views, self.cursor, self._bounds = (
+                model, scan, predictor, views, cursor, bounds
+            )  # fmt: skip
+            self._reset_history()
             size = "×".join(map(str, scan.shape))
             spacing = "×".join(f"{s:.2f}" for s in scan.volume.spacing)
             return f"loaded **{scan.name}**: {size} voxels of {spacing} mm" + (
@@ -632,22 +641,13 @@ class AppSession:
     def load_file(self, path: str | os.PathLike) -> str:
         return self.set_scan(read_scan(path, self.workdir))
 
-    def load_generated(self, seed: int, orientation: str | None = None, num_lesions: int = 1) -> str:
+    def load_generated(self, seed: int, orientation: str | None = "oblique", num_lesions: int = 1) -> str:
+        """Load a generated case (`orientation` `None` or "random" draws one from the seed)."""
         message = self.set_scan(generated_scan(seed, orientation, num_lesions, self.workdir))
         return message + " (generated; its lesion's outline is drawn in cyan)"
 
-    def _start_predictor(self) -> None:
-        from .inference import Sam3DPredictor
-
+    def _reset_history(self) -> None:
         self._history, self._position, self._mask = [SegmentationState()], 0, None
-        self.predictor = None
-        if self.model is None or self.scan is None:
-            return
-        predictor = Sam3DPredictor(self.model.model, self.model.processor)
-        volume = self.scan.volume
-        predictor.set_image(volume.nifti if volume.nifti is not None else volume.data, **(
-            {} if volume.nifti is not None else {"affine": volume.affine}))  # fmt: skip
-        self.predictor = predictor
 
     # ------------------------------------------------------------------------------------------------------- state
     @property
@@ -939,6 +939,21 @@ class AppSession:
             reference = scan.volume.nifti if scan.volume.nifti is not None else self.predictor.preprocessed
             save_mask_nifti(self.mask, reference, path)
             return path
+
+
+def _predictor(model: LoadedModel | None, scan: Scan | None):
+    """A `Sam3DPredictor` with the scan preprocessed for the model, or `None` without one of them."""
+    from .inference import Sam3DPredictor
+
+    if model is None or scan is None:
+        return None
+    predictor = Sam3DPredictor(model.model, model.processor)
+    volume = scan.volume
+    if volume.nifti is not None:
+        predictor.set_image(volume.nifti)
+    else:
+        predictor.set_image(volume.data, affine=volume.affine)
+    return predictor
 
 
 def _float16():

@@ -760,3 +760,18 @@ def test_the_page_stays_responsive_while_the_encoder_runs(served):
         assert "ran the encoder" in outputs_of(job.result())["status"]
     finally:
         served["model"].delay = 1.0
+
+
+def test_a_failed_load_changes_nothing(tmp_path):
+    session, _, label = ball_session(tmp_path)
+    target = lesion_centre(label)
+    session.add_click(target, 1)
+    scan, predictor, mask = session.scan, session.predictor, session.mask.copy()
+    with pytest.raises(ValueError, match="no such folder"):
+        session.set_model("no/such/folder/x")
+    fresh = AppSession(ModelStore(), ("no/such/folder/x", None, None), workdir=tmp_path)
+    with pytest.raises(ValueError, match="no such folder"):
+        fresh.set_scan(scan)  # the default model does not load: no scan without its predictor
+    assert fresh.scan is None and fresh.predictor is None
+    assert session.scan is scan and session.predictor is predictor and len(session.clicks) == 1
+    np.testing.assert_array_equal(session.mask, mask)
