@@ -967,9 +967,10 @@ def _float16():
 # ----------------------------------------------------------------------------------------------------------------------
 _INTRO = """# sam3d-hf: click on a CT, get the tumour mask
 Load a model and a scan, then click on the lesion in any view. The first click on a region runs the image encoder on
-a patch around it (**about a minute for ViT-B on a CPU**, seconds on a GPU); later clicks in that region take about a
-second. Views: radiological orientation (patient's right on the image's left); red = mask, cyan = a generated case's
-own lesion, yellow = cursor, green / violet crosses = positive / negative clicks."""
+a patch around it (**a minute or more for ViT-B on a CPU**: 1 to 4 minutes measured on a shared 2-core machine);
+later clicks in that region reuse it (several seconds for ViT-B on a CPU, under a second for small models). Views:
+radiological orientation (patient's right on the image's left); red = mask, cyan = a generated case's own lesion,
+yellow = cursor, green / violet crosses = positive / negative clicks."""
 
 
 def _encoding_notice(session: AppSession) -> str:
@@ -977,8 +978,8 @@ def _encoding_notice(session: AppSession) -> str:
     patch = "×".join(map(str, model.patch_size))
     last = f" (the last encoding with this model took {model.encode_seconds:.0f} s)" if model.encode_seconds else ""
     return (
-        f"**Encoding a new {patch} patch** (the first click in this region runs the image encoder): about a "
-        f"minute for ViT-B on a CPU, seconds on a GPU{last}. The page stays usable; the mask appears when it is done."
+        f"**Encoding a new {patch} patch** (the first click in this region runs the image encoder): a minute or "
+        f"more for ViT-B on a CPU{last}. The page stays usable; the mask appears when it is done."
     )
 
 

@@ -629,7 +629,7 @@ def test_gradio_client_flow(served, tmp_path):
     job = client.submit(", ".join(map(str, target)), "voxel", "positive", api_name="/click_voxel")
     first = outputs_of(job.result())
     steps = [outputs_of(step)["status"] for step in job.outputs()]
-    assert "Encoding a new 32×32×32 patch" in steps[0] and "about a minute for ViT-B on a CPU" in steps[0]
+    assert "Encoding a new 32×32×32 patch" in steps[0] and "a minute or more for ViT-B on a CPU" in steps[0]
     assert "ran the encoder" in first["status"]
     assert all(red_pixels(picture(first[view])) > 20 for view in VIEWS)
     assert first["clicks"]["data"][0][:5] == [1, "+", *target]

@@ -137,7 +137,7 @@ def test_click_undo_redo_download_in_chromium(app_url, browser_page, artifacts, 
     axial = ViewGeometry.build("axial", image.affine, image.shape, DISPLAY_SIZE)
     click_pixel(page, "axial", *axial.voxel_to_pixel(target))
     notice = wait_for_status(page, "Encoding a new 32×32×32 patch", timeout=20_000)
-    assert "about a minute for ViT-B on a CPU" in notice
+    assert "a minute or more for ViT-B on a CPU" in notice
     page.screenshot(path=artifacts / "03_encoding.png", full_page=True)
     status = wait_for_status(page, "click 1 (positive)")
     assert "ran the encoder" in status
