@@ -46,6 +46,9 @@ setup(
         "train": ["tensorboard>=2.16"],
         # examples/evaluate.py draws overlays and curves.
         "eval": ["matplotlib>=3.8"],
+        # `sam3d app` / examples/app.py. Gradio 6.31 is the newest release and asks for huggingface_hub >=1.16,<3, so it
+        # installs beside the 2.4 pin above without moving it; uploads read NRRD and zipped DICOM series.
+        "app": ["gradio~=6.31.0", "pynrrd>=1.0", "pydicom>=2.4"],
         "dev": [
             "pytest>=8",
             "ruff>=0.6",
@@ -56,6 +59,10 @@ setup(
             "matplotlib>=3.8",
             # examples/train.py's default --report_to all uses it when installed: the tests run that path
             "tensorboard>=2.16",
+            # tests/test_app.py (gradio_client against the app) and tests/test_app_browser.py (Playwright drives the
+            # system's Chromium, /usr/bin/chromium; the package's own browser download is never used)
+            "gradio~=6.31.0",
+            "playwright>=1.50",
         ],
     },
     entry_points={"console_scripts": ["sam3d=sam3d_hf.cli:main"]},

@@ -302,6 +302,14 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _app(args: argparse.Namespace) -> int:
+    """`sam3d app`: the interactive web app (sam3d_hf.app; needs the `app` extra, Gradio)."""
+    from .app import launch
+
+    launch(args.model, args.adapter, args.preset, host=args.host, port=args.port, share=args.share)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="sam3d", description=__doc__)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -416,6 +424,21 @@ def build_parser() -> argparse.ArgumentParser:
                          help="(official) also save the processor of the dataset the snapshot was trained on: the "
                          "official code's window, statistics, resampling and axes (official_<dataset>)")  # fmt: skip
     convert.set_defaults(func=_convert)
+
+    app = commands.add_parser(
+        "app",
+        help="the interactive web app: click on a CT in the browser, see the mask in three planes, download it",
+        description='Serves a Gradio page (pip install "sam3d-hf[app]"): load a scan (NIfTI, NRRD, a zipped DICOM '
+        "series or a generated case), click on the lesion in the axial, coronal or sagittal view, undo, redo, and "
+        "download the mask as NIfTI in the scan's geometry.",
+    )
+    app.add_argument("--model", help="model folder or Hub id (default ./sam3d-demo/model when it exists)")
+    app.add_argument("--adapter", help="adapter folder or Hub id to put on --model (spatial adapter or LoRA)")
+    app.add_argument("--preset", help="processor preset when the model folder has no processor_config.json")
+    app.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1; 0.0.0.0: all)")
+    app.add_argument("--port", type=int, help="port (default 7860, or the next free one)")
+    app.add_argument("--share", action="store_true", help="also open a temporary public link through Gradio")
+    app.set_defaults(func=_app)
     return parser
 
 
