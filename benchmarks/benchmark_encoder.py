@@ -113,7 +113,7 @@ def profile_table(fn, rows: int) -> str:
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=["vit_b", "tiny"], default="vit_b", help="model size (random weights)")
     parser.add_argument("--size", type=int, nargs="+", default=[128], help="patch size: one int or D H W")
@@ -122,13 +122,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--profile", action="store_true", help="print torch.profiler tables (time per op type)")
     parser.add_argument("--skip_plain", action="store_true", help="time the default path only")
+    parser.add_argument("--peak_size", type=int, default=4096, help="matrix size of the matmul peak measurement")
     parser.add_argument("--json", help="also write the figures to this file")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     size = tuple(args.size * 3 if len(args.size) == 1 else args.size)
     started = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "load_average": os.getloadavg()}
-    peak_before = matmul_peak()
+    peak_before = matmul_peak(args.peak_size)
 
     torch.manual_seed(0)
     vision = {"image_size": size} if args.preset == "vit_b" else {**TINY["vision_config"], "image_size": size}
@@ -173,7 +174,7 @@ def main() -> None:
         paths.default()
         click()
         click_times = [timed(click) for _ in range(args.click_repeats)]
-    peak_after = matmul_peak()
+    peak_after = matmul_peak(args.peak_size)
     peak = max(peak_before, peak_after)
 
     results = {
@@ -226,6 +227,7 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as file:
             json.dump(results, file, indent=1)
+    return results
 
 
 if __name__ == "__main__":
