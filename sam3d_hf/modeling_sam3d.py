@@ -210,10 +210,11 @@ class Sam3DSpatialAdapter(nn.Module):
         self.linear2 = nn.Linear(config.adapter_dim, config.hidden_size)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        # hidden_states: (B, D', H', W', C)
-        x = F.relu(self.linear1(hidden_states))
-        x = F.relu(self.conv(x.permute(0, 4, 1, 2, 3))).permute(0, 2, 3, 4, 1)
-        return F.relu(self.linear2(x)) + hidden_states
+        # hidden_states: (B, D', H', W', C). The ReLUs work in place: no backward needs the linear or convolution
+        # outputs they overwrite (ReLU's own reads its result), and a fresh buffer per ReLU costs its page faults.
+        x = F.relu(self.linear1(hidden_states), inplace=True)
+        x = F.relu(self.conv(x.permute(0, 4, 1, 2, 3)), inplace=True).permute(0, 2, 3, 4, 1)
+        return F.relu(self.linear2(x), inplace=True) + hidden_states
 
 
 def relative_position_table(table: torch.Tensor, window: int) -> torch.Tensor:
@@ -519,10 +520,11 @@ class Sam3DVisionLayer(GradientCheckpointingLayer):
             partition = Sam3DWindowPartition.build(
                 tuple(hidden_states.shape[1:4]), self.window, self.shift, hidden_states.device
             )
-        hidden_states = hidden_states + self.window_attention(hidden_states, partition, output_attentions)
+        # Residuals added in place into the branch outputs (fresh tensors whose backward does not read them).
+        hidden_states = self.window_attention(hidden_states, partition, output_attentions).add_(hidden_states)
         rows = hidden_states.reshape(-1, hidden_states.shape[-1])  # (B * D' * H' * W', C)
         chunks = rows.split(rows_per_chunk(rows, self.mlp.lin1.out_features))
-        return torch.cat([x + self.mlp(self.layer_norm2(x)) for x in chunks]).reshape(hidden_states.shape)
+        return torch.cat([self.mlp(self.layer_norm2(x)).add_(x) for x in chunks]).reshape(hidden_states.shape)
 
     def plain_attention(self, hidden_states: torch.Tensor, output_attentions: bool) -> torch.Tensor:
         """The attention branch step by step as the official code runs it: pad, roll, partition, masks, attention,

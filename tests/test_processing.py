@@ -651,3 +651,23 @@ def test_bad_clicks_are_refused_before_the_volume_is_resampled(monkeypatch):
     assert calls == []
     processor(images=volume, spacing=(1.0, 1.0, 3.0), input_points=[[5, 5, 3]])
     assert calls == [1]
+
+
+@pytest.mark.parametrize(
+    ("shape", "size", "box"),
+    [
+        ((20, 30, 25), (31, 17, 40), ((3, 9), (0, 30), (20, 25))),  # up and down, a box at both borders
+        ((7, 9, 11), (3, 50, 5), ((6, 7), (2, 3), (0, 11))),  # one-voxel box, strong down/up-sampling
+        ((10, 10, 10), (10, 10, 10), ((0, 10), (0, 10), (0, 10))),  # same size, whole grid
+        ((8, 6, 5), (20, 6, 13), ((0, 3), (0, 6), (0, 2))),  # upsampling from the first voxel (clamped index)
+    ],
+)
+def test_paste_back_resizes_only_the_patch_box_as_trilinear_interpolation_would(shape, size, box):
+    from sam3d_hf.processing_sam3d import _resize_nonzero_box
+
+    canvas = torch.zeros(shape)
+    region = tuple(slice(a, b) for a, b in box)
+    canvas[region] = torch.rand(canvas[region].shape, generator=torch.Generator().manual_seed(0)) + 0.01
+    expected = torch.nn.functional.interpolate(canvas[None, None], size=size, mode="trilinear", align_corners=False)
+    torch.testing.assert_close(_resize_nonzero_box(canvas, size), expected[0, 0], atol=2e-6, rtol=0)
+    assert not _resize_nonzero_box(torch.zeros(shape), size).any()
