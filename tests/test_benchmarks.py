@@ -55,3 +55,11 @@ def test_precision_benchmark_runs_every_variant():
     results = benchmark_precision.main(arguments)
     assert {"fp32", "int8"} <= set(results["summary"]["encode_median_s"])
     assert 0.9 < results["summary"]["min_argmax_agreement"]["int8"] <= 1
+
+
+@pytest.mark.parametrize("part", ["full", "encoder", "click"])
+def test_compile_benchmark_runs_every_part(part):
+    import benchmark_compile
+
+    results = benchmark_compile.main(["--part", part, "--backend", "eager", "--repeats", "1", "--warm_cache"])
+    assert results["difference"] < 1e-5 and results["median_s"]["compiled"] > 0
