@@ -337,6 +337,22 @@ def test_relative_position_bias_matches_per_pair_formula(tiny_model, layer):
         np.testing.assert_allclose(bias[window, head, i].detach().numpy(), expected, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("channels_last", [False, True])  # the neck's maps come in both layouts
+def test_neck_layer_norm_is_the_per_voxel_formula(channels_last):
+    norm = modeling.Sam3DLayerNorm(16, eps=1e-6).double()
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    x = torch.randn(2, 16, 5, 6, 7, dtype=torch.float64) * 3 + 1
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    mean = x.mean(1, keepdim=True)
+    variance = ((x - mean) ** 2).mean(1, keepdim=True)  # biased
+    weight, bias = norm.weight[:, None, None, None], norm.bias[:, None, None, None]
+    expected = weight * (x - mean) / torch.sqrt(variance + 1e-6) + bias
+    assert_close(norm(x), expected, rtol=1e-12)
+
+
 # ---------------------------------------------------------------- patch embedding and position tables
 
 
