@@ -7,6 +7,12 @@ memory), so a setting that does not fit fails with MemoryError instead of taking
 
     python benchmarks/benchmark_memory.py --size 128 --limit_gb 20     # the four settings at 128³
     python benchmarks/benchmark_memory.py --size 64 --settings bf16 --limit_gb 0     # 0: no limit
+    python benchmarks/benchmark_memory.py --settings checkpointing --malloc_mmap_threshold 1048576
+
+`--malloc_mmap_threshold` sets glibc's `MALLOC_MMAP_THRESHOLD_` for the steps: allocations above it are mapped and
+unmapped one by one instead of coming from the heap. By default glibc raises the threshold to the largest block freed
+so far (up to 32 MB), and freed heap blocks stay resident: at 64³ with checkpointing the peak resident set was 2.10 GB
+by default and 1.47 GB with a fixed 1 MB threshold. The price is a page fault on every first touch of a large buffer.
 
 Prints one JSON line per setting as it finishes, then a table of all of them.
 """
@@ -15,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -55,6 +62,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=128, help="cubic patch size (ViT-B)")
     parser.add_argument("--settings", nargs="+", choices=SETTINGS, default=SETTINGS)
     parser.add_argument("--limit_gb", type=float, default=20.0, help="address-space limit per setting (0: none)")
+    parser.add_argument("--malloc_mmap_threshold", type=int, help="glibc MALLOC_MMAP_THRESHOLD_ (bytes) of the steps")
     parser.add_argument("--_child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._child:
@@ -63,16 +71,21 @@ def main() -> None:
     rows = []
     for setting in args.settings:
         command = [sys.executable, __file__, "--size", str(args.size), "--limit_gb", str(args.limit_gb)]
-        result = subprocess.run([*command, "--_child", setting], capture_output=True, text=True)
+        env = dict(os.environ)
+        if args.malloc_mmap_threshold is not None:
+            env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
+        result = subprocess.run([*command, "--_child", setting], capture_output=True, text=True, env=env)
         if result.returncode == 0:
             row = json.loads(result.stdout.strip().splitlines()[-1])
+            row["malloc_mmap_threshold"] = args.malloc_mmap_threshold
         else:
             reason = "MemoryError" if "MemoryError" in result.stderr or "alloc" in result.stderr else "failed"
             row = {"size": args.size, "setting": setting, "result": f"{reason} under {args.limit_gb} GB"}
         print(json.dumps(row), flush=True)
         rows.append(row)
     limit = "no" if args.limit_gb <= 0 else f"a {args.limit_gb} GB"
-    print(f"\nViT-B training step, batch 1, {args.size}³ patch, CPU, {limit} address-space limit per setting")
+    malloc = f", MALLOC_MMAP_THRESHOLD_={args.malloc_mmap_threshold}" if args.malloc_mmap_threshold else ""
+    print(f"\nViT-B training step, batch 1, {args.size}³ patch, CPU, {limit} address-space limit per setting{malloc}")
     print("| setting | peak RSS (GB) | step (s) |\n|---|---|---|")
     for row in rows:
         if "result" in row:

@@ -59,8 +59,9 @@ class Sam3DVisionConfig(PretrainedConfig):
         layer_norm_eps (`float`, defaults to 1e-6): epsilon of the block and neck LayerNorms.
         hidden_act (`str`, defaults to `"gelu"`): MLP activation (exact erf GELU).
         qkv_bias (`bool`, defaults to `True`): bias on the qkv projection.
-        attention_chunk_size (`int`, defaults to 16): windows per attention call; bounds the dense bias memory
-            (`chunk * heads * 512 * 512` floats) without changing results.
+        attention_chunk_size (`int`, defaults to 16): windows per attention call of the `"eager"` implementation;
+            bounds its dense bias memory (`chunk * heads * 512 * 512` floats) without changing results. The default
+            implementation builds no dense bias and sizes its chunks itself.
         initializer_range (`float`, defaults to 0.02): std of the normal initialisation of new weights.
     """
 

@@ -31,9 +31,12 @@ clicks will segment whatever lies under each window's centre instead: use `predi
 from __future__ import annotations
 
 import contextlib
+import functools
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -44,7 +47,12 @@ from transformers.feature_extraction_utils import BatchFeature
 from .modeling_sam3d import Sam3DForPromptableSegmentation, Sam3DImageEmbeddings
 from .processing_sam3d import Sam3DProcessor
 
-__all__ = ["Sam3DPrediction", "Sam3DPredictor"]
+__all__ = ["Sam3DPrediction", "Sam3DPredictor", "bf16_verdict"]
+
+# CPU flags of native bf16 arithmetic; without them torch emulates bf16 matmuls (an AVX2-only EPYC ran a 1024³ bf16
+# matmul at 0.9 GFLOP/s against ~160 in float32; an AVX512-BF16 one at 2.2x float32's speed).
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+CPUINFO = Path("/proc/cpuinfo")
 
 # Probabilities are handed to `post_process_masks` as one-channel logits `logit(p)`, whose sigmoid is `p` again;
 # clamping keeps 0 and 1 finite (the processor refuses non-finite logits).
@@ -82,9 +90,9 @@ class Sam3DPredictor:
         model ([`Sam3DForPromptableSegmentation`]): in eval mode (the predictor calls `model.eval()`), on any device;
             inputs follow `model.device`.
         processor ([`Sam3DProcessor`]): gives the patch size, the intensity settings and the geometry mapping.
-        bf16 (`bool`, defaults to `False`): run the model under `torch.autocast(dtype=torch.bfloat16)`. Only
-            sensible on GPUs and on CPUs with native bf16 (`avx512_bf16`/`amx_bf16` in `/proc/cpuinfo`); elsewhere it
-            is far slower than float32.
+        bf16 (`bool`, defaults to `False`): run the model under `torch.autocast(dtype=torch.bfloat16)`. Refused
+            (`ValueError`, saying why) where it does not pay: see [`bf16_verdict`] (GPUs with bf16, CPUs with native
+            bf16 such as `avx512_bf16`/`amx_bf16`; elsewhere bf16 is far slower than float32).
         max_cached_patches (`int`, defaults to 8): image embeddings kept (least recently used dropped first). At
             ViT-B and 128³ one patch's embeddings take about 270 MB (four `(256, 32³)` levels and the `(128, 64³)`
             decoder context, float32).
@@ -116,6 +124,13 @@ class Sam3DPredictor:
             raise TypeError(f"`processor` must be a Sam3DProcessor, got {type(processor).__name__}.")
         if isinstance(max_cached_patches, bool) or not isinstance(max_cached_patches, int) or max_cached_patches < 1:
             raise ValueError(f"`max_cached_patches` must be an int >= 1, got {max_cached_patches!r}.")
+        if bf16:
+            native, reason = bf16_verdict(model.device.type)
+            if not native:
+                raise ValueError(
+                    f"bf16=True is refused on {model.device.type}: {reason}; bf16 autocast would be slower than "
+                    "float32 there. Use bf16=False."
+                )
         self.model = model.eval()
         self.processor = processor
         self.bf16 = bool(bf16)
@@ -321,6 +336,44 @@ class Sam3DPredictor:
         logits = torch.logit(tiles.clamp(_PROBABILITY_EPS, 1 - _PROBABILITY_EPS))[:, None]
         inputs = {**self.preprocessed, "patch_origins": origins}
         return self.processor.post_process_masks(logits, inputs, return_probabilities=True)
+
+
+@functools.cache
+def bf16_verdict(device_type: str) -> tuple[bool, str]:
+    """Whether bf16 autocast pays on this machine's `device_type` (`"cpu"`, `"cuda"`), and why; decided once per
+    process. CUDA: `torch.cuda.is_bf16_supported()`. CPU: the native bf16 flags (`avx512_bf16`, `amx_bf16`) in
+    `/proc/cpuinfo`; where there is no such file, a 512³ bf16 matmul must be faster than the float32 one. Other
+    devices are not judged (`True`)."""
+    if device_type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return True, "this GPU supports bf16"
+        return False, "this GPU does not support bf16 (torch.cuda.is_bf16_supported() is False)"
+    if device_type != "cpu":
+        return True, f"bf16 on {device_type} is not judged"
+    try:
+        flags = {flag for line in CPUINFO.read_text().splitlines() if line.startswith("flags") for flag in line.split()}
+    except OSError:
+        flags = None
+    if flags is not None:
+        found = [flag for flag in NATIVE_BF16_FLAGS if flag in flags]
+        if found:
+            return True, f"this CPU has native bf16 ({', '.join(found)} in {CPUINFO})"
+        return False, (
+            f"this CPU has no native bf16 (neither {' nor '.join(NATIVE_BF16_FLAGS)} in {CPUINFO}), so torch emulates "
+            "bf16 matmuls, far slower than float32"
+        )
+    seconds = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        a = torch.randn(512, 512).to(dtype)
+        a @ a
+        start = time.perf_counter()
+        a @ a
+        seconds[dtype] = time.perf_counter() - start
+    faster = seconds[torch.bfloat16] < seconds[torch.float32]
+    return faster, (
+        f"a 512³ bf16 matmul took {seconds[torch.bfloat16] * 1e3:.1f} ms against {seconds[torch.float32] * 1e3:.1f} "
+        f"ms in float32 ({CPUINFO} is not readable here)"
+    )
 
 
 def _patch_origins(value: Any) -> np.ndarray:

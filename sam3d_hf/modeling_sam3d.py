@@ -34,6 +34,19 @@ from .configuration_sam3d import Sam3DConfig, Sam3DMaskDecoderConfig, Sam3DPromp
 # Additive logit for tokens that must not be attended to (the official value; not -inf).
 MASKED_LOGIT = -100.0
 
+# On the CPU, row-wise work (attention per window, the MLP) runs in chunks whose temporaries stay below glibc's largest
+# mmap threshold (32 MB): larger buffers are fresh mappings on every allocation, and their first-touch page faults cost
+# more than the arithmetic of a GELU or an add (400 MB: 140 ms fresh, 20 ms into reused memory, on the 2-core test
+# machine). CUDA's caching allocator reuses its blocks, so there every op takes all rows at once.
+CPU_CHUNK_BYTES = 24 * 2**20
+
+
+def rows_per_chunk(tensor: torch.Tensor, width: int) -> int:
+    """Rows of `width` elements that one chunk of `tensor`'s row-wise work takes (all of them off the CPU)."""
+    if tensor.device.type != "cpu":
+        return max(1, tensor.shape[0])
+    return max(1, CPU_CHUNK_BYTES // (width * tensor.element_size()))
+
 
 class Sam3DOutputKwargs(TypedDict, total=False):
     """transformers' output flags: the keyword arguments both models' `forward` accepts (the share of
@@ -202,10 +215,11 @@ class Sam3DSpatialAdapter(nn.Module):
         self.linear2 = nn.Linear(config.adapter_dim, config.hidden_size)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        # hidden_states: (B, D', H', W', C)
-        x = F.relu(self.linear1(hidden_states))
-        x = F.relu(self.conv(x.permute(0, 4, 1, 2, 3))).permute(0, 2, 3, 4, 1)
-        return F.relu(self.linear2(x)) + hidden_states
+        # hidden_states: (B, D', H', W', C). The ReLUs work in place: no backward needs the linear or convolution
+        # outputs they overwrite (ReLU's own reads its result), and a fresh buffer per ReLU costs its page faults.
+        x = F.relu(self.linear1(hidden_states), inplace=True)
+        x = F.relu(self.conv(x.permute(0, 4, 1, 2, 3)), inplace=True).permute(0, 2, 3, 4, 1)
+        return F.relu(self.linear2(x), inplace=True) + hidden_states
 
 
 def relative_position_table(table: torch.Tensor, window: int) -> torch.Tensor:
@@ -239,7 +253,17 @@ def eager_attention_forward(
 
 
 class Sam3DWindowAttention(nn.Module):
-    """Multi-head attention inside 3D windows with decomposed relative positions along depth, height and width."""
+    """Multi-head attention inside 3D windows with decomposed relative positions along depth, height and width.
+
+    Two computations of the same logits `q·k * scale + rel_pos_scale * (q·Rd + q·Rh + q·Rw) + mask`:
+    - `"eager"` writes them out as the official code does: the relative-position terms are expanded into a dense
+      `(windows, heads, N, N)` bias, the mask is added to it, and the sum goes to the softmax (the reference, and the
+      only implementation that returns attention weights);
+    - every other implementation (`"sdpa"`, the default) gets the terms inside the dot product. A term
+      `q_i·R_axis[c_i, c_j]` depends on the key only through its window coordinate `c_j` along that axis, so the query
+      is extended by its terms against every coordinate (`wd + wh + ww` values) and the key by the one-hot of its
+      coordinates: `q'·k'` is the logit, and no `N x N` tensor is built but the mask shared by every block.
+    """
 
     def __init__(self, config: Sam3DVisionConfig, layer_index: int):
         super().__init__()
@@ -258,15 +282,27 @@ class Sam3DWindowAttention(nn.Module):
         self.register_buffer("rel_pos_scale", torch.ones(()))
         self.is_causal = False  # transformers' SDPA wrapper assumes causal attention unless told otherwise
 
+    def relative_position_terms(self, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`rel_pos_scale * q·R_axis[c, k]` for every window coordinate `k` of each axis: three tensors
+        `(windows, heads, wd, wh, ww, w_axis)` from the unscaled `query (windows, heads, N, head_dim)`."""
+        window = self.config.window_size
+        q = query.reshape(*query.shape[:2], *window, self.head_dim)
+        # The scale goes on the small tables, not on the query: no pass over the block's largest input.
+        scale = self.rel_pos_scale.to(q.dtype)
+        tables = [
+            relative_position_table(table, size).to(q.dtype) * scale
+            for table, size in zip((self.rel_pos_d, self.rel_pos_h, self.rel_pos_w), window, strict=True)
+        ]
+        return (
+            torch.einsum("bndhwc,dkc->bndhwk", q, tables[0]),
+            torch.einsum("bndhwc,hkc->bndhwk", q, tables[1]),
+            torch.einsum("bndhwc,wkc->bndhwk", q, tables[2]),
+        )
+
     def relative_position_bias(self, query: torch.Tensor, window_mask: torch.Tensor | None) -> torch.Tensor:
         """`rel_pos_scale * (q·Rd + q·Rh + q·Rw) + window_mask` of shape `(windows, heads, N, N)` from the unscaled
         `query (windows, heads, N, head_dim)`, `N = wd * wh * ww`; `window_mask (windows, N, N)` or `None`."""
-        wd, wh, ww = self.config.window_size
-        # Scaling q instead of the (N x N) sum saves a full pass over the largest tensor of the block.
-        q = (query * self.rel_pos_scale.to(query.dtype)).reshape(*query.shape[:2], wd, wh, ww, self.head_dim)
-        bias_d = torch.einsum("bndhwc,dkc->bndhwk", q, relative_position_table(self.rel_pos_d, wd).to(q.dtype))
-        bias_h = torch.einsum("bndhwc,hkc->bndhwk", q, relative_position_table(self.rel_pos_h, wh).to(q.dtype))
-        bias_w = torch.einsum("bndhwc,wkc->bndhwk", q, relative_position_table(self.rel_pos_w, ww).to(q.dtype))
+        bias_d, bias_h, bias_w = self.relative_position_terms(query)
         bias = bias_d[..., :, None, None] + bias_h[..., None, :, None]  # (windows, heads, wd, wh, ww, wd', wh', 1)
         bias = (bias + bias_w[..., None, None, :]).reshape(*query.shape[:3], -1)  # (windows, heads, N, N)
         if window_mask is not None:
@@ -274,22 +310,31 @@ class Sam3DWindowAttention(nn.Module):
         return bias
 
     def forward(
-        self, windows: torch.Tensor, window_mask: torch.Tensor | None, output_attentions: bool = False
+        self,
+        windows: torch.Tensor,
+        window_mask: torch.Tensor | None,
+        output_attentions: bool = False,
+        key_coordinates: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """`windows (B*nW, N, C)`; `window_mask (nW, N, N)` additive (shift and padding), shared by every image.
+        """`windows (B*nW, N, C)`; `window_mask (nW, N, N)` additive (shift and padding), shared by every image;
+        `key_coordinates (N, wd + wh + ww)` from [`window_key_coordinates`] (built here when not given).
 
         Returns the output `(B*nW, N, C)` and, with the eager implementation, the attention weights
-        `(B*nW, heads, N, N)` (`None` otherwise). The relative-position terms and the mask are passed to the attention
-        implementation as its additive float mask; windows are processed in chunks (`attention_chunk_size`) to bound
-        the memory of that mask and of eager's weights, which are kept only when requested. Requested eager weights
-        come from one call over all windows, so they are the very tensor the output is computed from (gradients reach
-        them)."""
+        `(B*nW, heads, N, N)` (`None` otherwise)."""
+        if self.config._attn_implementation == "eager":
+            return self.dense_forward(windows, window_mask, output_attentions)
+        if key_coordinates is None:
+            key_coordinates = window_key_coordinates(self.config.window_size, windows.device)
+        return self.folded_forward(windows, window_mask, key_coordinates, output_attentions), None
+
+    def dense_forward(
+        self, windows: torch.Tensor, window_mask: torch.Tensor | None, output_attentions: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Eager attention with the dense bias. Windows are processed in chunks (`attention_chunk_size`) to bound the
+        memory of that bias and of the weights, which are kept only when requested. Requested weights come from one
+        call over all windows, so they are the very tensor the output is computed from (gradients reach them)."""
         num_windows, tokens, channels = windows.shape
-        attention: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
-        )
-        weights_wanted = output_attentions and self.config._attn_implementation == "eager"
-        chunk_size = num_windows if weights_wanted else self.config.attention_chunk_size
+        chunk_size = num_windows if output_attentions else self.config.attention_chunk_size
         outputs = []
         for start in range(0, num_windows, chunk_size):
             chunk = windows[start : start + chunk_size]
@@ -299,22 +344,54 @@ class Sam3DWindowAttention(nn.Module):
             if window_mask is not None:
                 mask = window_mask[torch.arange(start, start + chunk.shape[0], device=chunk.device) % len(window_mask)]
             bias = self.relative_position_bias(query, mask)
+            out, attention_weights = eager_attention_forward(self, query, key, value, bias, self.scale)
+            if not output_attentions:
+                attention_weights = None  # dropped at once: at ViT-B/128³ all windows' weights are ~0.8 GB per block
+            outputs.append(out.reshape(chunk.shape[0], tokens, channels))
+        return self.proj(torch.cat(outputs)), attention_weights  # weights wanted: one chunk, so these are all
+
+    def folded_forward(
+        self,
+        windows: torch.Tensor,
+        window_mask: torch.Tensor | None,
+        key_coordinates: torch.Tensor,
+        output_attentions: bool,
+    ) -> torch.Tensor:
+        """The relative-position terms folded into `q'·k'` (see the class docstring), through the configured
+        attention implementation, in chunks of windows (see [`rows_per_chunk`])."""
+        num_windows, tokens, channels = windows.shape
+        attention: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        chunk_size = rows_per_chunk(windows, 3 * tokens * channels)  # windows whose qkv fits in a chunk
+        outputs = []
+        for start in range(0, num_windows, chunk_size):
+            chunk = windows[start : start + chunk_size]
+            qkv = self.qkv(chunk).reshape(chunk.shape[0], tokens, 3, self.num_heads, self.head_dim)
+            query, key, value = qkv.permute(2, 0, 3, 1, 4)  # each (chunk, heads, N, head_dim)
+            terms = torch.cat([t.flatten(2, 4) for t in self.relative_position_terms(query)], dim=-1)
+            query = torch.cat([query * self.scale, terms], dim=-1)  # (chunk, heads, N, head_dim + wd + wh + ww)
+            key = torch.cat([key, key_coordinates.to(key.dtype).expand(*key.shape[:3], -1)], dim=-1)
+            value = F.pad(value, (0, terms.shape[-1]))  # SDPA's CPU kernel needs q, k and v of one head size
+            mask = None
+            if window_mask is not None:
+                index = torch.arange(start, start + chunk.shape[0], device=chunk.device) % len(window_mask)
+                mask = window_mask[index][:, None].to(query.dtype)  # (chunk, 1, N, N): the same for every head
             # `output_attentions` goes to the implementation as in transformers' ViT: SDPA warns that it has no weights.
-            out, attention_weights = attention(
+            out, _ = attention(
                 self,
                 query,
                 key,
                 value,
-                attention_mask=bias,
+                attention_mask=mask,
                 dropout=0.0,
-                scaling=self.scale,
+                scaling=1.0,  # the scale is in the query
                 is_causal=False,
                 output_attentions=output_attentions,
             )
-            if not weights_wanted:
-                attention_weights = None  # dropped at once: at ViT-B/128³ all windows' weights are ~0.8 GB per block
-            outputs.append(out.reshape(chunk.shape[0], tokens, channels))
-        return self.proj(torch.cat(outputs)), attention_weights  # weights wanted: one chunk, so these are all
+            out = out[..., : self.head_dim].reshape(chunk.shape[0], tokens, channels)  # (chunk, N, heads, hd) -> C
+            outputs.append(self.proj(out))
+        return torch.cat(outputs)
 
 
 class Sam3DMLP(nn.Module):
@@ -352,6 +429,14 @@ def window_masks(
     return mask + torch.where(valid_windows[:, None, :] > 0, 0.0, MASKED_LOGIT)
 
 
+def window_key_coordinates(window: tuple[int, int, int], device) -> torch.Tensor:
+    """`(N, wd + wh + ww)`: for each token of a window (raster order), the one-hot of its coordinate along each axis."""
+    tokens = torch.arange(math.prod(window), device=device)
+    _, wh, ww = window
+    coordinates = (tokens // (wh * ww), tokens // ww % wh, tokens % ww)
+    return torch.cat([F.one_hot(c, size) for c, size in zip(coordinates, window, strict=True)], dim=-1).float()
+
+
 def partition_windows(hidden_states: torch.Tensor, window: tuple[int, int, int]) -> torch.Tensor:
     """`(B, D, H, W, C)` with sizes multiple of `window` -> `(B * nW, wd * wh * ww, C)`."""
     batch, depth, height, width, channels = hidden_states.shape
@@ -369,6 +454,47 @@ def merge_windows(windows: torch.Tensor, window: tuple[int, int, int], grid: lis
     return x.permute(0, 1, 4, 2, 5, 3, 6, 7).reshape(-1, depth, height, width, channels)
 
 
+@dataclass
+class Sam3DWindowPartition:
+    """How the blocks of one kind (shifted or not) cut a token grid into windows: the same for all of them, so the
+    encoder builds it once per forward (see [`Sam3DWindowPartition.build`]).
+
+    Args:
+        padded (`tuple[int, int, int]`): the grid zero-padded to whole windows.
+        gather (`torch.LongTensor` of shape `(nW * N,)`): the padded-grid row of every window token, windows in raster
+            order of the rolled grid: roll and partition are one gather.
+        scatter (`torch.LongTensor` of shape `(D' * H' * W',)`): the window row of every token of the grid: merge,
+            roll back and crop are one gather.
+        mask (`torch.FloatTensor` of shape `(nW, N, N)`, *optional*): [`window_masks`] (`None`: nothing masked).
+        key_coordinates (`torch.FloatTensor` of shape `(N, wd + wh + ww)`): [`window_key_coordinates`].
+    """
+
+    padded: tuple[int, int, int]
+    gather: torch.Tensor
+    scatter: torch.Tensor
+    mask: torch.Tensor | None
+    key_coordinates: torch.Tensor
+
+    @classmethod
+    def build(
+        cls,
+        grid: tuple[int, int, int],
+        window: tuple[int, int, int],
+        shift: tuple[int, int, int] | None,
+        device: torch.device,
+    ) -> "Sam3DWindowPartition":
+        padded = tuple(math.ceil(g / w) * w for g, w in zip(grid, window, strict=True))
+        rows = torch.arange(math.prod(padded), device=device).reshape(padded)
+        if shift is not None:
+            rows = torch.roll(rows, [-s for s in shift], dims=(0, 1, 2))  # exactly what the roll does to the tokens
+        gather = partition_windows(rows[None, ..., None], window).flatten()
+        inverse = torch.empty_like(gather)
+        inverse[gather] = torch.arange(len(gather), device=device)
+        scatter = inverse.reshape(padded)[: grid[0], : grid[1], : grid[2]].flatten()
+        mask = window_masks(grid, window, shift, device)
+        return cls(padded, gather, scatter, mask, window_key_coordinates(window, device))
+
+
 class Sam3DVisionLayer(GradientCheckpointingLayer):
     """Adapter, then (shifted) 3D window attention and MLP, each with a residual."""
 
@@ -382,11 +508,33 @@ class Sam3DVisionLayer(GradientCheckpointingLayer):
         self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = Sam3DMLP(config)
 
-    def forward(self, hidden_states: torch.Tensor, output_attentions: bool = False) -> torch.Tensor:
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        partition: Sam3DWindowPartition | None = None,
+        output_attentions: bool = False,
+    ) -> torch.Tensor:
+        """`hidden_states (B, D', H', W', C)`; `partition` for this block's shift (built here when not given; the
+        eager implementation builds its own masks and windows, as the official code does)."""
         if self.adapter is not None:
             hidden_states = self.adapter(hidden_states)
+        if self.attn.config._attn_implementation == "eager":
+            hidden_states = hidden_states + self.plain_attention(hidden_states, output_attentions)
+            return hidden_states + self.mlp(self.layer_norm2(hidden_states))
+        if partition is None:
+            partition = Sam3DWindowPartition.build(
+                tuple(hidden_states.shape[1:4]), self.window, self.shift, hidden_states.device
+            )
+        # Residuals added in place into the branch outputs (fresh tensors whose backward does not read them).
+        hidden_states = self.window_attention(hidden_states, partition, output_attentions).add_(hidden_states)
+        rows = hidden_states.reshape(-1, hidden_states.shape[-1])  # (B * D' * H' * W', C)
+        chunks = rows.split(rows_per_chunk(rows, self.mlp.lin1.out_features))
+        return torch.cat([self.mlp(self.layer_norm2(x)).add_(x) for x in chunks]).reshape(hidden_states.shape)
+
+    def plain_attention(self, hidden_states: torch.Tensor, output_attentions: bool) -> torch.Tensor:
+        """The attention branch step by step as the official code runs it: pad, roll, partition, masks, attention,
+        merge, roll back, crop."""
         depth, height, width = hidden_states.shape[1:4]
-        shortcut = hidden_states
         x = self.layer_norm1(hidden_states)
         padded = [math.ceil(s / w) * w for s, w in zip((depth, height, width), self.window, strict=True)]
         x = F.pad(x, (0, 0, 0, padded[2] - width, 0, padded[1] - height, 0, padded[0] - depth))
@@ -397,8 +545,23 @@ class Sam3DVisionLayer(GradientCheckpointingLayer):
         x = merge_windows(x, self.window, padded)
         if self.shift is not None:
             x = torch.roll(x, list(self.shift), dims=(1, 2, 3))
-        hidden_states = shortcut + x[:, :depth, :height, :width]
-        return hidden_states + self.mlp(self.layer_norm2(hidden_states))
+        return x[:, :depth, :height, :width]
+
+    def window_attention(
+        self, hidden_states: torch.Tensor, partition: Sam3DWindowPartition, output_attentions: bool
+    ) -> torch.Tensor:
+        """The same branch with the windows cut and put back by one gather each (see [`Sam3DWindowPartition`])."""
+        batch, depth, height, width, channels = hidden_states.shape
+        x = self.layer_norm1(hidden_states)
+        pad_d, pad_h, pad_w = (p - s for p, s in zip(partition.padded, (depth, height, width), strict=True))
+        if pad_d or pad_h or pad_w:
+            x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h, 0, pad_d))
+        windows = x.reshape(batch, -1, channels).index_select(1, partition.gather)  # (B, nW * N, C)
+        tokens = math.prod(self.window)
+        x, _ = self.attn(
+            windows.reshape(-1, tokens, channels), partition.mask, output_attentions, partition.key_coordinates
+        )
+        return x.reshape(batch, -1, channels).index_select(1, partition.scatter).reshape(hidden_states.shape)
 
 
 class Sam3DLayerNorm(nn.Module):
@@ -411,10 +574,10 @@ class Sam3DLayerNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mean = x.mean(1, keepdim=True)
-        var = (x - mean).pow(2).mean(1, keepdim=True)
-        x = (x - mean) / torch.sqrt(var + self.eps)
-        return self.weight[:, None, None, None] * x + self.bias[:, None, None, None]
+        # F.layer_norm on the channels-last view: one pass, and only its input and statistics are kept for backward
+        # (written out as mean, variance, division, it kept seven full-size temporaries: ~1 GB at ViT-B/128³ training).
+        normalised = F.layer_norm(x.permute(0, 2, 3, 4, 1), (x.shape[1],), self.weight, self.bias, self.eps)
+        return normalised.permute(0, 4, 1, 2, 3)
 
 
 class Sam3DNeck(nn.Module):
@@ -598,9 +761,18 @@ class Sam3DVisionEncoder(Sam3DPreTrainedModel):
         """Returns the last block's tokens `(B, D', H', W', C)` and the four level maps."""
         hidden_states = self.patch_embed(pixel_values)  # (B, D', H', W', C)
         hidden_states = hidden_states + self.position_embeddings(tuple(hidden_states.shape[1:4]))
+        grid = tuple(hidden_states.shape[1:4])
+        partitions = {}  # by shift: what every block of one kind shares
         levels = []
         for index, layer in enumerate(self.layers):
-            hidden_states = layer(hidden_states, output_attentions)
+            partition = None
+            if self.config._attn_implementation != "eager":  # eager builds its masks per block, as the official code
+                if layer.shift not in partitions:
+                    partitions[layer.shift] = Sam3DWindowPartition.build(
+                        grid, layer.window, layer.shift, hidden_states.device
+                    )
+                partition = partitions[layer.shift]
+            hidden_states = layer(hidden_states, partition, output_attentions)
             if index in self.config.feature_indexes:
                 levels.append(self.necks[len(levels)](hidden_states))
         return hidden_states, tuple(levels)

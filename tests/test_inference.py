@@ -1,6 +1,8 @@
 """Sam3DPredictor: cached clicks equal a fresh full forward, masks land in the original geometry, negative clicks
 reach the model, the encoder runs once per patch, and automatic sliding-window mode."""
 
+import re
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -8,7 +10,7 @@ import torch
 from conftest import PATCH, TINY, assert_mask_of, randomize
 from torch import nn
 
-from sam3d_hf import Sam3DConfig, Sam3DForPromptableSegmentation, Sam3DImageProcessor, Sam3DProcessor
+from sam3d_hf import Sam3DConfig, Sam3DForPromptableSegmentation, Sam3DImageProcessor, Sam3DProcessor, inference
 from sam3d_hf.inference import Sam3DPredictor
 from sam3d_hf.metrics import dice_score
 from sam3d_hf.modeling_sam3d import Sam3DImageEmbeddings, Sam3DSegmentationOutput
@@ -202,7 +204,9 @@ def test_negative_clicks_reach_the_model(oblique_case):
     torch.testing.assert_close(negative.logits, logits, atol=1e-5, rtol=1e-5)
 
 
-def test_bf16_autocast_stays_close_to_float32(tiny_model, oblique_case):
+def test_bf16_autocast_stays_close_to_float32(tiny_model, oblique_case, monkeypatch):
+    # The numbers, on any CPU: whether bf16 pays on this one is bf16_verdict's question (tested below).
+    monkeypatch.setattr(inference, "bf16_verdict", lambda device_type: (True, "forced by the test"))
     image, points = oblique_case
     float32 = Sam3DPredictor(tiny_model, make_processor())
     bf16 = Sam3DPredictor(tiny_model, make_processor(), bf16=True)
@@ -212,6 +216,49 @@ def test_bf16_autocast_stays_close_to_float32(tiny_model, oblique_case):
     assert reduced.logits.dtype == torch.float32
     assert not torch.equal(reference.logits, reduced.logits)  # autocast did run in bf16
     assert dice_score(reduced.mask, reference.mask) > 0.95
+
+
+@pytest.mark.parametrize(
+    ("flags", "native", "reason"),
+    [
+        ("fpu avx2 avx512f avx512_bf16 avx512_vnni", True, r"native bf16 \(avx512_bf16 in "),
+        ("fpu avx2 amx_bf16 amx_tile", True, r"native bf16 \(amx_bf16 in "),
+        ("fpu avx2 avx512f avx512_vnni", False, "no native bf16 .* emulates bf16 matmuls"),
+    ],
+)
+def test_bf16_verdict_reads_the_cpu_flags(tmp_path, monkeypatch, flags, native, reason):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n")
+    monkeypatch.setattr(inference, "CPUINFO", cpuinfo)
+    inference.bf16_verdict.cache_clear()
+    try:
+        verdict, why = inference.bf16_verdict("cpu")
+    finally:
+        inference.bf16_verdict.cache_clear()
+    assert verdict is native
+    assert re.search(reason, why)
+
+
+def test_bf16_verdict_measures_without_cpuinfo_and_asks_cuda(tmp_path, monkeypatch):
+    monkeypatch.setattr(inference, "CPUINFO", tmp_path / "absent")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    inference.bf16_verdict.cache_clear()
+    try:
+        verdict, why = inference.bf16_verdict("cpu")
+        assert isinstance(verdict, bool) and re.search(r"512³ bf16 matmul took [\d.]+ ms against [\d.]+ ms", why)
+        assert inference.bf16_verdict("cuda") == (
+            False,
+            "this GPU does not support bf16 (torch.cuda.is_bf16_supported() is False)",
+        )
+    finally:
+        inference.bf16_verdict.cache_clear()
+
+
+def test_bf16_is_refused_where_it_does_not_pay(tiny_model, monkeypatch):
+    monkeypatch.setattr(inference, "bf16_verdict", lambda device_type: (False, "no native bf16 here"))
+    with pytest.raises(ValueError, match=r"bf16=True is refused on cpu: no native bf16 here; .* Use bf16=False"):
+        Sam3DPredictor(tiny_model, make_processor(), bf16=True)
+    Sam3DPredictor(tiny_model, make_processor())  # float32 is never refused
 
 
 # ------------------------------------------------------------------------------ geometry with an analytic model

@@ -162,6 +162,63 @@ def test_eager_equals_sdpa_and_eager_really_runs(tiny_model, tiny_inputs, monkey
     assert_close(eager, sdpa)
 
 
+def test_default_attention_builds_no_dense_bias_and_shares_window_partitions(tiny_model, tiny_inputs, monkeypatch):
+    # The folded path: relative positions inside q'·k', one partition (gathers and mask) per block kind and forward,
+    # and an SDPA mask of one (N, N) per window, shared by its heads.
+    builds, masks = [], []
+    real_build = modeling.Sam3DWindowPartition.build.__func__
+    real_sdpa = F.scaled_dot_product_attention
+
+    def build(cls, grid, window, shift, device):
+        builds.append(shift)
+        return real_build(cls, grid, window, shift, device)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the dense (N x N per head) bias was built on the default path")
+
+    def sdpa(query, key, value, attn_mask=None, **kwargs):
+        masks.append(None if attn_mask is None else tuple(attn_mask.shape))
+        return real_sdpa(query, key, value, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(modeling.Sam3DWindowPartition, "build", classmethod(build))
+    monkeypatch.setattr(modeling.Sam3DWindowAttention, "relative_position_bias", refuse)
+    monkeypatch.setattr(modeling.F, "scaled_dot_product_attention", sdpa)
+    logits_of(tiny_model, **tiny_inputs)
+    assert builds == [(4, 4, 4), None]  # 4 blocks: shifted and unshifted share theirs
+    window_masks = [m for m in masks if m is not None and m[-1] == 512]
+    assert window_masks and all(m[1] == 1 and m[2:] == (512, 512) for m in window_masks)
+
+
+def test_default_attention_gives_the_gradients_of_the_dense_reference(tiny_config, tiny_inputs):
+    labels = (tiny_inputs["pixel_values"][:, 0] > 0.5).long()
+    grads = {}
+    for implementation in ("sdpa", "eager"):
+        model = randomize(Sam3DForPromptableSegmentation(tiny_config)).train()
+        model.set_attn_implementation(implementation)
+        model(**tiny_inputs, labels=labels).loss.backward()
+        grads[implementation] = {n: p.grad for n, p in model.named_parameters()}
+    for name, grad in grads["eager"].items():
+        assert_close(grads["sdpa"][name], grad, rtol=1e-4)
+
+
+def test_cpu_chunks_do_not_change_results(tiny_model, tiny_inputs, monkeypatch):
+    calls = []
+    real_sdpa = F.scaled_dot_product_attention
+
+    def sdpa(*args, **kwargs):
+        calls.append(args[0].shape[0])
+        return real_sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(modeling.F, "scaled_dot_product_attention", sdpa)
+    whole = logits_of(tiny_model, **tiny_inputs)
+    assert max(calls) == 8  # all 2 x 4 windows of a block in one call
+    calls.clear()
+    monkeypatch.setattr(modeling, "CPU_CHUNK_BYTES", 1)  # one window, and one token row of the MLP, per chunk
+    chunked = logits_of(tiny_model, **tiny_inputs)
+    assert max(c for c in calls if c != 2) == 1  # (prompt-encoder calls have the prompt batch 2)
+    assert_close(chunked, whole)
+
+
 def test_attention_chunking_does_not_change_results(tiny_config, tiny_inputs):
     model = randomize(Sam3DForPromptableSegmentation(tiny_config)).eval()
     chunked = logits_of(model, **tiny_inputs)
@@ -278,6 +335,22 @@ def test_relative_position_bias_matches_per_pair_formula(tiny_model, layer):
             ]
         )
         np.testing.assert_allclose(bias[window, head, i].detach().numpy(), expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])  # the neck's maps come in both layouts
+def test_neck_layer_norm_is_the_per_voxel_formula(channels_last):
+    norm = modeling.Sam3DLayerNorm(16, eps=1e-6).double()
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    x = torch.randn(2, 16, 5, 6, 7, dtype=torch.float64) * 3 + 1
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    mean = x.mean(1, keepdim=True)
+    variance = ((x - mean) ** 2).mean(1, keepdim=True)  # biased
+    weight, bias = norm.weight[:, None, None, None], norm.bias[:, None, None, None]
+    expected = weight * (x - mean) / torch.sqrt(variance + 1e-6) + bias
+    assert_close(norm(x), expected, rtol=1e-12)
 
 
 # ---------------------------------------------------------------- patch embedding and position tables
@@ -582,13 +655,32 @@ def reference_shifted_window_layer(layer, hidden):
     return x + layer.mlp(layer.layer_norm2(x))
 
 
+# float64 agreement: eager takes its softmax in float32, as transformers' eager attention does.
+EXACT = {"sdpa": 1e-10, "eager": 1e-6}
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])  # the folded path and the dense reference
 @pytest.mark.parametrize("index", [0, 1])  # block 0 is shifted, block 1 is not
-def test_encoder_block_matches_explicit_window_loops(tiny_model, index):
+def test_encoder_block_matches_explicit_window_loops(tiny_model, index, implementation):
+    tiny_model.set_attn_implementation(implementation)
     layer = tiny_model.vision_encoder.layers[index].double()
     assert (layer.shift is not None) == (index == 0)
     hidden = torch.randn(2, 10, 6, 11, 48, dtype=torch.float64)  # padded to (16, 8, 16): padding on every axis
     with torch.no_grad():
-        assert_close(layer(hidden), reference_shifted_window_layer(layer, hidden), rtol=1e-10)
+        assert_close(layer(hidden), reference_shifted_window_layer(layer, hidden), rtol=EXACT[implementation])
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_anisotropic_windows_and_shifts_match_explicit_window_loops(implementation):
+    # Every axis differs (window, shift, grid, padding), so a swapped axis or table anywhere changes the result.
+    vision = {**TINY["vision_config"], "window_size": (4, 8, 2), "shift_size": (2, 4, 1), "image_size": (24, 40, 12)}
+    model = randomize(Sam3DForPromptableSegmentation(Sam3DConfig(**{**TINY, "vision_config": vision}))).eval()
+    model.set_attn_implementation(implementation)
+    hidden = torch.randn(2, 6, 10, 3, 48, dtype=torch.float64)  # padded to (8, 16, 4)
+    for index in (0, 1):
+        layer = model.vision_encoder.layers[index].double()
+        with torch.no_grad():
+            assert_close(layer(hidden), reference_shifted_window_layer(layer, hidden), rtol=EXACT[implementation])
 
 
 def sampled_point_embeddings(model, pixel_values, points):

@@ -725,3 +725,37 @@ def test_official_resampling_equals_the_official_reading(tmp_path, zooms):
     assert expected_label.sum() > 100 and differ.sum() <= 2  # a voxel at exactly 0.5 may fall either way
     # The geometry is the interpolation's own: resampled voxel r lies at (r + 0.5) * 1 mm / spacing - 0.5
     np.testing.assert_allclose(out["resampling_scale"], 1.0 / np.array(zooms)[list(preset.stored_axes)])
+
+
+@pytest.mark.parametrize(
+    ("shape", "size", "box"),
+    [
+        ((20, 30, 25), (31, 17, 40), ((3, 9), (0, 30), (20, 25))),  # up and down, a box at both borders
+        ((7, 9, 11), (3, 50, 5), ((6, 7), (2, 3), (0, 11))),  # one-voxel box, strong down/up-sampling
+        ((10, 10, 10), (10, 10, 10), ((0, 10), (0, 10), (0, 10))),  # same size, whole grid
+        ((8, 6, 5), (20, 6, 13), ((0, 3), (0, 6), (0, 2))),  # upsampling from the first voxel (clamped index)
+    ],
+)
+def test_paste_back_resizes_only_the_patch_box_as_trilinear_interpolation_would(shape, size, box):
+    from sam3d_hf.processing_sam3d import _resize_nonzero_box
+
+    canvas = torch.zeros(shape)
+    region = tuple(slice(a, b) for a, b in box)
+    canvas[region] = torch.rand(canvas[region].shape, generator=torch.Generator().manual_seed(0)) + 0.01
+    expected = torch.nn.functional.interpolate(canvas[None, None], size=size, mode="trilinear", align_corners=False)
+    torch.testing.assert_close(_resize_nonzero_box(canvas, size), expected[0, 0], atol=2e-6, rtol=0)
+    assert not _resize_nonzero_box(torch.zeros(shape), size).any()
+
+
+@pytest.mark.parametrize("scale", [(1.37, 0.61, 2.9), (0.5, 1.0, 1.21)])
+def test_paste_back_by_steps_is_interpolation_by_scale_factor(scale):
+    """Official resampling goes by `scale_factor` (floored sizes): the way back reads the same sample positions,
+    `(i + 0.5) / scale - 0.5`, which the size ratio does not."""
+    from sam3d_hf.processing_sam3d import _resize_nonzero_box
+
+    canvas = torch.zeros(13, 17, 9)
+    canvas[2:9, 5:17, 0:4] = torch.rand(7, 12, 4, generator=torch.Generator().manual_seed(1)) + 0.01
+    expected = torch.nn.functional.interpolate(canvas[None, None], scale_factor=scale, mode="trilinear")[0, 0]
+    got = _resize_nonzero_box(canvas, tuple(expected.shape), steps=[1 / s for s in scale])
+    torch.testing.assert_close(got, expected, atol=2e-6, rtol=0)
+    assert not torch.allclose(_resize_nonzero_box(canvas, tuple(expected.shape)), expected, atol=1e-3)
