@@ -831,7 +831,9 @@ class AppSession:
                 raise ValueError("the first click must be positive (on the lesion); negative clicks only correct it")
             misses = predictor.cache_misses
             started = time.perf_counter()
-            prediction = predictor.predict([c.voxel for c in clicks], [c.label for c in clicks])
+            # The current step's patch predictions (after an undo, the step undone to) are the mask prompt.
+            previous = {c.patch_origin: c.foreground_logits.float().sigmoid() for c in self.state.clusters}
+            prediction = predictor.predict([c.voxel for c in clicks], [c.label for c in clicks], previous=previous)
             seconds = time.perf_counter() - started
             encoded = predictor.cache_misses > misses
             if encoded:

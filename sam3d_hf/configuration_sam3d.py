@@ -255,14 +255,28 @@ class Sam3DMaskDecoderConfig(PretrainedConfig):
     Args:
         hidden_size (`int`, defaults to 128): channels of each level head and of the fused convolution.
         num_labels (`int`, defaults to 2): output classes (background, foreground).
+        use_mask_prompt (`bool`, defaults to `False`): the decoder also takes the previous prediction of the patch
+            (`input_masks`, foreground probabilities) through a zero-initialised convolution into its fused
+            convolution, so that corrections build on what was predicted. Not in the official model; a model with it
+            and no mask given computes what the same weights compute without it.
     """
 
     model_type = "sam3d_mask_decoder"
     base_config_key = "mask_decoder_config"
 
-    def __init__(self, hidden_size: int = 128, num_labels: int = 2, initializer_range: float = 0.02, **kwargs):
+    def __init__(
+        self,
+        hidden_size: int = 128,
+        num_labels: int = 2,
+        initializer_range: float = 0.02,
+        use_mask_prompt: bool = False,
+        **kwargs,
+    ):
         self.hidden_size = hidden_size
         self.initializer_range = initializer_range
+        if not isinstance(use_mask_prompt, bool):
+            raise ValueError(f"Sam3DMaskDecoderConfig.use_mask_prompt must be a bool, got {use_mask_prompt!r}")
+        self.use_mask_prompt = use_mask_prompt
         super().__init__(num_labels=num_labels, **kwargs)
         if not isinstance(hidden_size, int) or hidden_size <= 0:
             raise ValueError(f"Sam3DMaskDecoderConfig.hidden_size must be a positive int, got {hidden_size!r}")

@@ -386,6 +386,8 @@ def to_official_state_dicts(model: PreTrainedModel) -> tuple[dict, dict | None, 
         )
     if config.use_prompt_encoder and config.prompt_encoder_config.use_point_labels:
         raise ValueError("use_point_labels=True adds a label embedding the official model does not have")
+    if config.mask_decoder_config.use_mask_prompt:
+        raise ValueError("use_mask_prompt=True adds a mask-prompt convolution the official model does not have")
     sections: dict[str, dict[str, torch.Tensor]] = {name: {} for name in _EXPORT_RULES}
     for key, tensor in model.state_dict().items():
         section, target, transform = _official_key(key)

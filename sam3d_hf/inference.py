@@ -34,7 +34,7 @@ import contextlib
 import functools
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -190,6 +190,7 @@ class Sam3DPredictor:
         points_in: str = "voxel",
         threshold: float = 0.5,
         reuse_patches: bool | Sequence[Sequence[int]] = True,
+        previous: Sam3DPrediction | Mapping[tuple[int, int, int], torch.Tensor] | None = None,
     ) -> Sam3DPrediction:
         """Segment what the clicks point at, in the scan's original geometry.
 
@@ -210,6 +211,11 @@ class Sam3DPredictor:
                 * a list of patch origins (`(3,)` resampled voxels, e.g. earlier `prediction.inputs["patch_origins"]`,
                   preferred first): only these may be kept, e.g. the patches of one click session among several on
                   the same scan. An empty list is the same as `False`.
+            previous: the prediction these clicks correct (the session's last one; after an undo, the one undone
+                to). For a model with the mask prompt (`mask_decoder_config.use_mask_prompt`, the `interactive`
+                recipe) each patch gets that prediction's foreground probabilities of the same patch (same origin) as
+                `input_masks`, a new patch none; other models ignore it. `None`: a first click. Also a mapping
+                `{patch origin (3 ints): (D, H, W) foreground probabilities in patch voxels}` (what a session stores).
 
         Returns:
             [`Sam3DPrediction`] with one score and one logits row per patch.
@@ -234,10 +240,13 @@ class Sam3DPredictor:
                 feature_maps=tuple(torch.cat(level) for level in zip(*(row.feature_maps for row in rows))),
                 decoder_context=torch.cat([row.decoder_context for row in rows]),
             )
+            masks = self._previous_masks(previous, origins)  # only given when there is one: a model loaded with
+            extra = {} if masks is None else {"input_masks": masks}  # older remote code has no such argument
             logits = self.model(
                 image_embeddings=embeddings,
                 input_points=inputs["input_points"].to(self.model.device),
                 input_labels=inputs["input_labels"].to(self.model.device),
+                **extra,
             ).logits.float()
         probabilities = self.processor.post_process_masks(logits, inputs, threshold, return_probabilities=True)
         return Sam3DPrediction(
@@ -247,6 +256,29 @@ class Sam3DPredictor:
             logits=logits.cpu(),
             inputs=inputs,
         )
+
+    def _previous_masks(self, previous, origins: list[list[int]]) -> torch.Tensor | None:
+        """`(B, 1, *patch)` foreground probabilities of `previous` for the patches at `origins` (zeros, i.e. no
+        mask, for a patch `previous` did not have), or `None` when the model has no mask prompt or nothing is given."""
+        if previous is None or not self.model.config.mask_decoder_config.use_mask_prompt:
+            return None
+        if isinstance(previous, Sam3DPrediction) and previous.logits is not None:
+            rows = torch.softmax(previous.logits.float(), 1)[:, 1]
+            previous = {tuple(o): rows[b] for b, o in enumerate(previous.inputs["patch_origins"].tolist())}
+        elif not isinstance(previous, Mapping):
+            raise TypeError(
+                "`previous` must be a Sam3DPrediction of predictor.predict, a {patch origin: probabilities} mapping, "
+                f"or None; got {type(previous).__name__}"
+            )
+        patch = tuple(self.processor.patch_size)
+        masks = torch.zeros(len(origins), 1, *patch)
+        for row, origin in enumerate(origins):
+            earlier = previous.get(tuple(int(v) for v in origin))
+            if earlier is not None:
+                if tuple(earlier.shape) != patch:
+                    raise ValueError(f"a previous mask must have the patch shape {patch}, got {tuple(earlier.shape)}")
+                masks[row, 0] = earlier.float()
+        return masks.to(self.model.device, self.model.dtype)
 
     # -------------------------------------------------------------------------------------------------- automatic
     def predict_automatic(

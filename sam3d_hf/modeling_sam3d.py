@@ -11,7 +11,7 @@ import functools
 import json
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypedDict
@@ -718,6 +718,8 @@ class Sam3DPreTrainedModel(PreTrainedModel):
             init.zeros_(module.bias)
         elif isinstance(module, Sam3DPromptEncoderLayer):
             init.normal_(module.global_query, std=std)
+        elif isinstance(module, Sam3DMaskPromptEmbedding):
+            init.zeros_(module.weight)  # a new input changes nothing until trained
 
 
 class Sam3DVisionEncoder(Sam3DPreTrainedModel):
@@ -886,6 +888,22 @@ def conv_block(in_channels: int, out_channels: int) -> list[nn.Module]:
     return [nn.Conv3d(in_channels, out_channels, 3, padding=1, bias=False), nn.InstanceNorm3d(out_channels), nn.ReLU()]
 
 
+class Sam3DMaskPromptEmbedding(nn.Conv3d):
+    """The previous prediction as a prompt: foreground probabilities `(B, 1, D, H, W)` in patch voxels, resized
+    (trilinear, as the image channel) to the fused convolution's grid `D / 2`, through a 3x3x3 convolution into its
+    channels. Zero at initialisation, so the decoder computes what it computed without it."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__(1, hidden_size, 3, padding=1, bias=False)
+        init.zeros_(self.weight)
+
+    def forward(self, input_masks: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+        masks = F.interpolate(
+            input_masks.to(self.weight.dtype), size=tuple(size), mode="trilinear", align_corners=False
+        )
+        return super().forward(masks)
+
+
 class Sam3DMaskDecoder(Sam3DPreTrainedModel):
     """Multi-level aggregation: four level heads at `D/2`, fused with the image channel, to 2-class logits at `D`.
 
@@ -906,6 +924,7 @@ class Sam3DMaskDecoder(Sam3DPreTrainedModel):
         self.fuse = nn.Sequential(
             *conv_block(4 * hidden + 1, hidden), nn.Conv3d(hidden, config.num_labels, 3, padding=1, bias=False)
         )
+        self.mask_prompt = Sam3DMaskPromptEmbedding(hidden) if config.use_mask_prompt else None
         self.post_init()
 
     def level(self, index: int, feature_map: torch.Tensor) -> torch.Tensor:
@@ -922,12 +941,17 @@ class Sam3DMaskDecoder(Sam3DPreTrainedModel):
         weight = torch.cat([weight[:, : 3 * hidden], weight[:, 4 * hidden :]], dim=1)
         return F.conv3d(torch.cat([*static, image], dim=1), weight, padding=1)
 
-    def forward(self, context: torch.Tensor, prompted_level: torch.Tensor) -> torch.Tensor:
-        """`context (B, 128, 2D', 2H', 2W')`, `prompted_level (B, 256, D', H', W')` (the token grid) -> logits
-        `(B, 2, D, H, W)`, `D = D' * token_stride`."""
+    def forward(
+        self, context: torch.Tensor, prompted_level: torch.Tensor, input_masks: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """`context (B, 128, 2D', 2H', 2W')`, `prompted_level (B, 256, D', H', W')` (the token grid) and, with the
+        mask prompt, `input_masks (B, 1, D, H, W)` (previous foreground probabilities) -> logits `(B, 2, D, H, W)`,
+        `D = D' * token_stride`."""
         hidden = self.heads[0][0].out_channels
         weight = self.fuse[0].weight[:, 3 * hidden : 4 * hidden]
         x = context + F.conv3d(self.level(3, prompted_level), weight, padding=1)
+        if input_masks is not None:
+            x = x + self.mask_prompt(input_masks, x.shape[2:])
         x = self.fuse[3](self.fuse[2](self.fuse[1](x)))
         return F.interpolate(x, scale_factor=self.upsampling, mode="trilinear", align_corners=True)
 
@@ -1088,6 +1112,7 @@ class Sam3DForPromptableSegmentation(Sam3DPreTrainedModel):
         input_labels: torch.LongTensor | None = None,
         image_embeddings: Sam3DImageEmbeddings | None = None,
         labels: torch.LongTensor | None = None,
+        input_masks: torch.FloatTensor | None = None,
         **kwargs: Unpack[Sam3DSegmentationKwargs],
     ) -> Sam3DSegmentationOutput:
         r"""Segment the object the clicks point at.
@@ -1109,6 +1134,10 @@ class Sam3DForPromptableSegmentation(Sam3DPreTrainedModel):
             labels (`torch.LongTensor` of shape `(batch, D, H, W)` or `(batch, 1, D, H, W)`, *optional*): 0/1 ground
                 truth (integers or booleans; a float tensor only if every value is exactly 0 or 1); gives the DiceCE
                 loss ([`segmentation_loss`]).
+            input_masks (`torch.FloatTensor` of shape `(batch, 1, D, H, W)` or `(batch, D, H, W)`, *optional*): the
+                previous prediction of each prompt set's patch as foreground probabilities in `[0, 1]`, patch voxels
+                `(z, y, x)` like `pixel_values` (from logits: `logits.softmax(1)[:, 1:]`). Only for a model built with
+                `mask_decoder_config.use_mask_prompt=True`; omitting it is the same as an empty (all-zero) mask.
             kwargs: exactly the geometry entries of a [`Sam3DProcessor`] output ([`PROCESSOR_GEOMETRY_KEYS`]), so
                 that `model(**inputs)` works (not used here), and transformers' `output_hidden_states`,
                 `output_attentions` and `return_dict`. Anything else is a `TypeError`.
@@ -1122,6 +1151,7 @@ class Sam3DForPromptableSegmentation(Sam3DPreTrainedModel):
             input_labels=input_labels,
             image_embeddings=image_embeddings,
             labels=labels,
+            input_masks=input_masks,
             **kwargs,
         )
         if pixel_values is not None:
@@ -1137,7 +1167,12 @@ class Sam3DForPromptableSegmentation(Sam3DPreTrainedModel):
             if level3.shape[0] != batch:  # one patch, several prompt sets
                 level3, context = level3.expand(batch, -1, -1, -1, -1), context.expand(batch, -1, -1, -1, -1)
             level3 = self.prompt_encoder(level3, input_points, input_labels.long(), patch_size)
-        logits = self.mask_decoder(context, level3)  # the prompt-free model: level 3 unchanged
+        if input_masks is not None:
+            input_masks = input_masks if input_masks.ndim == 5 else input_masks[:, None]
+            if context.shape[0] != input_masks.shape[0]:  # one patch, one mask per prompt set
+                context = context.expand(input_masks.shape[0], -1, -1, -1, -1)
+                level3 = level3.expand(input_masks.shape[0], -1, -1, -1, -1)
+        logits = self.mask_decoder(context, level3, input_masks)  # the prompt-free model: level 3 unchanged
         loss = None if labels is None else self.segmentation_loss(logits, labels)
         return Sam3DSegmentationOutput(loss=loss, logits=logits, image_embeddings=image_embeddings)
 
@@ -1148,6 +1183,7 @@ class Sam3DForPromptableSegmentation(Sam3DPreTrainedModel):
         input_labels: torch.Tensor | None = None,
         image_embeddings: Sam3DImageEmbeddings | None = None,
         labels: torch.Tensor | None = None,
+        input_masks: torch.Tensor | None = None,
         **kwargs,
     ) -> None:
         """Check `forward`'s inputs; raise `TypeError`/`ValueError` saying what is wrong and how to fix it.
@@ -1184,6 +1220,7 @@ class Sam3DForPromptableSegmentation(Sam3DPreTrainedModel):
                 )
             if labels is not None:
                 self._check_labels(labels, (image_batch, *patch_size), check_values)
+            self._check_masks(input_masks, (image_batch, *patch_size), check_values)
             return
         if input_points is None:
             raise ValueError("input_points is required: a (batch, num_points, 3) tensor of (z, y, x) patch voxels")
@@ -1213,6 +1250,7 @@ class Sam3DForPromptableSegmentation(Sam3DPreTrainedModel):
                 )
         if labels is not None:
             self._check_labels(labels, (input_points.shape[0], *patch_size), check_values)
+        self._check_masks(input_masks, (input_points.shape[0], *patch_size), check_values)
         if not check_values:
             return
         if not torch.isfinite(input_points).all():
@@ -1249,6 +1287,29 @@ class Sam3DForPromptableSegmentation(Sam3DPreTrainedModel):
             raise ValueError(
                 f"input_points[{batch_index}, {point_index}] = {input_points[batch_index, point_index].tolist()} lies "
                 f"outside the patch: (z, y, x) must be within [0, {[int(s) - 1 for s in patch_size]}] (patch voxels)"
+            )
+
+    def _check_masks(self, input_masks: torch.Tensor | None, expected: tuple[int, ...], check_values: bool) -> None:
+        """`input_masks`: `None`, or probabilities of shape `expected` `(batch, D, H, W)` (or with a channel axis) for
+        a model with the mask prompt."""
+        if input_masks is None:
+            return
+        if not self.config.mask_decoder_config.use_mask_prompt:
+            raise ValueError(
+                "input_masks (the previous prediction) needs a model built with mask_decoder_config.use_mask_prompt="
+                "True (e.g. trained with --recipe interactive); this model has none: drop input_masks"
+            )
+        if not isinstance(input_masks, torch.Tensor) or not input_masks.is_floating_point():
+            raise TypeError(f"input_masks must be a float torch.Tensor of probabilities, got {type(input_masks)}")
+        if tuple(input_masks.shape) not in (expected, (expected[0], 1, *expected[1:])):
+            raise ValueError(
+                f"input_masks must have shape (batch, 1, D, H, W) = {(expected[0], 1, *expected[1:])} or {expected} "
+                f"(one previous prediction per prompt set, in patch voxels), got {tuple(input_masks.shape)}"
+            )
+        if check_values and not ((input_masks >= 0) & (input_masks <= 1)).all():
+            raise ValueError(
+                "input_masks must be foreground probabilities in [0, 1] (NaN refused); from logits use "
+                "logits.softmax(1)[:, 1:]"
             )
 
     @staticmethod

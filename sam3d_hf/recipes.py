@@ -74,6 +74,11 @@ class Sam3DRecipe:
             `--validation_steps`). Either way `final_model/` holds the last step's weights (the official `test.py`
             loads `last.pth.tar`) and `best_model/` the best validation's.
         resampling: the processor's resampling the recipe expects (`"official"` for the official presets).
+        use_mask_prompt: the model also takes its previous prediction (`mask_decoder_config.use_mask_prompt`).
+        correction_rounds: simulated correction rounds per step, `k` drawn uniformly from `0 .. correction_rounds`:
+            `k` predictions without gradient, each adding one labelled click at the centre of the largest error of
+            the model's own prediction (`sam3d_hf.metrics.correction_click`) and feeding that prediction back as the
+            mask prompt; the loss is on the prediction after the `k`-th click (see `sam3d_hf.training`).
     """
 
     name: str
@@ -104,6 +109,8 @@ class Sam3DRecipe:
     augmentation: str = "official"
     validation: str = "patches"
     resampling: str = "official"
+    use_mask_prompt: bool = False
+    correction_rounds: int = 0
 
     def __post_init__(self):
         for field, allowed in (
@@ -121,6 +128,11 @@ class Sam3DRecipe:
             raise ValueError(f"recipe {self.name!r}: official clicks carry no labels; use clicks='labelled'")
         if self.clicks in ("labelled", "legacy") and not self.use_point_labels:
             raise ValueError(f"recipe {self.name!r}: {self.clicks!r} clicks need use_point_labels=True")
+        if self.correction_rounds < 0 or (self.correction_rounds and not self.use_point_labels):
+            raise ValueError(
+                f"recipe {self.name!r}: correction_rounds must be >= 0, and corrections (negative clicks) need "
+                f"use_point_labels=True; got {self.correction_rounds} with use_point_labels={self.use_point_labels}"
+            )
 
     def replace(self, **changes: Any) -> Sam3DRecipe:
         """A copy with `changes` (the training flags that override this recipe's values)."""
@@ -159,12 +171,17 @@ RECIPES: dict[str, Sam3DRecipe] = {
     ),
     "interactive": _OFFICIAL.replace(
         name="interactive",
-        description="the official schedule, crops and augmentations with labelled clicks (positive and negative), "
-        "for models meant for correction clicks",
+        description="the official schedule, crops and augmentations with few labelled clicks, the previous mask as a "
+        "prompt and 0-5 simulated corrections per step (as SAM, SAM-Med3D and nnInteractive train): for models that "
+        "improve with each click",
         use_point_labels=True,
         clicks="labelled",
-        num_negative_points=3,
+        num_positive_points=1,
+        num_patch_points=1,
+        num_negative_points=0,
         validation="scans",
+        use_mask_prompt=True,
+        correction_rounds=5,
     ),
     "official_auto": _OFFICIAL.replace(
         name="official_auto",

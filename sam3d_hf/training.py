@@ -51,6 +51,7 @@ from transformers import get_linear_schedule_with_warmup
 from .configuration_sam3d import CONFIG_PRESETS, Sam3DConfig
 from .data import PRESET_DATASETS, PreprocessedCache, _has_folds, index_dataset, resolve_split, validate_dataset
 from .files import atomic_write_text, staged_folder, write_json
+from .metrics import correction_click
 from .modeling_sam3d import Sam3DForPromptableSegmentation
 from .peft_sam3d import Sam3DAdapterConfig, enable_full_finetuning, get_adapter_model, lora_config
 from .pipeline import write_remote_code
@@ -85,6 +86,8 @@ RECIPE_FLAGS = {
     "sampler": "sampler",
     "augmentation": "augmentation",
     "validation": "validation",
+    "mask_prompt": "use_mask_prompt",
+    "correction_rounds": "correction_rounds",
 }
 
 
@@ -125,6 +128,12 @@ def parse_args(argv=None, prog=None) -> argparse.Namespace:
     )  # fmt: skip
     data.add_argument("--num_negative_points", type=int, help="recipe: labelled negative clicks next to the lesion.")
     data.add_argument("--sampler", choices=SAMPLERS, help="recipe: the crop sampler (official or legacy).")
+    data.add_argument(
+        "--mask_prompt",
+        action=argparse.BooleanOptionalAction,
+        help="recipe: the model takes its previous prediction as a prompt.",
+    )
+    data.add_argument("--correction_rounds", type=int, help="recipe: correction rounds per step, 0 .. N at random.")
     data.add_argument("--augmentation", choices=AUGMENTATIONS, help="recipe: the augmentations.")
     data.add_argument(
         "--augmentation_branch", choices=AUGMENTATION_BRANCHES,
@@ -412,19 +421,26 @@ def build_config(args) -> Sam3DConfig:
     if args.finetune == "lora":
         vision["adapter_layers"] = []  # LoRA baseline: no spatial adapters
     prompt = {"use_point_labels": recipe.use_point_labels}
+    decoder = {"use_mask_prompt": recipe.use_mask_prompt}
     top = {"use_prompt_encoder": recipe.use_prompt_encoder}
     if args.model_config in CONFIG_PRESETS:
-        return Sam3DConfig.from_preset(args.model_config, vision_config=vision, prompt_encoder_config=prompt, **top)
+        return Sam3DConfig.from_preset(
+            args.model_config, vision_config=vision, prompt_encoder_config=prompt, mask_decoder_config=decoder, **top
+        )
     values = json.loads(Path(args.model_config).read_text(encoding="utf-8"))
     values.setdefault("vision_config", {}).update(vision)
     values.setdefault("prompt_encoder_config", {}).update(prompt)
+    values.setdefault("mask_decoder_config", {}).update(decoder)
     return Sam3DConfig(**{**values, **top})
 
 
 def build_model(args):
     """The trainee (what the optimiser sees) and its plain `Sam3DForPromptableSegmentation` inside."""
     if args.init_from:
-        model = Sam3DForPromptableSegmentation.from_pretrained(args.init_from, dtype=torch.float32)
+        config = Sam3DConfig.from_pretrained(args.init_from)
+        if args.recipe_values.use_mask_prompt:  # a new input, zero-initialised: the model computes what it computed
+            config.mask_decoder_config.use_mask_prompt = True
+        model = Sam3DForPromptableSegmentation.from_pretrained(args.init_from, config=config, dtype=torch.float32)
         if args.finetune == "lora" and model.config.vision_config.adapter_layers != []:
             raise ValueError(
                 f"--finetune lora needs a base without spatial adapters, but {args.init_from} has adapter_layers="
@@ -599,6 +615,47 @@ def validation_patch_scores(model, processor: Sam3DProcessor, rows, args, epoch:
         scores.append((row["case_id"], float(criterion(logits, patch["labels"][:, None].to(logits.device)))))
     model.train(was_training)
     return scores
+
+
+def simulate_corrections(model: Sam3DForPromptableSegmentation, batch: dict, rounds: int) -> dict:
+    """The batch after `rounds` simulated correction rounds, as interactive segmenters are trained (SAM's iterative
+    point sampling, SAM-Med3D, nnInteractive): each round predicts without gradient from the clicks so far and the
+    previous prediction, then adds one labelled click per patch at the centre of the largest error region of that
+    prediction against the patch's label (`correction_click`: positive in a miss, negative in a false positive;
+    padding `-1` where the prediction is already perfect) and keeps its foreground probabilities as the next mask
+    prompt. The encoder runs once for all rounds; the returned batch (`input_points`, `input_labels` extended by
+    `rounds` clicks, `input_masks` the last round's probabilities) is then trained on as any batch, so only the last
+    prediction gets a gradient and the rounds change no weight.
+
+    Args:
+        model: the plain model (not a DDP or peft wrapper), with `mask_decoder_config.use_mask_prompt=True`.
+        batch: a training batch of `sam3d_collate` (`labels (B, D, H, W)`, clicks in patch voxels `(z, y, x)`).
+        rounds: the number of rounds (0 returns the batch unchanged).
+    """
+    if rounds == 0:
+        return batch
+    truth = batch["labels"].reshape(batch["labels"].shape[0], *batch["pixel_values"].shape[2:]).bool().cpu().numpy()
+    points, labels, masks = batch["input_points"], batch["input_labels"], None
+    with torch.no_grad():
+        embeddings = model.get_image_embeddings(batch["pixel_values"])
+        for _ in range(rounds):
+            logits = model(image_embeddings=embeddings, input_points=points, input_labels=labels, input_masks=masks)
+            masks = logits.logits.float().softmax(1)[:, 1:]
+            predicted = (masks[:, 0] >= 0.5).cpu().numpy()
+            new_points, new_labels = torch.zeros(len(truth), 1, 3), torch.full((len(truth), 1), -1)
+            for row, (label, prediction) in enumerate(zip(truth, predicted, strict=True)):
+                click = correction_click(label, prediction, (1.0, 1.0, 1.0))  # patch voxels are isotropic
+                if click is not None:
+                    new_points[row, 0], new_labels[row, 0] = torch.from_numpy(click[0]), click[1]
+            points = torch.cat([points, new_points.to(points)], dim=1)
+            labels = torch.cat([labels, new_labels.to(labels)], dim=1)
+    return {**batch, "input_points": points, "input_labels": labels, "input_masks": masks}
+
+
+def correction_rounds(seed: int, step: int, process: int, most: int) -> int:
+    """The step's number of correction rounds, uniform in `0 .. most`, from (seed, step, process) alone: a resumed
+    run draws what the uninterrupted run drew."""
+    return int(np.random.default_rng([seed, step, process]).integers(0, most + 1)) if most else 0
 
 
 def weight_checksums(model: torch.nn.Module) -> dict[str, str]:
@@ -931,6 +988,9 @@ def main(argv=None) -> None:
             batches = accelerator.skip_first_batches(train_dataloader, skip_batches)
         for batch in batches:
             with accelerator.accumulate(trainee):
+                rounds = correction_rounds(args.seed, global_step, accelerator.process_index, args.correction_rounds)
+                with accelerator.autocast():
+                    batch = simulate_corrections(model, batch, rounds)
                 outputs = trainee(**batch)  # `labels` in the batch: the model's DiceCE loss
                 loss = outputs.loss
                 running_loss += loss.detach() / args.gradient_accumulation_steps

@@ -45,6 +45,7 @@ def test_each_recipe_trains_saves_reloads_and_evaluates(recipe, data_dir, tmp_pa
     assert model.config.vision_config.token_stride == values.token_stride
     if values.use_prompt_encoder:
         assert model.config.prompt_encoder_config.use_point_labels == values.use_point_labels
+    assert model.config.mask_decoder_config.use_mask_prompt == values.use_mask_prompt
     record = json.loads((folder / "training_info.json").read_text())
     assert record["recipe"]["name"] == recipe and record["recipe"]["values"]["learning_rate"] == values.learning_rate
     assert record["recipe"]["overridden"] == {"patch_size": [32, 24, 40]}
