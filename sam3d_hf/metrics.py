@@ -74,6 +74,7 @@ __all__ = [
     "evaluate_case",
     "markdown_table",
     "normalized_surface_dice",
+    "repeats_click",
     "simulate_clicks",
     "summarize",
 ]
@@ -371,41 +372,67 @@ def simulate_clicks(
     return points.astype(np.float64), np.ones(num_clicks, dtype=np.int64)
 
 
-def correction_click(label: Any, prediction: Any, spacing: Sequence[float]) -> tuple[np.ndarray, int] | None:
+def correction_click(
+    label: Any, prediction: Any, spacing: Sequence[float], avoid: Any = None
+) -> tuple[np.ndarray, int] | None:
     """One corrective click at the centre of the largest error region of a prediction.
 
     The error regions are the 26-connected components of the misses (`label & ~prediction`) and of the false
     positives (`prediction & ~label`); the one with the most voxels wins (a tie goes to the miss). The click is its
-    voxel farthest (Euclidean, mm) from the component's boundary.
+    voxel farthest (Euclidean, mm) from the component's boundary. With `avoid` (the clicks given so far), a region
+    whose click falls on the voxel of one of them (`repeats_click`) is passed over for the next in size (all regions
+    of both kinds ranked by voxels, a tie to the miss, then to the first in `scipy.ndimage.label` order).
 
     Args:
         label: ground-truth tumour mask (bool or 0/1, numpy or torch), shape `(X, Y, Z)` in the scan's stored order.
         prediction: current binary prediction, same shape.
         spacing: voxel size in mm along each stored axis (`Sam3DVolume.spacing`).
+        avoid: `None` or `(N, 3)` stored voxel indices of earlier clicks that the next click must not repeat.
 
     Returns:
         `(point, click_label)` -- `point` `(3,)` float64 stored voxel indices `(i, j, k)`, `click_label` 1 (positive,
-        inside a miss) or 0 (negative, inside a false positive) -- or `None` when the prediction equals the label.
-        Append them to the previous clicks for the next round (`input_points`, `input_labels`, `points_in="voxel"`).
+        inside a miss) or 0 (negative, inside a false positive) -- or `None` when the prediction equals the label (or,
+        with `avoid`, when every error region's click repeats an earlier one). Append them to the previous clicks for
+        the next round (`input_points`, `input_labels`, `points_in="voxel"`).
     """
     prediction, label = _as_pair(prediction, label)
     spacing = _as_spacing(spacing)
-    best: tuple[int, int, np.ndarray] | None = None  # (voxels, click label, component mask)
-    for click_label, errors in ((1, label & ~prediction), (0, prediction & ~label)):
+    avoid = np.zeros((0, 3)) if avoid is None else _as_clicks(avoid, "avoid")
+    regions = []  # (-voxels, 0 for a miss / 1 for a false positive, component index, click label, components, box)
+    for kind, (click_label, errors) in enumerate(((1, label & ~prediction), (0, prediction & ~label))):
         components, count = _label_components(errors)
-        if count == 0:
-            continue
-        sizes = np.bincount(components.ravel())[1:]
-        largest = int(np.argmax(sizes))
-        if best is None or sizes[largest] > best[0]:
-            best = (int(sizes[largest]), click_label, components == largest + 1)
-    if best is None:
-        return None
-    _, click_label, component = best
-    box = ndimage.find_objects(component.astype(np.int8))[0]
-    distance = _inside_distance_mm(component[box], spacing)  # exact on the crop, see `_inside_distance_mm`
-    point = np.array(np.unravel_index(int(np.argmax(distance)), distance.shape)) + [s.start for s in box]
-    return point.astype(np.float64), click_label
+        sizes = np.bincount(components.ravel(), minlength=count + 1)[1:]
+        boxes = ndimage.find_objects(components)
+        regions.extend((-int(sizes[i]), kind, i, click_label, components, boxes[i]) for i in range(count))
+    for _, _, index, click_label, components, box in sorted(regions, key=lambda region: region[:3]):
+        distance = _inside_distance_mm(components[box] == index + 1, spacing)  # exact on the crop
+        point = np.array(np.unravel_index(int(np.argmax(distance)), distance.shape)) + [s.start for s in box]
+        if not repeats_click(point, avoid):
+            return point.astype(np.float64), click_label
+    return None
+
+
+def repeats_click(point: Any, clicks: Any) -> bool:
+    """Whether `point` (3 stored voxel indices) falls on the voxel of one of `clicks` (`(N, 3)`), both rounded to the
+    nearest voxel: a corrective click there would repeat a click the model was already given."""
+    point = _as_clicks(np.reshape(point, (1, -1)), "point")[0]
+    clicks = _as_clicks(clicks, "clicks")
+    return bool((np.rint(clicks) == np.rint(point)).all(axis=1).any())
+
+
+def _as_clicks(value: Any, name: str) -> np.ndarray:
+    try:
+        clicks = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"`{name}` must be (N, 3) stored voxel indices, got {type(value).__name__}.") from err
+    if clicks.size == 0:
+        return clicks.reshape(0, 3)
+    if clicks.ndim != 2 or clicks.shape[1] != 3 or not np.isfinite(clicks).all():
+        raise ValueError(
+            f"`{name}` must be (N, 3) finite stored voxel indices (i, j, k), one row per click, got an array of shape "
+            f"{clicks.shape}; pass the clicks as they were given, e.g. `points` of the earlier rounds."
+        )
+    return clicks
 
 
 # ---------------------------------------------------------------------------------------------------------- reports
