@@ -43,6 +43,14 @@ Correction (`correction_click`, for models with `use_point_labels=True`): the la
 26-connected components of the false positives and of the false negatives, the one with the most voxels (the same
 ranking as mm³ within a scan; a tie goes to the miss) -- gets one click at its voxel farthest from the component's
 boundary (distance transform in mm; first such voxel in C order): label 1 in a miss, label 0 in a false positive.
+With `avoid` (the clicks so far), a region whose click would fall on an earlier click's voxel is passed over for the
+next in size: a model that ignored a click is not given the same click again.
+
+Interactive curves (`summarize_interactive`, `curve_auc`): Dice and NSD after the first click and after each
+correction, their area under the curve by the trapezoid rule with x = round (0..R, so at most R), as the CVPR 2025
+challenge "Foundation Models for Interactive 3D Biomedical Image Segmentation" scores (`CVPR25_iter_eval.py`: scipy
+`cumulative_trapezoid` of its 5 click rounds against x = 0..4, at most 4; NSD at 2 mm there, set to 0 when Dice <=
+0.2, which is not done here: the NSD reported is the real one).
 
 Reports. `evaluate_case` returns one record per scan; add `dataset`, `method`, `protocol`, `num_clicks`, `round` to
 it, then `summarize` the records and print `markdown_table(summary)` (rows: method / protocol / clicks / correction
@@ -62,7 +70,8 @@ from scipy import ndimage
 
 CLICK_PROTOCOLS = ("uniform", "per_lesion", "center", "surrounding", "marginal")
 # Rows of a summary: the click protocols, then "automatic" (sliding window without clicks, `predict_automatic`).
-SUMMARY_PROTOCOLS = ("official", *CLICK_PROTOCOLS, "automatic")  # official: test.py's placement and crop
+# official: test.py's placement and crop; interactive: the first click at the largest lesion's centre, then corrections.
+SUMMARY_PROTOCOLS = ("official", *CLICK_PROTOCOLS, "interactive", "automatic")
 # Full 26-connectivity: voxels that share only an edge or a corner belong to the same lesion / error region.
 CONNECTIVITY_26 = np.ones((3, 3, 3), dtype=bool)
 
@@ -70,13 +79,16 @@ __all__ = [
     "CLICK_PROTOCOLS",
     "SUMMARY_PROTOCOLS",
     "correction_click",
+    "curve_auc",
     "dice_score",
     "evaluate_case",
+    "markdown_interactive",
     "markdown_table",
     "normalized_surface_dice",
     "repeats_click",
     "simulate_clicks",
     "summarize",
+    "summarize_interactive",
 ]
 
 
@@ -546,4 +558,86 @@ def markdown_table(summary: Mapping[str, Mapping[str, Mapping[str, float]]], dig
             cells += [cell(row.get(dataset), "dice"), cell(row.get(dataset), "nsd")]
         cells.append("/".join(str(row[d]["n"]) if d in row else "0" for d in datasets))
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------------------ interactive
+INTERACTIVE_METRICS = ("dice", "nsd", "nsd_2mm")
+
+
+def curve_auc(values: Sequence[float]) -> float:
+    """Area under a per-round curve (Dice or NSD after rounds 0, 1, ..., R) by the trapezoid rule with x = round, so
+    at most R for values in [0, 1]. The CVPR 2025 interactive challenge integrates its 5 click rounds the same way
+    (`scipy.integrate.cumulative_trapezoid(values, np.arange(5))[-1]`, at most 4)."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.ndim != 1 or len(values) < 2:
+        raise ValueError(
+            f"`values` must be one score per round, rounds 0..R with R >= 1 (first click and corrections), got shape "
+            f"{values.shape}."
+        )
+    return float(np.sum(values[1:] + values[:-1]) / 2)
+
+
+def summarize_interactive(
+    records: Sequence[Mapping[str, Any]], tolerance_mm: float, challenge_tolerance_mm: float = 2.0
+) -> dict[str, Any]:
+    """Mean curves, areas under them and the ignored corrections of an interactive evaluation.
+
+    Args:
+        records: one mapping per scan: `"dice"`, `"nsd"`, `"nsd_2mm"` (one score per round 0..R: the first click,
+            then R corrections; every scan the same R), `"corrections"` (rounds in which the prediction had an error
+            to correct) and `"repeated_corrections"` (of those, the rounds whose click would have repeated an earlier
+            click: the model ignored it, see `correction_click(avoid=...)`).
+        tolerance_mm: the NSD tolerance of `"nsd"` (the paper: 5 mm); challenge_tolerance_mm: that of `"nsd_2mm"`.
+
+    Returns:
+        `{"rounds", "n_cases", "dice_per_round", "nsd_per_round", "nsd_2mm_per_round" (means over scans), "auc_max"
+        (R), "dice_auc_mean", "dice_auc_std", "dice_final_mean", "dice_final_std" (and the same for nsd, nsd_2mm;
+        `curve_auc` per scan, then mean and sample std), "corrections", "repeated_corrections" (summed),
+        "nsd_tolerance_mm", "nsd_2mm_tolerance_mm"}`.
+    """
+    if isinstance(records, Mapping) or not isinstance(records, Sequence) or not records:
+        raise ValueError("`records` must be a non-empty list of per-scan dicts (dice, nsd, nsd_2mm per round).")
+    lengths = {len(record.get(metric, ())) for record in records for metric in INTERACTIVE_METRICS}
+    if len(lengths) != 1 or min(lengths) < 2:
+        raise ValueError(
+            f"every record needs {INTERACTIVE_METRICS}, each one score per round 0..R with the same R >= 1 for all "
+            f"scans; got lengths {sorted(lengths)}."
+        )
+    rounds = lengths.pop() - 1
+    block: dict[str, Any] = {"rounds": rounds, "n_cases": len(records), "auc_max": rounds}
+    for metric in INTERACTIVE_METRICS:
+        curves = np.asarray([record[metric] for record in records], dtype=np.float64)  # (cases, rounds + 1)
+        block[f"{metric}_per_round"] = curves.mean(0).tolist()
+        block[f"{metric}_auc_mean"], block[f"{metric}_auc_std"] = _mean_std([curve_auc(c) for c in curves])
+        block[f"{metric}_final_mean"], block[f"{metric}_final_std"] = _mean_std(curves[:, -1].tolist())
+    block["corrections"] = sum(int(record["corrections"]) for record in records)
+    block["repeated_corrections"] = sum(int(record["repeated_corrections"]) for record in records)
+    block["nsd_tolerance_mm"], block["nsd_2mm_tolerance_mm"] = float(tolerance_mm), float(challenge_tolerance_mm)
+    return block
+
+
+def markdown_interactive(block: Mapping[str, Any], digits: int = 2) -> str:
+    """A short Markdown section for `summarize_interactive`'s output: the mean curve per round (in %), the areas
+    under it and how many corrections the model ignored."""
+    tolerances = (block["nsd_tolerance_mm"], block["nsd_2mm_tolerance_mm"])
+    lines = [
+        f"### Interactive: first click at the centre of the largest lesion, then {block['rounds']} corrections",
+        "",
+        f"| round | Dice (%) | NSD {tolerances[0]:g} mm (%) | NSD {tolerances[1]:g} mm (%) |",
+        "|---|:---:|:---:|:---:|",
+    ]
+    for round_ in range(block["rounds"] + 1):
+        cells = [f"{100 * block[f'{m}_per_round'][round_]:.{digits}f}" for m in INTERACTIVE_METRICS]
+        lines.append(f"| {round_ if round_ else '0 (first click)'} | " + " | ".join(cells) + " |")
+    areas = ", ".join(
+        f"{name} {block[f'{metric}_auc_mean']:.{digits + 1}f}"
+        for name, metric in zip(("Dice", f"NSD {tolerances[0]:g} mm", f"NSD {tolerances[1]:g} mm"), INTERACTIVE_METRICS)
+    )
+    lines += [
+        "",
+        f"Area under the curve (trapezoid over rounds 0..{block['rounds']}, at most {block['auc_max']}), mean over "
+        f"{block['n_cases']} cases: {areas}. Corrections that would have repeated an earlier click (the model ignored "
+        f"it; the next largest error was clicked instead): {block['repeated_corrections']} of {block['corrections']}.",
+    ]
     return "\n".join(lines) + "\n"

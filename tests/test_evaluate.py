@@ -238,13 +238,15 @@ def test_correction_rounds_are_one_interactive_session(tiny_model):
     shared.set_image(image)
     fresh.set_image(image)
     shared.predict([first + np.array([-20, -8, -3])])  # another protocol
-    script, session, clicks = load_script(), [], [first]
+    script, clicks = load_script(), [first]
+    session = script.Session()
     for added in (None, (-12, -8, -3), (-28, -16, -3)):
         clicks += [first + np.array(added)] if added else []
         mask = script.predict_in_session(shared, np.stack(clicks), np.ones(len(clicks), np.int64), session)
         expected = fresh.predict(np.stack(clicks))
         assert torch.equal(mask, expected.mask)
-        assert session[0] == expected.inputs["patch_origins"][0].tolist()
+        assert session.origins[0] == expected.inputs["patch_origins"][0].tolist()
+        assert session.last.mask is mask  # kept for the next round (`predict(..., previous=session.last)`)
 
 
 def test_two_processes_equal_one(setup):
