@@ -10,12 +10,14 @@ import torch
 
 from sam3d_hf.metrics import (
     correction_click,
+    curve_auc,
     dice_score,
     evaluate_case,
     markdown_table,
     normalized_surface_dice,
     simulate_clicks,
     summarize,
+    summarize_interactive,
 )
 
 
@@ -387,6 +389,37 @@ def test_correction_click_avoid_keeps_the_tie_to_the_miss():
         assert click_label == value
         given = np.vstack([given, point])
     assert correction_click(label, prediction, spacing, avoid=given) is None
+
+
+def test_curve_auc_is_the_trapezoid_over_rounds():
+    rng = np.random.default_rng(3)
+    for length in (2, 5, 6):
+        values = rng.random(length)
+        assert curve_auc(values) == pytest.approx(np.trapezoid(values, x=np.arange(length)), abs=1e-12)
+    assert curve_auc([1.0] * 6) == pytest.approx(5.0)  # at most R = 5 for 6 rounds
+    with pytest.raises(ValueError, match=r"one score per round.*R >= 1.*shape \(1,\)"):
+        curve_auc([0.5])
+
+
+def test_summarize_interactive_means_areas_and_repeats():
+    rng = np.random.default_rng(4)
+    records = [
+        {**{m: rng.random(4).tolist() for m in ("dice", "nsd", "nsd_2mm")}, "corrections": 3, "repeated_corrections": r}
+        for r in (0, 2, 1)
+    ]
+    block = summarize_interactive(records, tolerance_mm=5.0)
+    assert block["rounds"] == block["auc_max"] == 3 and block["n_cases"] == 3
+    assert (block["corrections"], block["repeated_corrections"]) == (9, 3)
+    assert (block["nsd_tolerance_mm"], block["nsd_2mm_tolerance_mm"]) == (5.0, 2.0)
+    for metric in ("dice", "nsd", "nsd_2mm"):
+        curves = np.array([r[metric] for r in records])
+        np.testing.assert_allclose(block[f"{metric}_per_round"], curves.mean(0), atol=1e-12)
+        areas = [np.trapezoid(c) for c in curves]
+        assert block[f"{metric}_auc_mean"] == pytest.approx(np.mean(areas), abs=1e-12)
+        assert block[f"{metric}_auc_std"] == pytest.approx(np.std(areas, ddof=1), abs=1e-12)
+        assert block[f"{metric}_final_mean"] == pytest.approx(curves[:, -1].mean(), abs=1e-12)
+    with pytest.raises(ValueError, match=r"same R >= 1.*lengths \[3, 4\]"):
+        summarize_interactive([records[0], {**records[1], "nsd": [0.1, 0.2, 0.3]}], tolerance_mm=5.0)
 
 
 # ---------------------------------------------------------------------------------------------------------- report
