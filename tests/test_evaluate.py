@@ -564,7 +564,8 @@ def test_interactive_rounds_curves_and_areas(setup, interactive_run):
 
 def test_a_model_that_ignores_clicks_has_every_correction_counted_as_repeated(setup, tmp_path, monkeypatch):
     """A predictor whose mask stays empty: each correction would click the largest lesion's centre again, so every
-    one counts as repeated and goes to the next largest lesion instead, then to none (no lesion left to click)."""
+    one counts as repeated and goes to the next lesion instead (a scan with two), then to none (no lesion left to
+    click: the clicks stay as they are)."""
     predict = Sam3DPredictor.predict
 
     def ignoring(self, *args, **kwargs):
@@ -577,20 +578,23 @@ def test_a_model_that_ignores_clicks_has_every_correction_counted_as_repeated(se
                         "interactive", "--rounds", str(ROUNDS), "--max_cases", "2",
                         "--output_dir", str(out)])  # fmt: skip
     rows = read_csv(out / "cases.csv")
+    labels = {c["case_id"]: c["label"] for c in index_dataset(setup["data"])}
+    counts = []
     for case in read_csv(out / "interactive.csv"):
         assert (int(case["corrections"]), int(case["repeated_corrections"])) == (ROUNDS, ROUNDS)
         assert float(case["dice_auc"]) == 0.0
         members = sorted((r for r in rows if r["case_id"] == case["case_id"]), key=lambda r: int(r["round"]))
         clicks = [json.loads(r["clicks"]) for r in members]
-        label = nib.load(next(c["label"] for c in index_dataset(setup["data"]) if c["case_id"] == case["case_id"]))
-        lesions, count = ndimage.label(np.asarray(label.dataobj) == 2, np.ones((3, 3, 3)))
-        assert count >= 2  # a second lesion to go to
-        assert len(clicks[1]) == 2 and clicks[1][0] == clicks[0][0] and clicks[1][1] != clicks[0][0]
-        second = lesions[tuple(int(v) for v in clicks[1][1])]
-        assert second != lesions[tuple(int(v) for v in clicks[0][0])] and second > 0  # in another lesion
-        assert json.loads(members[1]["click_labels"]) == [1, 1]
-        if count == 2:  # both lesions clicked: no admissible click remains, the clicks stay
-            assert clicks[2:] == [clicks[1]] * (ROUNDS - 1)
+        lesions, count = ndimage.label(np.asarray(nib.load(labels[case["case_id"]]).dataobj) == 2, np.ones((3,) * 3))
+        counts.append(count)
+        lesion_of = [lesions[tuple(int(v) for v in click)] for click in clicks[-1]]
+        if count == 1:  # the only lesion's centre, once: nothing else to click
+            assert clicks == [clicks[0]] * (ROUNDS + 1) and len(clicks[0]) == 1
+        else:  # then the other lesion's centre, positive; then nothing left
+            assert len(clicks[1]) == 2 and clicks[1][0] == clicks[0][0] and clicks[2:] == [clicks[1]] * (ROUNDS - 1)
+            assert lesion_of[0] != lesion_of[1] and min(lesion_of) > 0
+            assert json.loads(members[1]["click_labels"]) == [1, 1]
+    assert sorted(counts) == [1, 2]  # both kinds of scan
     block = json.loads((out / "summary.json").read_text())["interactive"]
     assert block["repeated_corrections"] == block["corrections"] == 2 * ROUNDS
 
