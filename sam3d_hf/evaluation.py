@@ -17,7 +17,17 @@ Protocols (`--protocols`, comma separated; default 1,3,10):
 * `center`, `surrounding`, `marginal`: the paper's ablation, one click in that depth band of the largest lesion;
 * `correction` (models with `prompt_encoder_config.use_point_labels=True`): one click as for `1`, then up to
   `--rounds` (5) corrective clicks at the centre of the largest error region (`correction_click`: negative in a false
-  positive, positive in a miss), Dice and NSD after every round. Its rows are named `<method> (interactive)`.
+  positive, positive in a miss), Dice and NSD after every round. Its rows are named `<method> (interactive)`;
+* `interactive` (models with `use_point_labels=True`; the default of the `interactive` recipe, 1,3,10,interactive):
+  the CVPR 2025 challenge "Foundation Models for Interactive 3D Biomedical Image Segmentation" (`CVPR25_iter_eval.py`)
+  without its box prompt. The first click at the centre of the largest lesion (`correction_click` of an empty
+  prediction), then `--rounds` corrections at the centre of the largest error, never on an earlier click's voxel
+  (`correction_click(avoid=...)`: a model that ignored a click gets the next largest error instead; such repeats are
+  counted). Per round Dice, NSD at `--tolerance_mm` and at 2 mm (the challenge's; column `nsd_2mm`); per scan the
+  area under each curve (trapezoid over rounds 0..R with x = round, at most R: the challenge integrates its 5 click
+  rounds against x = 0..4, at most 4, so `--rounds 4` gives as many points, our first being a click, not a box).
+  The NSD is the measured one: the challenge sets it to 0 where Dice <= 0.2, this evaluation does not. Rows
+  `<method>, 1 click (interactive) + k corrections`.
 With `--automatic`, the prompt-free model (`config.use_prompt_encoder=False`, the paper's Table 3) segments each scan
 with sliding windows (`Sam3DPredictor.predict_automatic`: MONAI, Gaussian weighting, `--overlap` 0.5 as the official
 `test_auto.py`, 0.7 as the paper's text), as the row `<method>, automatic (sliding window)` (protocol `automatic` in
@@ -28,7 +38,8 @@ paper's method).
 Patches. Each protocol's first prediction places its patches centred on its clicks, as a fresh `Sam3DProcessor` call
 does (`predict(..., reuse_patches=False)`), so a protocol's results do not depend on which protocols ran before it.
 Correction rounds keep the patches of that protocol's earlier rounds when the clicks still fit in them, as an
-interactive session would. Image embeddings are shared between protocols wherever a patch origin coincides (exact).
+interactive session would (`Session`, which also keeps the session's last prediction). Image embeddings are shared
+between protocols wherever a patch origin coincides (exact).
 
 Outputs in `--output_dir`: `cases.csv` (one row per scan, protocol and round), `lesions.csv` (one row per lesion),
 `summary.json` (`{"format": "sam3d-hf-evaluation-v1", "sam3d_hf_version", "dataset", "split", "settings": {"cases",
@@ -36,12 +47,15 @@ Outputs in `--output_dir`: `cases.csv` (one row per scan, protocol and round), `
 summary being `sam3d_hf.metrics.summarize`'s mean and std per protocol and round, NaN written as null: the model card
 reads the settings from it, never a default), with `--save_masks` `masks/<protocol>/<case>.nii.gz` (each protocol's
 last scored mask, in the scan's geometry; `<protocol>` is e.g. `1-official`, `3-per_lesion`, `correction-per_lesion`,
-`center`, `automatic`),
-`table.md` (Table 1 shape), `dice_per_round.png` (mean Dice/NSD per correction round, or per number of clicks; only
-with such rows), and `overlays/<case>.png` (three orthogonal slices through each lesion: ground truth, prediction,
-clicks; from the first protocol, or the last correction round). Everything is written into a hidden sibling folder and
-renamed to `--output_dir` once complete, so a failed or interrupted run leaves nothing; an existing non-empty
-`--output_dir` is refused unless `--overwrite`, which replaces it only then.
+`center`, `automatic`, `interactive`), `table.md` (Table 1 shape; with `interactive`, its curve, areas and repeats
+below), `dice_per_round.png` (mean Dice/NSD per correction round, or per number of clicks; only with such rows), and
+`overlays/<case>.png` (three orthogonal slices through each lesion: ground truth, prediction, clicks; from the first
+protocol, or the last correction round). With `interactive` also `interactive.csv` (one row per scan: the areas
+under its Dice, NSD and 2 mm NSD curves, their final values, the corrections and how many would have repeated a
+click) and the block `"interactive"` of `summary.json` (`sam3d_hf.metrics.summarize_interactive`: means per round,
+areas, repeats, both tolerances). Everything is written into a hidden sibling folder and renamed to `--output_dir`
+once complete, so a failed or interrupted run leaves nothing; an existing non-empty `--output_dir` is refused unless
+`--overwrite`, which replaces it only then.
 
 Several processes: cases are split with `accelerator.split_between_processes` and gathered on the main process with
 `gather_object`; clicks are seeded per case, so any number of processes gives the same files:
@@ -58,6 +72,7 @@ import csv
 import json
 import math
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -73,8 +88,19 @@ from .data import index_dataset, load_or_create_split, validate_dataset
 from .files import atomic_write, atomic_write_text, make_staging_folder, replace_folder, write_json
 from .hub import check_model_reference
 from .image_processing_sam3d import to_canonical
-from .inference import Sam3DPredictor
-from .metrics import correction_click, evaluate_case, markdown_table, simulate_clicks, summarize
+from .inference import Sam3DPrediction, Sam3DPredictor
+from .metrics import (
+    correction_click,
+    curve_auc,
+    evaluate_case,
+    markdown_interactive,
+    markdown_table,
+    normalized_surface_dice,
+    repeats_click,
+    simulate_clicks,
+    summarize,
+    summarize_interactive,
+)
 from .modeling_sam3d import Sam3DForPromptableSegmentation
 from .peft_sam3d import PEFT_TYPE as SPATIAL_ADAPTER_TYPE
 from .peft_sam3d import Sam3DAdapterModel
@@ -84,11 +110,17 @@ from .version import __version__
 from .visualization import save_curve, save_overlay
 
 POSITION_PROTOCOLS = ("center", "surrounding", "marginal")
+SESSION_PROTOCOLS = ("correction", "interactive")  # one first click, then --rounds corrections (negative clicks too)
+CHALLENGE_TOLERANCE_MM = 2.0  # the NSD tolerance of the CVPR 2025 interactive challenge (CVPR25_iter_eval.py)
 CLICK_PLACEMENTS = ("official", "per_lesion", "uniform")
 SUMMARY_FORMAT = "sam3d-hf-evaluation-v1"
 CASE_COLUMNS = (
     "case_id", "dataset", "method", "protocol_name", "protocol", "num_clicks", "round", "dice", "nsd", "voxels",
-    "volume_mm3", "n_lesions", "lesions_detected", "clicks", "click_labels",
+    "volume_mm3", "n_lesions", "lesions_detected", "clicks", "click_labels", "nsd_2mm",
+)  # fmt: skip
+INTERACTIVE_COLUMNS = (
+    "case_id", "dataset", "method", "rounds", "dice_auc", "nsd_auc", "nsd_2mm_auc", "dice_final", "nsd_final",
+    "nsd_2mm_final", "corrections", "repeated_corrections",
 )  # fmt: skip
 LESION_COLUMNS = (
     "case_id", "dataset", "method", "protocol", "num_clicks", "round", "lesion", "voxels", "volume_mm3", "detected",
@@ -111,9 +143,10 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                         help="which part of --split_file to evaluate (default: test)")  # fmt: skip
     parser.add_argument("--recipe", choices=list(RECIPES), help="the training recipe whose test protocol to run "
                         "(default: the model's, from its training_info.json, else official): official and paper: 1, "
-                        "3, 10 clicks; interactive: also correction rounds; official_auto: --automatic")  # fmt: skip
-    parser.add_argument("--protocols", help="comma separated: N (clicks), center, surrounding, marginal, correction "
-                        "(default: 1,3,10; none with --automatic alone)")  # fmt: skip
+                        "3, 10 clicks; interactive: also protocol interactive; official_auto: --automatic")  # fmt: skip
+    parser.add_argument("--protocols", help="comma separated: N (clicks), center, surrounding, marginal, correction, "
+                        "interactive (default: 1,3,10; with the interactive recipe 1,3,10,interactive; none with "
+                        "--automatic alone)")  # fmt: skip
     parser.add_argument("--automatic", action="store_true", help="also evaluate sliding windows without clicks "
                         "(the prompt-free model; Sam3DPredictor.predict_automatic) as the row 'automatic'")  # fmt: skip
     parser.add_argument("--sw_batch_size", type=int, default=1, help="windows per forward pass with --automatic")
@@ -126,7 +159,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                         "official code), per_lesion (one click per lesion first, one patch per cluster) or uniform "
                         "(uniform over all tumour voxels, one patch per cluster); corrections start from the first "
                         "that is not official")  # fmt: skip
-    parser.add_argument("--rounds", type=int, default=5, help="correction rounds")
+    parser.add_argument("--rounds", type=int, default=5, help="correction rounds of the protocols correction and "
+                        "interactive")  # fmt: skip
     parser.add_argument("--target_label", type=int, help="tumour label (default: the processor's target_label)")
     parser.add_argument("--method", default="3DSAM-adapter", help="row name in the table")
     parser.add_argument("--dataset_name", help="column name in the table and key in summary.json (default: the "
@@ -155,11 +189,13 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
     if args.recipe == "official_auto" and args.protocols is None:
         args.automatic = True  # the prompt-free model: sliding windows, test_auto.py
     if args.protocols is None:
-        args.protocols = "" if args.automatic else "1,3,10,correction" if args.recipe == "interactive" else "1,3,10"
+        args.protocols = "" if args.automatic else "1,3,10,interactive" if args.recipe == "interactive" else "1,3,10"
     protocols = [p.strip() for p in args.protocols.split(",") if p.strip()]
     for protocol in protocols:
-        if not (protocol.isdigit() and int(protocol) > 0) and protocol not in (*POSITION_PROTOCOLS, "correction"):
-            parser.error(f"unknown protocol {protocol!r}: use a number of clicks, {POSITION_PROTOCOLS} or correction")
+        if not (protocol.isdigit() and int(protocol) > 0) and protocol not in (*POSITION_PROTOCOLS, *SESSION_PROTOCOLS):
+            parser.error(
+                f"unknown protocol {protocol!r}: use a number of clicks, {POSITION_PROTOCOLS} or {SESSION_PROTOCOLS}"
+            )
     if not protocols and not args.automatic:
         parser.error("--protocols is empty (give click protocols, or --automatic)")
     args.protocols = protocols + (["automatic"] if args.automatic else [])
@@ -232,20 +268,30 @@ def select_cases(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 # ------------------------------------------------------------------------------------------------ one case
-def predict_in_session(predictor: Sam3DPredictor, points, labels, session: list[list[int]]) -> torch.Tensor:
-    """The mask of one prediction of a correction session (one protocol on one scan, several rounds).
+@dataclass
+class Session:
+    """One interactive session (one protocol on one scan, several rounds): the patch origins it used, most recently
+    used first (the order in which a fresh predictor's cache would offer them), and its last prediction."""
 
-    `session` holds the patch origins this session used, most recently used first (the order in which a fresh
-    predictor's cache would offer them) and is updated here. The first round (empty session) places its patches as a
-    fresh processor call would (`reuse_patches=False`); later rounds may keep only this session's own patches, as an
-    interactive user's would, so the rounds give the same masks whichever protocols ran before on the predictor.
+    origins: list[list[int]] = field(default_factory=list)
+    last: Sam3DPrediction | None = None
+
+
+def predict_in_session(predictor: Sam3DPredictor, points, labels, session: Session) -> torch.Tensor:
+    """The mask of one prediction of a correction session; `session` is updated here.
+
+    The first round (no origin yet) places its patches as a fresh processor call would (`reuse_patches=False`); later
+    rounds may keep only this session's own patches, as an interactive user's would, so the rounds give the same masks
+    whichever protocols ran before on the predictor. `session.last` keeps the prediction for the next round: a model
+    with the mask prompt gets it as each patch's previous mask.
     """
-    prediction = predictor.predict(points, labels, reuse_patches=session or False)
+    prediction = predictor.predict(points, labels, reuse_patches=session.origins or False, previous=session.last)
     for origin in prediction.inputs["patch_origins"].tolist():  # rows in order, as the cache records them
-        if origin in session:
-            session.remove(origin)
-        session.insert(0, origin)
-    del session[predictor.max_cached_patches :]
+        if origin in session.origins:
+            session.origins.remove(origin)
+        session.origins.insert(0, origin)
+    del session.origins[predictor.max_cached_patches :]
+    session.last = prediction
     return prediction.mask
 
 
@@ -285,6 +331,37 @@ def official_crop_prediction(
     return mask, stored
 
 
+def interactive_session(predictor: Sam3DPredictor, tumour: np.ndarray, spacing, rounds: int, record, args) -> dict:
+    """Protocol `interactive` on one scan: the first click at the centre of the largest lesion (`correction_click` of
+    an empty prediction), then `rounds` corrections that never repeat an earlier click (`avoid=`); `record` scores,
+    stores and returns each round's row. Returns the scan's curves, their areas and how many corrections the model
+    ignored (the error it left would have been clicked again)."""
+    point, click_label = correction_click(tumour, np.zeros_like(tumour), spacing)
+    points, labels = point[None], np.array([click_label])
+    session = Session()
+    mask = predict_in_session(predictor, points, labels, session)
+    rows = [record("interactive", "interactive", points, labels, 0, mask, args.method)]
+    corrections = repeated = 0
+    for round_ in range(1, rounds + 1):
+        click = correction_click(tumour, mask, spacing)
+        if click is not None:  # otherwise the prediction is perfect: it stays as it is
+            corrections += 1
+            if repeats_click(click[0], points):  # the model ignored that click: the next largest error instead
+                repeated += 1
+                click = correction_click(tumour, mask, spacing, avoid=points)
+        if click is not None:
+            points, labels = np.vstack([points, click[0]]), np.append(labels, click[1])
+            mask = predict_in_session(predictor, points, labels, session)
+        rows.append(record("interactive", "interactive", points, labels, round_, mask, args.method))
+    curves = {metric: [row[metric] for row in rows] for metric in ("dice", "nsd", "nsd_2mm")}
+    return {
+        "case_id": rows[0]["case_id"], "dataset": args.dataset_name, "method": args.method, "rounds": rounds,
+        **{f"{metric}_auc": curve_auc(values) for metric, values in curves.items()},
+        **{f"{metric}_final": values[-1] for metric, values in curves.items()},
+        **curves, "corrections": corrections, "repeated_corrections": repeated,
+    }  # fmt: skip
+
+
 def evaluate_one(case: dict[str, Any], predictor: Sam3DPredictor, args: argparse.Namespace) -> dict[str, Any]:
     """Every protocol on one scan; returns CSV rows, lesion rows and what the overlay needs."""
     label_image = nib.load(case["label"])
@@ -307,22 +384,27 @@ def evaluate_one(case: dict[str, Any], predictor: Sam3DPredictor, args: argparse
         scores = evaluate_case(mask, tumour, spacing, tolerance_mm=args.tolerance_mm)
         meta = {
             "case_id": case["case_id"], "dataset": args.dataset_name, "method": method, "protocol": protocol,
-            "num_clicks": 1 if protocol_name == "correction" else len(points), "round": round_,
+            "num_clicks": 1 if protocol_name in SESSION_PROTOCOLS else len(points), "round": round_,
         }  # fmt: skip
-        result["rows"].append({
+        if protocol_name == "interactive":  # also the challenge's tolerance
+            scores["nsd_2mm"] = normalized_surface_dice(mask, tumour, spacing, CHALLENGE_TOLERANCE_MM)
+        row = {
             **meta, "protocol_name": protocol_name, "dice": scores["dice"], "nsd": scores["nsd"],
             "voxels": scores["voxels"], "volume_mm3": scores["volume_mm3"], "n_lesions": len(scores["lesions"]),
             "lesions": scores["lesions"],  # for `summarize`; the CSV writer leaves it out
             "lesions_detected": sum(lesion["detected"] for lesion in scores["lesions"]),
             "clicks": json.dumps(np.asarray(points).tolist()), "click_labels": json.dumps(np.asarray(labels).tolist()),
-        })  # fmt: skip
+            "nsd_2mm": scores.get("nsd_2mm"),
+        }  # fmt: skip
+        result["rows"].append(row)
         result["lesion_rows"].extend({**meta, **lesion} for lesion in scores["lesions"])
         if args.mask_dir is not None:  # each protocol's last scored mask (the last round's, for corrections)
             folder = args.mask_dir / (protocol_name if protocol == protocol_name else f"{protocol_name}-{protocol}")
             folder.mkdir(parents=True, exist_ok=True)
             save_mask_nifti(mask, case["image"], folder / f"{case['case_id']}.nii.gz")
-        if "overlay" not in result or protocol_name == "correction":
+        if "overlay" not in result or protocol_name in SESSION_PROTOCOLS:
             result["overlay"] = (mask, np.asarray(points), np.asarray(labels), f"{protocol_name} round {round_}")
+        return row
 
     session_placement = next((p for p in args.click_placements if p != "official"), "per_lesion")
     for protocol_name in args.protocols:
@@ -341,7 +423,7 @@ def evaluate_one(case: dict[str, Any], predictor: Sam3DPredictor, args: argparse
             record(protocol_name, protocol_name, points, labels, 0, mask, args.method)
         elif protocol_name == "correction":
             points, labels = simulate_clicks(tumour, session_placement, 1, seed=seed, spacing=spacing)
-            session = []  # the patches of this protocol's rounds (see `predict_in_session`)
+            session = Session()
             mask = predict_in_session(predictor, points, labels, session)
             method = f"{args.method} (interactive)"
             record(protocol_name, session_placement, points, labels, 0, mask, method)
@@ -351,6 +433,8 @@ def evaluate_one(case: dict[str, Any], predictor: Sam3DPredictor, args: argparse
                     points, labels = np.vstack([points, click[0]]), np.append(labels, click[1])
                     mask = predict_in_session(predictor, points, labels, session)
                 record(protocol_name, session_placement, points, labels, round_, mask, method)
+        elif protocol_name == "interactive":
+            result["interactive"] = interactive_session(predictor, tumour, spacing, args.rounds, record, args)
         else:
             count = int(protocol_name)
             for placement in args.click_placements:
@@ -465,6 +549,13 @@ def write_outputs(
     write_csv(folder / "cases.csv", rows, CASE_COLUMNS)
     write_csv(folder / "lesions.csv", lesion_rows, LESION_COLUMNS)
     summary = summarize(rows)
+    interactive = [r["interactive"] for r in results if "interactive" in r]
+    if interactive:
+        write_csv(folder / "interactive.csv", interactive, INTERACTIVE_COLUMNS)
+        interactive_block = {
+            "dataset": args.dataset_name, "method": args.method,
+            **summarize_interactive(interactive, args.tolerance_mm, CHALLENGE_TOLERANCE_MM),
+        }  # fmt: skip
     record = {
         "format": SUMMARY_FORMAT,
         "sam3d_hf_version": __version__,
@@ -487,8 +578,10 @@ def write_outputs(
         },
         "summary": summary,
     }
+    if interactive:
+        record["interactive"] = interactive_block
     write_json(folder / "summary.json", _json_safe(record))
-    table = markdown_table(summary)
+    table = markdown_table(summary) + ("\n" + markdown_interactive(interactive_block) if interactive else "")
     atomic_write_text(folder / "table.md", table)
     save_curve(folder / "dice_per_round.png", rows)
     accelerator.print(table)
@@ -531,10 +624,12 @@ def run(args: argparse.Namespace, accelerator: Accelerator) -> None:
             "--automatic evaluates the prompt-free model (sliding windows, no click); this model is prompted: drop "
             "--automatic, or add --centre_clicks for one click at each window's centre (not the paper's method)"
         )
-    if "correction" in args.protocols and not model.config.prompt_encoder_config.use_point_labels:
+    sessions = [p for p in SESSION_PROTOCOLS if p in args.protocols]
+    if sessions and not model.config.prompt_encoder_config.use_point_labels:
         raise ValueError(
-            "protocol 'correction' places negative clicks, but this model has prompt_encoder_config.use_point_labels="
-            "False and cannot use them; drop 'correction' from --protocols or evaluate a model trained with labels."
+            f"protocol {sessions[0]!r} places negative clicks, but this model has prompt_encoder_config."
+            f"use_point_labels=False and cannot use them; drop {sessions[0]!r} from --protocols or evaluate a model "
+            "trained with labels."
         )
     args.dataset_name = args.dataset_name or processor.image_processor.preset or Path(args.data_dir).resolve().name
     predictor = Sam3DPredictor(model.to(accelerator.device), processor, bf16=args.bf16)

@@ -207,6 +207,10 @@ def _from_metrics_summary(data: Mapping[str, Any], dataset: str | None) -> dict[
         "protocols": protocols,
         "settings": data.get("settings"),
         "sam3d_hf_version": data.get("sam3d_hf_version"),
+        # sam3d evaluate's interactive curves are for its own dataset: kept when that is the column read
+        "interactive": interactive
+        if (interactive := data.get("interactive")) and column == data.get("dataset")
+        else None,
     }
 
 
@@ -256,7 +260,54 @@ def load_evaluation_summary(source: str | os.PathLike | Mapping, dataset: str | 
         "protocols": checked,
         "settings": summary.get("settings"),
         "sam3d_hf_version": summary.get("sam3d_hf_version"),
+        "interactive": None if summary.get("interactive") is None else _interactive(summary["interactive"]),
     }
+
+
+INTERACTIVE_METRICS = ("dice", "nsd", "nsd_2mm")
+
+
+def _interactive(block: Any) -> dict[str, Any]:
+    """The `interactive` block of sam3d evaluate's summary.json (`sam3d_hf.metrics.summarize_interactive`), checked:
+    the per-round curves, areas under them, NSD tolerances and counts the card states."""
+    if not isinstance(block, Mapping):
+        raise ValueError(f"evaluation summary: 'interactive' must be an object (summarize_interactive), got {block!r}")
+    rounds = block.get("rounds")
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise ValueError(f"evaluation summary: interactive.rounds must be an int >= 1, got {rounds!r}")
+    checked: dict[str, Any] = {"rounds": rounds}
+    for metric in INTERACTIVE_METRICS:
+        curve = block.get(f"{metric}_per_round")
+        if not isinstance(curve, list) or len(curve) != rounds + 1:
+            raise ValueError(
+                f"evaluation summary: interactive.{metric}_per_round must list {rounds + 1} means (rounds "
+                f"0..{rounds}), got {curve!r}"
+            )
+        checked[f"{metric}_per_round"] = [_number(v, f"interactive.{metric}_per_round") for v in curve]
+        for stat in ("auc_mean", "auc_std", "final_mean"):
+            key = f"{metric}_{stat}"
+            checked[key] = _number(block.get(key), f"interactive.{key}", undefined_ok=stat.endswith("std"))
+    for key in ("auc_max", "n_cases", "corrections", "repeated_corrections"):
+        value = block.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"evaluation summary: interactive.{key} must be an int >= 0, got {value!r}")
+        checked[key] = value
+    for key in ("nsd_tolerance_mm", "nsd_2mm_tolerance_mm"):
+        checked[key] = _number(block.get(key), f"interactive.{key}")
+    return checked
+
+
+def _interactive_card(block: Mapping[str, Any]) -> dict[str, Any]:
+    """What the card's interactive section shows, every number from the summary's block (4 decimals)."""
+    labels = ["first click", *(f"correction {r}" for r in range(1, block["rounds"] + 1))]
+    rows = [
+        {"after": label, **{m: f"{block[f'{m}_per_round'][r]:.4f}" for m in INTERACTIVE_METRICS}}
+        for r, label in enumerate(labels)
+    ]
+    auc = {
+        m: _mean_std_text({"mean": block[f"{m}_auc_mean"], "std": block[f"{m}_auc_std"]}) for m in INTERACTIVE_METRICS
+    }
+    return {**block, "rows": rows, "auc": auc}
 
 
 def load_training_record(source: str | os.PathLike | Mapping) -> dict[str, Any]:
@@ -396,7 +447,7 @@ def _evaluation_settings(summary: Mapping[str, Any]) -> str | None:
         parts.append("protocols " + ", ".join(str(p) for p in settings["protocols"]))
     if settings.get("click_placement"):
         parts.append(f"clicks placed `{settings['click_placement']}`")
-    if "correction" in (settings.get("protocols") or []):
+    if {"correction", "interactive"} & set(settings.get("protocols") or []):
         parts.append(f"{settings['rounds']} correction rounds")
     if "seed" in settings:
         parts.append(f"click seed {settings['seed']}")
@@ -665,6 +716,9 @@ def render_model_card(
         weights_parameters=weights_parameters,
         licenses={**licenses, "weights_inherited": license == "apache-2.0" and initialisation == "SAM"},
         evaluation_settings=None if summary is None else _evaluation_settings(summary),
+        interactive=None
+        if summary is None or summary["interactive"] is None
+        else _interactive_card(summary["interactive"]),
         usage=_usage(repo_id or f"your-name/{model_name}", base_model, bool(adapter)),
     )
 

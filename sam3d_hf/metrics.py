@@ -43,6 +43,14 @@ Correction (`correction_click`, for models with `use_point_labels=True`): the la
 26-connected components of the false positives and of the false negatives, the one with the most voxels (the same
 ranking as mm³ within a scan; a tie goes to the miss) -- gets one click at its voxel farthest from the component's
 boundary (distance transform in mm; first such voxel in C order): label 1 in a miss, label 0 in a false positive.
+With `avoid` (the clicks so far), a region whose click would fall on an earlier click's voxel is passed over for the
+next in size: a model that ignored a click is not given the same click again.
+
+Interactive curves (`summarize_interactive`, `curve_auc`): Dice and NSD after the first click and after each
+correction, their area under the curve by the trapezoid rule with x = round (0..R, so at most R), as the CVPR 2025
+challenge "Foundation Models for Interactive 3D Biomedical Image Segmentation" scores (`CVPR25_iter_eval.py`: scipy
+`cumulative_trapezoid` of its 5 click rounds against x = 0..4, at most 4; NSD at 2 mm there, set to 0 when Dice <=
+0.2, which is not done here: the NSD reported is the real one).
 
 Reports. `evaluate_case` returns one record per scan; add `dataset`, `method`, `protocol`, `num_clicks`, `round` to
 it, then `summarize` the records and print `markdown_table(summary)` (rows: method / protocol / clicks / correction
@@ -62,7 +70,8 @@ from scipy import ndimage
 
 CLICK_PROTOCOLS = ("uniform", "per_lesion", "center", "surrounding", "marginal")
 # Rows of a summary: the click protocols, then "automatic" (sliding window without clicks, `predict_automatic`).
-SUMMARY_PROTOCOLS = ("official", *CLICK_PROTOCOLS, "automatic")  # official: test.py's placement and crop
+# official: test.py's placement and crop; interactive: the first click at the largest lesion's centre, then corrections.
+SUMMARY_PROTOCOLS = ("official", *CLICK_PROTOCOLS, "interactive", "automatic")
 # Full 26-connectivity: voxels that share only an edge or a corner belong to the same lesion / error region.
 CONNECTIVITY_26 = np.ones((3, 3, 3), dtype=bool)
 
@@ -70,12 +79,16 @@ __all__ = [
     "CLICK_PROTOCOLS",
     "SUMMARY_PROTOCOLS",
     "correction_click",
+    "curve_auc",
     "dice_score",
     "evaluate_case",
+    "markdown_interactive",
     "markdown_table",
     "normalized_surface_dice",
+    "repeats_click",
     "simulate_clicks",
     "summarize",
+    "summarize_interactive",
 ]
 
 
@@ -371,41 +384,67 @@ def simulate_clicks(
     return points.astype(np.float64), np.ones(num_clicks, dtype=np.int64)
 
 
-def correction_click(label: Any, prediction: Any, spacing: Sequence[float]) -> tuple[np.ndarray, int] | None:
+def correction_click(
+    label: Any, prediction: Any, spacing: Sequence[float], avoid: Any = None
+) -> tuple[np.ndarray, int] | None:
     """One corrective click at the centre of the largest error region of a prediction.
 
     The error regions are the 26-connected components of the misses (`label & ~prediction`) and of the false
     positives (`prediction & ~label`); the one with the most voxels wins (a tie goes to the miss). The click is its
-    voxel farthest (Euclidean, mm) from the component's boundary.
+    voxel farthest (Euclidean, mm) from the component's boundary. With `avoid` (the clicks given so far), a region
+    whose click falls on the voxel of one of them (`repeats_click`) is passed over for the next in size (all regions
+    of both kinds ranked by voxels, a tie to the miss, then to the first in `scipy.ndimage.label` order).
 
     Args:
         label: ground-truth tumour mask (bool or 0/1, numpy or torch), shape `(X, Y, Z)` in the scan's stored order.
         prediction: current binary prediction, same shape.
         spacing: voxel size in mm along each stored axis (`Sam3DVolume.spacing`).
+        avoid: `None` or `(N, 3)` stored voxel indices of earlier clicks that the next click must not repeat.
 
     Returns:
         `(point, click_label)` -- `point` `(3,)` float64 stored voxel indices `(i, j, k)`, `click_label` 1 (positive,
-        inside a miss) or 0 (negative, inside a false positive) -- or `None` when the prediction equals the label.
-        Append them to the previous clicks for the next round (`input_points`, `input_labels`, `points_in="voxel"`).
+        inside a miss) or 0 (negative, inside a false positive) -- or `None` when the prediction equals the label (or,
+        with `avoid`, when every error region's click repeats an earlier one). Append them to the previous clicks for
+        the next round (`input_points`, `input_labels`, `points_in="voxel"`).
     """
     prediction, label = _as_pair(prediction, label)
     spacing = _as_spacing(spacing)
-    best: tuple[int, int, np.ndarray] | None = None  # (voxels, click label, component mask)
-    for click_label, errors in ((1, label & ~prediction), (0, prediction & ~label)):
+    avoid = np.zeros((0, 3)) if avoid is None else _as_clicks(avoid, "avoid")
+    regions = []  # (-voxels, 0 for a miss / 1 for a false positive, component index, click label, components, box)
+    for kind, (click_label, errors) in enumerate(((1, label & ~prediction), (0, prediction & ~label))):
         components, count = _label_components(errors)
-        if count == 0:
-            continue
-        sizes = np.bincount(components.ravel())[1:]
-        largest = int(np.argmax(sizes))
-        if best is None or sizes[largest] > best[0]:
-            best = (int(sizes[largest]), click_label, components == largest + 1)
-    if best is None:
-        return None
-    _, click_label, component = best
-    box = ndimage.find_objects(component.astype(np.int8))[0]
-    distance = _inside_distance_mm(component[box], spacing)  # exact on the crop, see `_inside_distance_mm`
-    point = np.array(np.unravel_index(int(np.argmax(distance)), distance.shape)) + [s.start for s in box]
-    return point.astype(np.float64), click_label
+        sizes = np.bincount(components.ravel(), minlength=count + 1)[1:]
+        boxes = ndimage.find_objects(components)
+        regions.extend((-int(sizes[i]), kind, i, click_label, components, boxes[i]) for i in range(count))
+    for _, _, index, click_label, components, box in sorted(regions, key=lambda region: region[:3]):
+        distance = _inside_distance_mm(components[box] == index + 1, spacing)  # exact on the crop
+        point = np.array(np.unravel_index(int(np.argmax(distance)), distance.shape)) + [s.start for s in box]
+        if not repeats_click(point, avoid):
+            return point.astype(np.float64), click_label
+    return None
+
+
+def repeats_click(point: Any, clicks: Any) -> bool:
+    """Whether `point` (3 stored voxel indices) falls on the voxel of one of `clicks` (`(N, 3)`), both rounded to the
+    nearest voxel: a corrective click there would repeat a click the model was already given."""
+    point = _as_clicks(np.reshape(point, (1, -1)), "point")[0]
+    clicks = _as_clicks(clicks, "clicks")
+    return bool((np.rint(clicks) == np.rint(point)).all(axis=1).any())
+
+
+def _as_clicks(value: Any, name: str) -> np.ndarray:
+    try:
+        clicks = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"`{name}` must be (N, 3) stored voxel indices, got {type(value).__name__}.") from err
+    if clicks.size == 0:
+        return clicks.reshape(0, 3)
+    if clicks.ndim != 2 or clicks.shape[1] != 3 or not np.isfinite(clicks).all():
+        raise ValueError(
+            f"`{name}` must be (N, 3) finite stored voxel indices (i, j, k), one row per click, got an array of shape "
+            f"{clicks.shape}; pass the clicks as they were given, e.g. `points` of the earlier rounds."
+        )
+    return clicks
 
 
 # ---------------------------------------------------------------------------------------------------------- reports
@@ -519,4 +558,86 @@ def markdown_table(summary: Mapping[str, Mapping[str, Mapping[str, float]]], dig
             cells += [cell(row.get(dataset), "dice"), cell(row.get(dataset), "nsd")]
         cells.append("/".join(str(row[d]["n"]) if d in row else "0" for d in datasets))
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------------------ interactive
+INTERACTIVE_METRICS = ("dice", "nsd", "nsd_2mm")
+
+
+def curve_auc(values: Sequence[float]) -> float:
+    """Area under a per-round curve (Dice or NSD after rounds 0, 1, ..., R) by the trapezoid rule with x = round, so
+    at most R for values in [0, 1]. The CVPR 2025 interactive challenge integrates its 5 click rounds the same way
+    (`scipy.integrate.cumulative_trapezoid(values, np.arange(5))[-1]`, at most 4)."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.ndim != 1 or len(values) < 2:
+        raise ValueError(
+            f"`values` must be one score per round, rounds 0..R with R >= 1 (first click and corrections), got shape "
+            f"{values.shape}."
+        )
+    return float(np.sum(values[1:] + values[:-1]) / 2)
+
+
+def summarize_interactive(
+    records: Sequence[Mapping[str, Any]], tolerance_mm: float, challenge_tolerance_mm: float = 2.0
+) -> dict[str, Any]:
+    """Mean curves, areas under them and the ignored corrections of an interactive evaluation.
+
+    Args:
+        records: one mapping per scan: `"dice"`, `"nsd"`, `"nsd_2mm"` (one score per round 0..R: the first click,
+            then R corrections; every scan the same R), `"corrections"` (rounds in which the prediction had an error
+            to correct) and `"repeated_corrections"` (of those, the rounds whose click would have repeated an earlier
+            click: the model ignored it, see `correction_click(avoid=...)`).
+        tolerance_mm: the NSD tolerance of `"nsd"` (the paper: 5 mm); challenge_tolerance_mm: that of `"nsd_2mm"`.
+
+    Returns:
+        `{"rounds", "n_cases", "dice_per_round", "nsd_per_round", "nsd_2mm_per_round" (means over scans), "auc_max"
+        (R), "dice_auc_mean", "dice_auc_std", "dice_final_mean", "dice_final_std" (and the same for nsd, nsd_2mm;
+        `curve_auc` per scan, then mean and sample std), "corrections", "repeated_corrections" (summed),
+        "nsd_tolerance_mm", "nsd_2mm_tolerance_mm"}`.
+    """
+    if isinstance(records, Mapping) or not isinstance(records, Sequence) or not records:
+        raise ValueError("`records` must be a non-empty list of per-scan dicts (dice, nsd, nsd_2mm per round).")
+    lengths = {len(record.get(metric, ())) for record in records for metric in INTERACTIVE_METRICS}
+    if len(lengths) != 1 or min(lengths) < 2:
+        raise ValueError(
+            f"every record needs {INTERACTIVE_METRICS}, each one score per round 0..R with the same R >= 1 for all "
+            f"scans; got lengths {sorted(lengths)}."
+        )
+    rounds = lengths.pop() - 1
+    block: dict[str, Any] = {"rounds": rounds, "n_cases": len(records), "auc_max": rounds}
+    for metric in INTERACTIVE_METRICS:
+        curves = np.asarray([record[metric] for record in records], dtype=np.float64)  # (cases, rounds + 1)
+        block[f"{metric}_per_round"] = curves.mean(0).tolist()
+        block[f"{metric}_auc_mean"], block[f"{metric}_auc_std"] = _mean_std([curve_auc(c) for c in curves])
+        block[f"{metric}_final_mean"], block[f"{metric}_final_std"] = _mean_std(curves[:, -1].tolist())
+    block["corrections"] = sum(int(record["corrections"]) for record in records)
+    block["repeated_corrections"] = sum(int(record["repeated_corrections"]) for record in records)
+    block["nsd_tolerance_mm"], block["nsd_2mm_tolerance_mm"] = float(tolerance_mm), float(challenge_tolerance_mm)
+    return block
+
+
+def markdown_interactive(block: Mapping[str, Any], digits: int = 2) -> str:
+    """A short Markdown section for `summarize_interactive`'s output: the mean curve per round (in %), the areas
+    under it and how many corrections the model ignored."""
+    tolerances = (block["nsd_tolerance_mm"], block["nsd_2mm_tolerance_mm"])
+    lines = [
+        f"### Interactive: first click at the centre of the largest lesion, then {block['rounds']} corrections",
+        "",
+        f"| round | Dice (%) | NSD {tolerances[0]:g} mm (%) | NSD {tolerances[1]:g} mm (%) |",
+        "|---|:---:|:---:|:---:|",
+    ]
+    for round_ in range(block["rounds"] + 1):
+        cells = [f"{100 * block[f'{m}_per_round'][round_]:.{digits}f}" for m in INTERACTIVE_METRICS]
+        lines.append(f"| {round_ if round_ else '0 (first click)'} | " + " | ".join(cells) + " |")
+    areas = ", ".join(
+        f"{name} {block[f'{metric}_auc_mean']:.{digits + 1}f}"
+        for name, metric in zip(("Dice", f"NSD {tolerances[0]:g} mm", f"NSD {tolerances[1]:g} mm"), INTERACTIVE_METRICS)
+    )
+    lines += [
+        "",
+        f"Area under the curve (trapezoid over rounds 0..{block['rounds']}, at most {block['auc_max']}), mean over "
+        f"{block['n_cases']} cases: {areas}. Corrections that would have repeated an earlier click (the model ignored "
+        f"it; the next largest error was clicked instead): {block['repeated_corrections']} of {block['corrections']}.",
+    ]
     return "\n".join(lines) + "\n"

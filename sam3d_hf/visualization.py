@@ -81,14 +81,15 @@ def save_overlay(path, image, affine, outlines, points, labels, window, title: s
 
 
 def save_curve(path: Path, rows: list[dict[str, Any]]) -> None:
-    """Mean Dice and NSD per correction round; without correction rows, per number of clicks; nothing without either."""
-    interactive = [r for r in rows if r["protocol_name"] == "correction"]
-    chosen, key, xlabel = (
-        (interactive, "round", "correction round")
-        if interactive
-        else ([r for r in rows if r["protocol_name"].isdigit()], "num_clicks", "clicks")
+    """Mean Dice and NSD per correction round, one line per session protocol (`interactive`, with its NSD at 2 mm, and
+    `correction`) and metric; without such rows, per number of clicks; nothing without either."""
+    sessions = {name: [r for r in rows if r["protocol_name"] == name] for name in ("interactive", "correction")}
+    curves, key, xlabel = (
+        ({name: chosen for name, chosen in sessions.items() if chosen}, "round", "correction round")
+        if any(sessions.values())
+        else ({"": [r for r in rows if r["protocol_name"].isdigit()]}, "num_clicks", "clicks")
     )
-    if not chosen:
+    if not any(curves.values()):
         return
     import matplotlib
 
@@ -97,9 +98,13 @@ def save_curve(path: Path, rows: list[dict[str, Any]]) -> None:
     import numpy as np
 
     figure, axis = plt.subplots(figsize=(5, 3.5))
-    xs = sorted({r[key] for r in chosen})
-    for metric in ("dice", "nsd"):
-        axis.plot(xs, [np.mean([r[metric] for r in chosen if r[key] == x]) for x in xs], marker="o", label=metric)
+    for name, chosen in curves.items():
+        xs = sorted({r[key] for r in chosen})
+        for metric in ("dice", "nsd", "nsd_2mm"):
+            if chosen[0].get(metric) is None:  # nsd_2mm: interactive rows only
+                continue
+            means = [np.mean([r[metric] for r in chosen if r[key] == x]) for x in xs]
+            axis.plot(xs, means, marker="o", label=f"{name} {metric}".strip())
     axis.set_xlabel(xlabel)
     axis.set_ylabel("mean over cases")
     axis.set_ylim(0, 1)

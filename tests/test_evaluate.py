@@ -4,8 +4,10 @@ half-written is left behind, the sliding-window mode has its own row, and two re
 same results as one."""
 
 import csv
+import dataclasses
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -18,6 +20,8 @@ import pytest
 import torch
 from accelerate import Accelerator
 from conftest import PATCH, TINY, copy_with_an_unlabelled_scan, randomize
+from scipy import ndimage
+from test_metrics import brute_force_depth_mm
 
 from sam3d_hf import (
     Sam3DAdapterConfig,
@@ -28,8 +32,9 @@ from sam3d_hf import (
     get_adapter_model,
 )
 from sam3d_hf.data import index_dataset
+from sam3d_hf.hub import render_model_card
 from sam3d_hf.inference import Sam3DPredictor
-from sam3d_hf.metrics import evaluate_case, simulate_clicks
+from sam3d_hf.metrics import evaluate_case, normalized_surface_dice, simulate_clicks
 from sam3d_hf.synthetic import SYNTHETIC_PROCESSOR_KWARGS, generate_case, generate_dataset
 
 
@@ -238,13 +243,15 @@ def test_correction_rounds_are_one_interactive_session(tiny_model):
     shared.set_image(image)
     fresh.set_image(image)
     shared.predict([first + np.array([-20, -8, -3])])  # another protocol
-    script, session, clicks = load_script(), [], [first]
+    script, clicks = load_script(), [first]
+    session = script.Session()
     for added in (None, (-12, -8, -3), (-28, -16, -3)):
         clicks += [first + np.array(added)] if added else []
         mask = script.predict_in_session(shared, np.stack(clicks), np.ones(len(clicks), np.int64), session)
         expected = fresh.predict(np.stack(clicks))
         assert torch.equal(mask, expected.mask)
-        assert session[0] == expected.inputs["patch_origins"][0].tolist()
+        assert session.origins[0] == expected.inputs["patch_origins"][0].tolist()
+        assert session.last.mask is mask  # kept for the next round (`predict(..., previous=session.last)`)
 
 
 def test_two_processes_equal_one(setup):
@@ -293,6 +300,8 @@ def test_errors(setup, tmp_path):
     base = ["--data_dir", str(setup["data"]), "--output_dir", str(tmp_path / "out")]
     with pytest.raises(ValueError, match="use_point_labels"):
         script.main([*base, "--model", str(plain), "--protocols", "correction"])
+    with pytest.raises(ValueError, match=r"protocol 'interactive' places negative clicks.*use_point_labels=False"):
+        script.main([*base, "--model", str(plain), "--protocols", "1,interactive"])
     with pytest.raises(SystemExit):
         script.main([*base, "--model", str(plain), "--protocols", "1,sideways"])
     with pytest.raises(SystemExit):
@@ -478,3 +487,148 @@ def test_official_placement_is_test_pys_crop_and_misses_the_far_lesion(tmp_path)
         assert (crop == 0).sum() == np.prod(PATCH) - crop[inside].numel()  # zero padding: the dataset mean
         lesions = evaluate_case(mask, tumour, (1, 1, 1))["lesions"]
         assert [lesion["detected"] for lesion in lesions] == [True, False]  # the far lesion counts as missed
+
+
+# ------------------------------------------------------------------------------------------------------ interactive
+ROUNDS = 3
+
+
+@pytest.fixture(scope="module")
+def interactive_run(setup):
+    out = setup["root"] / "interactive"
+    load_script().main(["--model", str(setup["model"]), "--data_dir", str(setup["data"]), "--protocols",
+                        "1,interactive", "--rounds", str(ROUNDS), "--max_cases", "2", "--save_masks",
+                        "--output_dir", str(out)])  # fmt: skip
+    return out
+
+
+def _deepest_voxels_of_largest_lesion(tumour, spacing):
+    """Every voxel of the largest 26-connected lesion at its greatest depth (mm to the nearest voxel outside, by
+    brute force on its box grown by one voxel: every voxel there outside the lesion counts as outside)."""
+    lesions, _ = ndimage.label(tumour, np.ones((3, 3, 3)))
+    largest = 1 + int(np.argmax(np.bincount(lesions.ravel())[1:]))
+    box = tuple(slice(s.start - 1, s.stop + 1) for s in ndimage.find_objects(lesions)[largest - 1])
+    depth = brute_force_depth_mm(lesions[box] == largest, spacing)
+    return {tuple(v) for v in np.argwhere(depth >= np.nanmax(depth) - 1e-9) + [s.start for s in box]}
+
+
+def test_interactive_rounds_curves_and_areas(setup, interactive_run):
+    """cases.csv has rounds 0..R of protocol interactive per case, the first click at the centre of the largest
+    lesion, NSD at 2 mm besides --tolerance_mm; interactive.csv's areas are the trapezoid of those rows; summary.json's
+    block is their mean; table.md shows the curve."""
+    rows = read_csv(interactive_run / "cases.csv")
+    sessions = [r for r in rows if r["protocol_name"] == "interactive"]
+    cases = sorted({r["case_id"] for r in rows})
+    assert len(cases) == 2 and len(sessions) == 2 * (ROUNDS + 1)
+    assert all(r["nsd_2mm"] == "" for r in rows if r["protocol_name"] != "interactive")
+    per_case = {c: sorted((r for r in sessions if r["case_id"] == c), key=lambda r: int(r["round"])) for c in cases}
+    by_id = {case["case_id"]: case for case in index_dataset(setup["data"])}
+    for case_id, members in per_case.items():
+        assert [int(r["round"]) for r in members] == list(range(ROUNDS + 1))
+        assert {(r["protocol"], r["num_clicks"], r["method"]) for r in members} == {
+            ("interactive", "1", "3DSAM-adapter")
+        }
+        assert len(json.loads(members[0]["clicks"])) == 1
+        label = nib.load(by_id[case_id]["label"])
+        tumour, spacing = np.asarray(label.dataobj) == 2, np.linalg.norm(label.affine[:3, :3], axis=0)
+        (first,) = json.loads(members[0]["clicks"])
+        assert tuple(int(v) for v in first) in _deepest_voxels_of_largest_lesion(tumour, spacing)
+        assert json.loads(members[0]["click_labels"]) == [1]
+        mask = np.asarray(nib.load(interactive_run / "masks" / "interactive" / f"{case_id}.nii.gz").dataobj)
+        assert float(members[-1]["nsd_2mm"]) == pytest.approx(normalized_surface_dice(mask, tumour, spacing, 2.0))
+        assert float(members[-1]["nsd"]) == pytest.approx(normalized_surface_dice(mask, tumour, spacing, 5.0))
+    table = {r["case_id"]: r for r in read_csv(interactive_run / "interactive.csv")}
+    assert sorted(table) == cases
+    record = json.loads((interactive_run / "summary.json").read_text())
+    block = record["interactive"]
+    assert block["rounds"] == block["auc_max"] == ROUNDS and block["n_cases"] == 2
+    for metric in ("dice", "nsd", "nsd_2mm"):
+        curves = np.array([[float(r[metric]) for r in per_case[c]] for c in cases])  # (cases, rounds + 1)
+        areas = [np.trapezoid(curve, x=np.arange(ROUNDS + 1)) for curve in curves]
+        for case_id, area, curve in zip(cases, areas, curves):
+            assert float(table[case_id][f"{metric}_auc"]) == pytest.approx(area, abs=1e-12)
+            assert float(table[case_id][f"{metric}_final"]) == pytest.approx(curve[-1], abs=1e-12)
+        np.testing.assert_allclose(block[f"{metric}_per_round"], curves.mean(0), atol=1e-12)
+        assert block[f"{metric}_auc_mean"] == pytest.approx(np.mean(areas), abs=1e-12)
+        assert block[f"{metric}_final_mean"] == pytest.approx(curves[:, -1].mean(), abs=1e-12)
+    assert block["repeated_corrections"] == sum(int(table[c]["repeated_corrections"]) for c in cases)
+    assert block["corrections"] == sum(int(table[c]["corrections"]) for c in cases)
+    assert (block["nsd_tolerance_mm"], block["nsd_2mm_tolerance_mm"]) == (5.0, 2.0)
+    names = [f"3DSAM-adapter, 1 click (interactive){f' + {k} correction' + 's' * (k > 1) if k else ''}"
+             for k in range(ROUNDS + 1)]  # fmt: skip
+    assert all(name in record["summary"] for name in names)
+    text = (interactive_run / "table.md").read_text()
+    assert f"| 0 (first click) | {100 * block['dice_per_round'][0]:.2f} |" in text
+    assert f"{block['repeated_corrections']} of {block['corrections']}" in text
+
+
+def test_a_model_that_ignores_clicks_has_every_correction_counted_as_repeated(setup, tmp_path, monkeypatch):
+    """A predictor whose mask stays empty: each correction would click the largest lesion's centre again, so every
+    one counts as repeated and goes to the next lesion instead (a scan with two), then to none (no lesion left to
+    click: the clicks stay as they are)."""
+    predict = Sam3DPredictor.predict
+
+    def ignoring(self, *args, **kwargs):
+        prediction = predict(self, *args, **kwargs)
+        return dataclasses.replace(prediction, mask=torch.zeros_like(prediction.mask))
+
+    monkeypatch.setattr(Sam3DPredictor, "predict", ignoring)
+    out = tmp_path / "out"
+    load_script().main(["--model", str(setup["model"]), "--data_dir", str(setup["data"]), "--protocols",
+                        "interactive", "--rounds", str(ROUNDS), "--max_cases", "2",
+                        "--output_dir", str(out)])  # fmt: skip
+    rows = read_csv(out / "cases.csv")
+    labels = {c["case_id"]: c["label"] for c in index_dataset(setup["data"])}
+    counts = []
+    for case in read_csv(out / "interactive.csv"):
+        assert (int(case["corrections"]), int(case["repeated_corrections"])) == (ROUNDS, ROUNDS)
+        assert float(case["dice_auc"]) == 0.0
+        members = sorted((r for r in rows if r["case_id"] == case["case_id"]), key=lambda r: int(r["round"]))
+        clicks = [json.loads(r["clicks"]) for r in members]
+        lesions, count = ndimage.label(np.asarray(nib.load(labels[case["case_id"]]).dataobj) == 2, np.ones((3,) * 3))
+        counts.append(count)
+        lesion_of = [lesions[tuple(int(v) for v in click)] for click in clicks[-1]]
+        if count == 1:  # the only lesion's centre, once: nothing else to click
+            assert clicks == [clicks[0]] * (ROUNDS + 1) and len(clicks[0]) == 1
+        else:  # then the other lesion's centre, positive; then nothing left
+            assert len(clicks[1]) == 2 and clicks[1][0] == clicks[0][0] and clicks[2:] == [clicks[1]] * (ROUNDS - 1)
+            assert lesion_of[0] != lesion_of[1] and min(lesion_of) > 0
+            assert json.loads(members[1]["click_labels"]) == [1, 1]
+    assert sorted(counts) == [1, 2]  # both kinds of scan
+    block = json.loads((out / "summary.json").read_text())["interactive"]
+    assert block["repeated_corrections"] == block["corrections"] == 2 * ROUNDS
+
+
+def test_the_card_states_the_interactive_curve_from_summary_json(setup, interactive_run):
+    """Each interactive statement of the card (curve per round, areas, tolerances, repeats) is summary.json's number."""
+    block = json.loads((interactive_run / "summary.json").read_text())["interactive"]
+    card = str(render_model_card(setup["model"], evaluation=interactive_run / "summary.json"))
+    assert "| after | Dice | NSD (5 mm) | NSD (2 mm) |" in card
+    for round_ in range(ROUNDS + 1):
+        after = f"correction {round_}" if round_ else "first click"
+        (line,) = [row for row in card.splitlines() if row.startswith(f"| {after} |")]
+        cells = [float(c) for c in line.strip("|").split("|")[1:]]
+        assert cells == [round(block[f"{m}_per_round"][round_], 4) for m in ("dice", "nsd", "nsd_2mm")]
+    match = re.search(
+        r"Area under the curve \(trapezoid over rounds 0 to (\d+), x = round, at most (\d+)\), mean ± standard "
+        r"deviation over cases: Dice ([\d.]+) ± ([\d.]+); NSD \(5 mm\) ([\d.]+) ± ([\d.]+); NSD \(2 mm\) ([\d.]+) ± "
+        r"([\d.]+)\..*Corrections the model ignored \(the next click would have repeated an earlier one\): (\d+) of "
+        r"(\d+)\.",
+        card,
+    )
+    assert match, card[card.index("## Evaluation") :]
+    expected = [block["rounds"], block["auc_max"]]
+    for metric in ("dice", "nsd", "nsd_2mm"):
+        expected += [round(block[f"{metric}_auc_mean"], 4), round(block[f"{metric}_auc_std"], 4)]
+    expected += [block["repeated_corrections"], block["corrections"]]
+    assert [float(v) for v in match.groups()] == expected
+    assert f"Interactive evaluation ({block['n_cases']} cases)" in card
+    assert f"then {block['rounds']} corrections" in card
+
+
+def test_the_interactive_recipe_evaluates_protocol_interactive():
+    args = load_script().parse_args(["--model", "m", "--data_dir", "d", "--output_dir", "o", "--recipe", "interactive"])
+    assert args.protocols == ["1", "3", "10", "interactive"]
+    args = load_script().parse_args(["--model", "m", "--data_dir", "d", "--output_dir", "o", "--protocols",
+                                     "correction,interactive"])  # fmt: skip
+    assert args.protocols == ["correction", "interactive"]

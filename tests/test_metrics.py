@@ -10,12 +10,14 @@ import torch
 
 from sam3d_hf.metrics import (
     correction_click,
+    curve_auc,
     dice_score,
     evaluate_case,
     markdown_table,
     normalized_surface_dice,
     simulate_clicks,
     summarize,
+    summarize_interactive,
 )
 
 
@@ -338,6 +340,88 @@ def test_correction_click_none_without_error():
     assert click_label == 1 and point[0] < 15  # everything missed: the larger lesion first
 
 
+def _deepest_voxel(region, spacing):
+    """The voxel of `region` farthest from its outside, by brute force; the regions below have a single one."""
+    depth = brute_force_depth_mm(region, np.asarray(spacing, dtype=float))
+    (deepest,) = np.argwhere(depth == np.nanmax(depth))
+    return deepest
+
+
+def test_correction_click_avoids_earlier_clicks_and_takes_the_next_largest_region():
+    """Three error regions of distinct sizes (a 7³ miss, a 5³ false positive, a 3³ miss; odd cubes, so each has one
+    deepest voxel): avoiding the largest region's centre gives the false positive's, avoiding both gives the small
+    miss's, avoiding all three gives None; a click given off the voxel centre still counts as that voxel."""
+    shape, spacing = (40, 30, 30), (1.0, 1.0, 1.0)
+    label = box(shape, (2, 2, 2), (20, 20, 20))
+    big_miss, small_miss = box(shape, (4, 4, 4), (11, 11, 11)), box(shape, (14, 14, 14), (17, 17, 17))
+    false_positive = box(shape, (26, 10, 10), (31, 15, 15))
+    prediction = (label & ~big_miss & ~small_miss) | false_positive
+    centres = [_deepest_voxel(region, spacing) for region in (big_miss, false_positive, small_miss)]
+    point, click_label = correction_click(label, prediction, spacing)
+    np.testing.assert_array_equal(point, centres[0])
+    assert click_label == 1
+    assert correction_click(label, prediction, spacing, avoid=None)[0].tolist() == point.tolist()
+    point, click_label = correction_click(label, prediction, spacing, avoid=[centres[0] + 0.3])
+    np.testing.assert_array_equal(point, centres[1])
+    assert click_label == 0
+    point, click_label = correction_click(label, prediction, spacing, avoid=np.stack(centres[:2]) - 0.4)
+    np.testing.assert_array_equal(point, centres[2])
+    assert click_label == 1
+    far = np.array([[0.0, 0.0, 0.0]])  # a click elsewhere changes nothing
+    np.testing.assert_array_equal(correction_click(label, prediction, spacing, avoid=far)[0], centres[0])
+    assert correction_click(label, prediction, spacing, avoid=np.stack(centres)) is None
+
+
+def test_correction_click_avoid_keeps_the_tie_to_the_miss():
+    """A miss and a false positive of the same size: the miss first; once its centre is avoided, the false positive;
+    then a smaller miss below both."""
+    shape, spacing = (40, 30, 30), (1.0, 1.0, 1.0)
+    label = box(shape, (2, 2, 2), (12, 12, 12)) | box(shape, (2, 20, 2), (9, 27, 9))
+    miss, tiny_miss = box(shape, (4, 4, 4), (9, 9, 9)), box(shape, (4, 22, 4), (7, 25, 7))
+    false_positive = box(shape, (26, 10, 10), (31, 15, 15))  # 5³, as the miss
+    prediction = (label & ~miss & ~tiny_miss) | false_positive
+    order = [(_deepest_voxel(region, spacing), value) for region, value in ((miss, 1), (false_positive, 0))]
+    order.append((_deepest_voxel(tiny_miss, spacing), 1))
+    given = np.zeros((0, 3))
+    for centre, value in order:
+        point, click_label = correction_click(label, prediction, spacing, avoid=given)
+        np.testing.assert_array_equal(point, centre)
+        assert click_label == value
+        given = np.vstack([given, point])
+    assert correction_click(label, prediction, spacing, avoid=given) is None
+
+
+def test_curve_auc_is_the_trapezoid_over_rounds():
+    rng = np.random.default_rng(3)
+    for length in (2, 5, 6):
+        values = rng.random(length)
+        assert curve_auc(values) == pytest.approx(np.trapezoid(values, x=np.arange(length)), abs=1e-12)
+    assert curve_auc([1.0] * 6) == pytest.approx(5.0)  # at most R = 5 for 6 rounds
+    with pytest.raises(ValueError, match=r"one score per round.*R >= 1.*shape \(1,\)"):
+        curve_auc([0.5])
+
+
+def test_summarize_interactive_means_areas_and_repeats():
+    rng = np.random.default_rng(4)
+    records = [
+        {**{m: rng.random(4).tolist() for m in ("dice", "nsd", "nsd_2mm")}, "corrections": 3, "repeated_corrections": r}
+        for r in (0, 2, 1)
+    ]
+    block = summarize_interactive(records, tolerance_mm=5.0)
+    assert block["rounds"] == block["auc_max"] == 3 and block["n_cases"] == 3
+    assert (block["corrections"], block["repeated_corrections"]) == (9, 3)
+    assert (block["nsd_tolerance_mm"], block["nsd_2mm_tolerance_mm"]) == (5.0, 2.0)
+    for metric in ("dice", "nsd", "nsd_2mm"):
+        curves = np.array([r[metric] for r in records])
+        np.testing.assert_allclose(block[f"{metric}_per_round"], curves.mean(0), atol=1e-12)
+        areas = [np.trapezoid(c) for c in curves]
+        assert block[f"{metric}_auc_mean"] == pytest.approx(np.mean(areas), abs=1e-12)
+        assert block[f"{metric}_auc_std"] == pytest.approx(np.std(areas, ddof=1), abs=1e-12)
+        assert block[f"{metric}_final_mean"] == pytest.approx(curves[:, -1].mean(), abs=1e-12)
+    with pytest.raises(ValueError, match=r"same R >= 1.*lengths \[3, 4\]"):
+        summarize_interactive([records[0], {**records[1], "nsd": [0.1, 0.2, 0.3]}], tolerance_mm=5.0)
+
+
 # ---------------------------------------------------------------------------------------------------------- report
 def test_summarize_and_markdown_table():
     rng = np.random.default_rng(0)
@@ -420,6 +504,10 @@ def test_errors_name_the_problem():
         simulate_clicks(single, "marginal", 1, spacing=(1, 1, 1))
     with pytest.raises(ValueError, match="same shape"):
         correction_click(mask, mask[:, :5], (1, 1, 1))
+    with pytest.raises(ValueError, match=r"`avoid` must be \(N, 3\) finite stored voxel indices.*shape \(2,\)"):
+        correction_click(mask, mask, (1, 1, 1), avoid=[1.0, 2.0])
+    with pytest.raises(ValueError, match=r"`avoid` must be \(N, 3\) finite"):
+        correction_click(mask, mask, (1, 1, 1), avoid=[[1.0, np.nan, 2.0]])
     with pytest.raises(ValueError, match="non-empty list"):
         summarize([])
     with pytest.raises(ValueError, match=r"record 0 lacks \['num_clicks'\]"):
