@@ -259,6 +259,8 @@ class Sam3DMaskDecoderConfig(PretrainedConfig):
             (`input_masks`, foreground probabilities) through a zero-initialised convolution into its fused
             convolution, so that corrections build on what was predicted. Not in the official model; a model with it
             and no mask given computes what the same weights compute without it.
+        click_sigma (`float`, defaults to 3.0): with the mask prompt, the clicks also reach the decoder as Gaussian
+            maps of this standard deviation, in patch voxels.
     """
 
     model_type = "sam3d_mask_decoder"
@@ -270,6 +272,7 @@ class Sam3DMaskDecoderConfig(PretrainedConfig):
         num_labels: int = 2,
         initializer_range: float = 0.02,
         use_mask_prompt: bool = False,
+        click_sigma: float = 3.0,
         **kwargs,
     ):
         self.hidden_size = hidden_size
@@ -277,6 +280,9 @@ class Sam3DMaskDecoderConfig(PretrainedConfig):
         if not isinstance(use_mask_prompt, bool):
             raise ValueError(f"Sam3DMaskDecoderConfig.use_mask_prompt must be a bool, got {use_mask_prompt!r}")
         self.use_mask_prompt = use_mask_prompt
+        if isinstance(click_sigma, bool) or not isinstance(click_sigma, (int, float)) or not click_sigma > 0:
+            raise ValueError(f"Sam3DMaskDecoderConfig.click_sigma must be a positive number, got {click_sigma!r}")
+        self.click_sigma = float(click_sigma)
         super().__init__(num_labels=num_labels, **kwargs)
         if not isinstance(hidden_size, int) or hidden_size <= 0:
             raise ValueError(f"Sam3DMaskDecoderConfig.hidden_size must be a positive int, got {hidden_size!r}")

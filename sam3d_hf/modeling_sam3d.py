@@ -889,19 +889,45 @@ def conv_block(in_channels: int, out_channels: int) -> list[nn.Module]:
 
 
 class Sam3DMaskPromptEmbedding(nn.Conv3d):
-    """The previous prediction as a prompt: foreground probabilities `(B, 1, D, H, W)` in patch voxels, resized
-    (trilinear, as the image channel) to the fused convolution's grid `D / 2`, through a 3x3x3 convolution into its
-    channels. Zero at initialisation, so the decoder computes what it computed without it."""
+    """The previous prediction and the clicks as a local prompt of the decoder: three maps on the fused convolution's
+    grid (`D / 2`) -- the previous foreground probabilities `(B, 1, D, H, W)` in patch voxels resized there (trilinear,
+    as the image channel), and a Gaussian of `click_sigma` patch voxels around each positive and each negative click
+    (the largest over the clicks of each kind) -- through a 3x3x3 convolution into its channels. The prompt encoder's
+    clicks act on the whole token grid; these maps let a correction act where it is placed (as nnInteractive and
+    SAM-Med3D feed clicks and the previous mask as maps). Zero at initialisation, so the decoder computes what it
+    computed without it."""
 
-    def __init__(self, hidden_size: int):
-        super().__init__(1, hidden_size, 3, padding=1, bias=False)
+    def __init__(self, hidden_size: int, click_sigma: float):
+        super().__init__(3, hidden_size, 3, padding=1, bias=False)
+        self.click_sigma = click_sigma
         init.zeros_(self.weight)
 
-    def forward(self, input_masks: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-        masks = F.interpolate(
-            input_masks.to(self.weight.dtype), size=tuple(size), mode="trilinear", align_corners=False
-        )
-        return super().forward(masks)
+    def click_maps(self, input_points, input_labels, size: Sequence[int], patch_size: Sequence[int]) -> torch.Tensor:
+        """`(B, 2, *size)`: the positive and the negative clicks' Gaussians at the grid voxels' centres (a grid voxel
+        `g` lies at patch voxel `(g + 0.5) * patch / size - 0.5`); padding clicks (-1) draw nothing."""
+        squared = 0
+        for axis, (grid, patch) in enumerate(zip(size, patch_size, strict=True)):
+            centres = (torch.arange(grid, device=input_points.device, dtype=self.weight.dtype) + 0.5) * patch / grid
+            offset = (centres - 0.5)[None, None] - input_points[..., axis, None].to(self.weight.dtype)  # (B, N, grid)
+            shape = [*offset.shape[:2], 1, 1, 1]
+            shape[2 + axis] = grid
+            squared = squared + offset.square().reshape(shape)
+        gaussians = torch.exp(-squared / (2 * self.click_sigma**2))  # (B, N, *size)
+        maps = [(gaussians * (input_labels == kind)[..., None, None, None]).amax(1) for kind in (1, 0)]
+        return torch.stack(maps, dim=1)
+
+    def forward(self, size, patch_size, input_masks=None, input_points=None, input_labels=None) -> torch.Tensor:
+        batch = (input_masks if input_masks is not None else input_points).shape[0]
+        if input_masks is None:
+            mask = torch.zeros(batch, 1, *size, device=self.weight.device, dtype=self.weight.dtype)
+        else:
+            masks = input_masks.to(self.weight.dtype)
+            mask = F.interpolate(masks, size=tuple(size), mode="trilinear", align_corners=False)
+        if input_points is None:
+            clicks = torch.zeros(batch, 2, *size, device=self.weight.device, dtype=self.weight.dtype)
+        else:
+            clicks = self.click_maps(input_points, input_labels, size, patch_size)
+        return super().forward(torch.cat([mask, clicks], dim=1))
 
 
 class Sam3DMaskDecoder(Sam3DPreTrainedModel):
@@ -924,7 +950,7 @@ class Sam3DMaskDecoder(Sam3DPreTrainedModel):
         self.fuse = nn.Sequential(
             *conv_block(4 * hidden + 1, hidden), nn.Conv3d(hidden, config.num_labels, 3, padding=1, bias=False)
         )
-        self.mask_prompt = Sam3DMaskPromptEmbedding(hidden) if config.use_mask_prompt else None
+        self.mask_prompt = Sam3DMaskPromptEmbedding(hidden, config.click_sigma) if config.use_mask_prompt else None
         self.post_init()
 
     def level(self, index: int, feature_map: torch.Tensor) -> torch.Tensor:
@@ -942,16 +968,22 @@ class Sam3DMaskDecoder(Sam3DPreTrainedModel):
         return F.conv3d(torch.cat([*static, image], dim=1), weight, padding=1)
 
     def forward(
-        self, context: torch.Tensor, prompted_level: torch.Tensor, input_masks: torch.Tensor | None = None
+        self,
+        context: torch.Tensor,
+        prompted_level: torch.Tensor,
+        input_masks: torch.Tensor | None = None,
+        input_points: torch.Tensor | None = None,
+        input_labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """`context (B, 128, 2D', 2H', 2W')`, `prompted_level (B, 256, D', H', W')` (the token grid) and, with the
-        mask prompt, `input_masks (B, 1, D, H, W)` (previous foreground probabilities) -> logits `(B, 2, D, H, W)`,
-        `D = D' * token_stride`."""
+        mask prompt, `input_masks (B, 1, D, H, W)` (previous foreground probabilities) and the clicks
+        (`(B, N, 3)` patch voxels, `(B, N)` labels) -> logits `(B, 2, D, H, W)`, `D = D' * token_stride`."""
         hidden = self.heads[0][0].out_channels
         weight = self.fuse[0].weight[:, 3 * hidden : 4 * hidden]
         x = context + F.conv3d(self.level(3, prompted_level), weight, padding=1)
-        if input_masks is not None:
-            x = x + self.mask_prompt(input_masks, x.shape[2:])
+        if self.mask_prompt is not None and (input_masks is not None or input_points is not None):
+            patch_size = [self.upsampling * 2 * s for s in prompted_level.shape[2:]]
+            x = x + self.mask_prompt(x.shape[2:], patch_size, input_masks, input_points, input_labels)
         x = self.fuse[3](self.fuse[2](self.fuse[1](x)))
         return F.interpolate(x, scale_factor=self.upsampling, mode="trilinear", align_corners=True)
 
@@ -1172,7 +1204,8 @@ class Sam3DForPromptableSegmentation(Sam3DPreTrainedModel):
             if context.shape[0] != input_masks.shape[0]:  # one patch, one mask per prompt set
                 context = context.expand(input_masks.shape[0], -1, -1, -1, -1)
                 level3 = level3.expand(input_masks.shape[0], -1, -1, -1, -1)
-        logits = self.mask_decoder(context, level3, input_masks)  # the prompt-free model: level 3 unchanged
+        # the prompt-free model: level 3 unchanged, no clicks
+        logits = self.mask_decoder(context, level3, input_masks, input_points, input_labels)
         loss = None if labels is None else self.segmentation_loss(logits, labels)
         return Sam3DSegmentationOutput(loss=loss, logits=logits, image_embeddings=image_embeddings)
 

@@ -42,6 +42,20 @@ def inputs(batch: int = 2) -> dict:
     }
 
 
+def click_maps(case: dict, size) -> torch.Tensor:
+    """Positive and negative click Gaussians (sigma 3 patch voxels) on the decoder's grid, voxel by voxel in numpy."""
+    out = np.zeros((len(case["input_points"]), 2, *size))
+    step = np.asarray(PATCH) / np.asarray(size)
+    for b, (points, labels) in enumerate(zip(case["input_points"].numpy(), case["input_labels"].numpy())):
+        for index in np.ndindex(*size):
+            where = (np.asarray(index) + 0.5) * step - 0.5  # the grid voxel's centre in patch voxels
+            for point, label in zip(points, labels):
+                value = np.exp(-np.sum((where - point) ** 2) / (2 * 3.0**2))
+                channel = 0 if label == 1 else 1
+                out[(b, channel, *index)] = max(out[(b, channel, *index)], value)
+    return torch.from_numpy(out).float()
+
+
 # ---------------------------------------------------------------------------------------------------- the model
 def test_the_mask_prompt_starts_at_zero_and_changes_nothing_until_trained():
     plain, prompted = pair()
@@ -74,7 +88,8 @@ def test_the_mask_reaches_the_logits_once_its_weights_are_not_zero():
             decoder.level(3, level3), decoder.fuse[0].weight[:, 3 * hidden : 4 * hidden], padding=1
         )
         small = torch.nn.functional.interpolate(mask, size=x.shape[2:], mode="trilinear", align_corners=False)
-        x = x + torch.nn.functional.conv3d(small, decoder.mask_prompt.weight, padding=1)
+        maps = torch.cat([small, click_maps(inputs(), x.shape[2:])], dim=1)
+        x = x + torch.nn.functional.conv3d(maps, decoder.mask_prompt.weight, padding=1)
         x = decoder.fuse[3](decoder.fuse[2](decoder.fuse[1](x)))
         expected = torch.nn.functional.interpolate(x, scale_factor=2, mode="trilinear", align_corners=True)
     assert (with_mask - empty).abs().max() > 1e-3
