@@ -45,7 +45,7 @@ def test_quick_demo_writes_everything_and_its_segment_line_works(tmp_path, capsy
     card = (demo / "model" / "README.md").read_text()
     assert "model-index" in card and "Dice" in card
     table = (demo / "evaluation" / "table.md").read_text()
-    assert "1 click" in table and "correction" in table
+    assert "1 click" in table and "interactive" in table
     predictions = sorted((demo / "predictions").glob("*.nii.gz"))
     assert predictions
     scored = {
