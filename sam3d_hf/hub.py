@@ -332,6 +332,16 @@ def _mean_std_text(stats: Mapping[str, float]) -> str:
 _SCHEMES = {"adapter": "spatial adapters (the paper's scheme)", "lora": "LoRA (baseline)", "full": "full fine-tuning"}
 
 
+def _corrections_text(values: Mapping[str, Any]) -> str:
+    """The card's line on the mask prompt and the simulated correction rounds (recipe values of the record)."""
+    rounds = values.get("correction_rounds", 0)
+    prompt = "the previous mask and the clicks as decoder maps" if values.get("use_mask_prompt") else "no mask prompt"
+    if not rounds:
+        return f"none simulated; {prompt}"
+    return (f"0 to {rounds} simulated rounds per step (a click at the centre of the largest error of the model's own "
+            f"prediction, without gradient), loss on the last; {prompt}")  # fmt: skip
+
+
 def _training_rows(record: Mapping[str, Any]) -> list[tuple[str, str]]:
     """The card's training table, every row from the record."""
     init, optim, batch, data = record["initialisation"], record["optimisation"], record["batch"], record["data"]
@@ -350,12 +360,16 @@ def _training_rows(record: Mapping[str, Any]) -> list[tuple[str, str]]:
     clicks = data["clicks"]
     recipe = record["recipe"]
     overridden = ", ".join(f"`{k}={json.dumps(v)}`" for k, v in sorted(recipe["overridden"].items())) or "none"
+
+    def voxels(count: int, what: str) -> str:
+        return f"{count} {what} voxel{'' if count == 1 else 's'}"
+
     if clicks["scheme"] == "official":
-        click_text = (f"{clicks['positive']} tumour voxels and {clicks['patch']} voxels of the whole patch, "
+        click_text = (f"{voxels(clicks['positive'], 'tumour')} and {voxels(clicks['patch'], 'patch')}, "
                       "unlabelled (the official scheme)")  # fmt: skip
     elif clicks["scheme"] == "labelled":
-        click_text = (f"{clicks['positive']} tumour voxels and {clicks['patch']} patch voxels with their labels, and "
-                      f"{clicks['negative']} negatives next to the lesion")  # fmt: skip
+        click_text = (f"{voxels(clicks['positive'], 'tumour')} and {voxels(clicks['patch'], 'patch')} with their "
+                      f"labels, and {clicks['negative']} negatives next to the lesion")  # fmt: skip
     elif clicks["scheme"] == "legacy":
         click_text = (f"{clicks['positive']} positive, {clicks['negative']} negative; {clicks['patch']} when the "
                       "patch holds no tumour")  # fmt: skip
@@ -378,6 +392,7 @@ def _training_rows(record: Mapping[str, Any]) -> list[tuple[str, str]]:
         ("training patch", " × ".join(str(v) for v in data["patch_size"]) + " voxels (D, H, W)"),
         ("crop sampler", data["sampler"]),
         ("clicks per patch", click_text),
+        ("corrections", _corrections_text(recipe["values"])),
         ("augmentation", data["augmentation"]),
         ("scans", f"{data['training_cases']} training, {data['validation_cases']} validation ({data['split']})"),
         ("validation", "tumour-centred patches, Dice loss" if data["validation"] == "patches" else

@@ -472,8 +472,9 @@ def test_card_training_section_states_the_record(model_folder, tmp_path):
     assert _numbers(_table_row(card, "training patch")[0]) == [128, 128, 128]
     assert _table_row(card, "recipe") == ["`official` (docs/recipes.md); overridden: `train_batch_size=2`"]
     assert _table_row(card, "clicks per patch") == [
-        "10 tumour voxels and 20 voxels of the whole patch, unlabelled (the official scheme)"
+        "10 tumour voxels and 20 patch voxels, unlabelled (the official scheme)"
     ]
+    assert _table_row(card, "corrections") == ["none simulated; no mask prompt"]
     assert _table_row(card, "scans") == ["209 training, 30 validation (kits fold 0)"]
     assert _table_row(card, "crop sampler") == ["official"] and _table_row(card, "augmentation") == ["official"]
     assert _table_row(card, "validation") == ["tumour-centred patches, Dice loss"]
@@ -491,6 +492,16 @@ def test_card_training_section_states_the_record(model_folder, tmp_path):
     assert _table_row(card, "epochs") == ["223 (9 optimiser steps each; the steps decide)"]
     assert _table_row(card, "weights saved at") == ["last step (step 2,000)"]
     assert "inherited from SAM" not in card
+    interactive = {**other, "recipe": {**other["recipe"], "values": {"use_mask_prompt": True, "correction_rounds": 5}}}
+    interactive["data"] = {**other["data"], "clicks": {"scheme": "labelled", "positive": 1, "patch": 1, "negative": 0}}
+    card = str(render_model_card(model_folder[0], training=interactive))
+    assert _table_row(card, "corrections") == [
+        "0 to 5 simulated rounds per step (a click at the centre of the largest error of the model's own prediction, "
+        "without gradient), loss on the last; the previous mask and the clicks as decoder maps"
+    ]
+    assert _table_row(card, "clicks per patch") == [
+        "1 tumour voxel and 1 patch voxel with their labels, and 0 negatives next to the lesion"
+    ]
     with pytest.raises(ValueError, match=r"logs/config.json.* not a record"):  # command-line arguments are refused
         render_model_card(model_folder[0], training={"learning_rate": 1e-4, "max_train_steps": 10})
 
