@@ -2,43 +2,35 @@
 
 import importlib
 
-from transformers import AutoConfig, AutoModel, AutoModelForMaskGeneration
-
-# Imported here because importing them registers Sam3D with transformers (Auto classes, the pipeline task).
-from .configuration_sam3d import Sam3DConfig, Sam3DMaskDecoderConfig, Sam3DPromptEncoderConfig, Sam3DVisionConfig
-from .image_processing_sam3d import (
-    SAM3D_PRESETS,
-    Sam3DDatasetPreset,
-    Sam3DImageProcessor,
-    Sam3DVolume,
-    compute_intensity_statistics,
-    load_volume,
-)
-from .modeling_sam3d import (
-    PROCESSOR_GEOMETRY_KEYS,
-    Sam3DForPromptableSegmentation,
-    Sam3DImageEmbeddings,
-    Sam3DPreTrainedModel,
-    Sam3DSegmentationOutput,
-    Sam3DVisionModel,
-    Sam3DVisionModelOutput,
-)
-from .pipeline import Sam3DSegmentationPipeline
-from .processing_sam3d import MODEL_INPUT_KEYS, Sam3DProcessor, cluster_points, save_mask_nifti
+from . import registration
 from .version import __version__ as __version__
 
-AutoConfig.register(Sam3DConfig.model_type, Sam3DConfig, exist_ok=True)
-AutoConfig.register(Sam3DVisionConfig.model_type, Sam3DVisionConfig, exist_ok=True)
-AutoModel.register(Sam3DConfig, Sam3DForPromptableSegmentation, exist_ok=True)
-AutoModel.register(Sam3DVisionConfig, Sam3DVisionModel, exist_ok=True)
-AutoModelForMaskGeneration.register(Sam3DConfig, Sam3DForPromptableSegmentation, exist_ok=True)
-# Saved folders carry the code and an `auto_map`, so they also load with `trust_remote_code=True` without this package.
-Sam3DConfig.register_for_auto_class()
-Sam3DForPromptableSegmentation.register_for_auto_class("AutoModel")
+# Nothing heavy is imported here: every name below is imported on first use (PEP 562), so `import sam3d_hf` costs
+# no torch and no transformers (the CLI's --help and --version stay instant). Sam3D is registered with transformers'
+# Auto classes and pipeline registry as soon as transformers' own modules for them are imported (registration.py).
+registration.install()
 
-# The rest is imported on first use (PEP 562), so `import sam3d_hf` costs only what the registration needs (no
-# MONAI, peft, datasets, scipy metrics or Hub client code).
 _LAZY = {
+    "configuration_sam3d": ("Sam3DConfig", "Sam3DMaskDecoderConfig", "Sam3DPromptEncoderConfig", "Sam3DVisionConfig"),
+    "image_processing_sam3d": (
+        "SAM3D_PRESETS",
+        "Sam3DDatasetPreset",
+        "Sam3DImageProcessor",
+        "Sam3DVolume",
+        "compute_intensity_statistics",
+        "load_volume",
+    ),
+    "modeling_sam3d": (
+        "PROCESSOR_GEOMETRY_KEYS",
+        "Sam3DForPromptableSegmentation",
+        "Sam3DImageEmbeddings",
+        "Sam3DPreTrainedModel",
+        "Sam3DSegmentationOutput",
+        "Sam3DVisionModel",
+        "Sam3DVisionModelOutput",
+    ),
+    "pipeline": ("Sam3DSegmentationPipeline",),
+    "processing_sam3d": ("MODEL_INPUT_KEYS", "Sam3DProcessor", "cluster_points", "save_mask_nifti"),
     "hub": ("push_to_hub", "render_model_card"),
     "inference": ("Sam3DPrediction", "Sam3DPredictor"),
     "convert_sam3d": (

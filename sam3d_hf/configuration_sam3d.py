@@ -425,6 +425,9 @@ class Sam3DConfig(PretrainedConfig):
         return cls.from_preset(name, **kwargs)
 
 
+# Saved folders carry the code and an `auto_map`, so they also load with `trust_remote_code=True` without this package.
+Sam3DConfig.register_for_auto_class()
+
 __all__ = [
     "CONFIG_PRESETS",
     "SAM_PRESETS",

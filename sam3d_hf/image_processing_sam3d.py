@@ -817,6 +817,7 @@ class Sam3DImageProcessor(BaseImageProcessor):
             )
 
 
+# Here, not in registration.py: this module's copy in a saved folder registers itself too (remote code).
 AutoImageProcessor.register(
     Sam3DConfig, image_processor_classes={"pil": Sam3DImageProcessor, "torchvision": Sam3DImageProcessor}, exist_ok=True
 )

@@ -25,9 +25,9 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.processing_utils import Unpack
 from transformers.utils import ModelOutput
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
+from typing_extensions import Unpack  # typing.Unpack is Python 3.11+
 
 from .configuration_sam3d import Sam3DConfig, Sam3DMaskDecoderConfig, Sam3DPromptEncoderConfig, Sam3DVisionConfig
 
@@ -1381,6 +1381,9 @@ class Sam3DForPromptableSegmentation(Sam3DPreTrainedModel):
         criterion = DiceCELoss(include_background=False, softmax=True, to_onehot_y=True, lambda_dice=0.5, lambda_ce=0.5)
         return criterion(logits.float(), labels.long())
 
+
+# Saved folders carry the code and an `auto_map` (see configuration_sam3d.py).
+Sam3DForPromptableSegmentation.register_for_auto_class("AutoModel")
 
 __all__ = [
     "OUTPUT_FLAG_KEYS",

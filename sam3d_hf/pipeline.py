@@ -160,4 +160,5 @@ def write_remote_code(folder: str | os.PathLike) -> None:
         atomic_write(folder / name, lambda temporary, data=content: Path(temporary).write_bytes(data))
 
 
+# Here, not in registration.py: this module's copy in a saved folder registers itself too (remote code).
 PIPELINE_REGISTRY.register_pipeline(TASK, pipeline_class=Sam3DSegmentationPipeline, pt_model=AutoModel, type="image")
