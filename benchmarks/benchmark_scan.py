@@ -32,7 +32,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import torch
-from benchmark_encoder import TINY  # the small model of the other benchmarks (run from any folder)
 
 from sam3d_hf import Sam3DConfig, Sam3DForPromptableSegmentation, Sam3DProcessor
 from sam3d_hf.processing_sam3d import save_mask_nifti
@@ -70,7 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.preset == "tiny":
         patch = (48, 48, 48)
         processor = Sam3DProcessor.from_preset(args.dataset, patch_size=patch, cluster_margin=8)
-        config = Sam3DConfig(**{**TINY, "vision_config": {**TINY["vision_config"], "image_size": patch}})
+        config = Sam3DConfig.from_preset("tiny", vision_config={"image_size": patch})
     else:
         config = Sam3DConfig(vision_config={"image_size": patch})
     torch.manual_seed(0)

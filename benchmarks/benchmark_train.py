@@ -14,7 +14,6 @@ A ratio near 1 means the model, not the data, sets the pace. Add `--model_config
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,9 +24,6 @@ from sam3d_hf import Sam3DAdapterConfig, Sam3DProcessor, get_adapter_model
 from sam3d_hf.data import index_dataset
 from sam3d_hf.sampling import Sam3DTrainingDataset, sam3d_collate
 from sam3d_hf.synthetic import generate_dataset
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-from train import TINY_CONFIG  # the training script's tiny config: both time the same model
 
 
 def main() -> None:
@@ -44,11 +40,9 @@ def main() -> None:
 
     from sam3d_hf import Sam3DConfig, Sam3DForPromptableSegmentation
 
-    values = {"vision_config": {}, "prompt_encoder_config": {}} if args.model_config == "vit_b" else TINY_CONFIG
-    config = Sam3DConfig(
-        vision_config={**values.get("vision_config", {}), "image_size": patch},
-        prompt_encoder_config={**values.get("prompt_encoder_config", {}), "use_point_labels": True},
-        mask_decoder_config=values.get("mask_decoder_config", {}),
+    # The preset `sam3d train --model_config` builds: both time the same model.
+    config = Sam3DConfig.from_preset(
+        args.model_config, vision_config={"image_size": patch}, prompt_encoder_config={"use_point_labels": True}
     )
     model = get_adapter_model(
         Sam3DForPromptableSegmentation(config), Sam3DAdapterConfig(adapter_dim=config.vision_config.adapter_dim)

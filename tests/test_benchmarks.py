@@ -2,6 +2,7 @@
 (speed is for the scripts to print, never for a test): these tests only make sure a later session, a GPU one above
 all, can run them in one call."""
 
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -14,11 +15,20 @@ import benchmark_encoder
 import benchmark_gpu
 import benchmark_precision
 
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
 GPU_FIGURES = {
     "encode/plain_fp32",
     *(f"{part}/{dtype}{c}" for part in ("encode", "click") for dtype in ("fp32", "bf16") for c in ("", "_compiled")),
     *(f"train/{dtype}{c}" for dtype in ("fp32", "bf16") for c in ("", "_checkpointing")),
 }
+
+
+@pytest.mark.parametrize("script", sorted(path.stem for path in BENCHMARKS.glob("benchmark_*.py")))
+def test_every_benchmark_script_imports(script):
+    """A script whose imports broke (a name moved out of the library or another script) fails here, not in the next
+    session that needs its figures."""
+    assert callable(importlib.import_module(script).main)
 
 
 def test_gpu_script_arguments():
