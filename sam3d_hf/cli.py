@@ -138,6 +138,8 @@ def _load_model_and_processor(name: str, preset: str | None):
     """A model folder/Hub id and its processor (`processor_config.json` next to it, else `--preset`)."""
     import torch
 
+    _quiet_transformers()
+
     from .hub import check_model_reference
     from .image_processing_sam3d import SAM3D_PRESETS
     from .modeling_sam3d import Sam3DForPromptableSegmentation
@@ -171,15 +173,7 @@ def _progress(text: str) -> None:
 
 def _segment(args: argparse.Namespace) -> int:
     """`sam3d segment`: clicks on one scan -> a NIfTI mask in the scan's geometry (and an optional overlay PNG)."""
-    import nibabel as nib
-    import numpy as np
-
-    from .image_processing_sam3d import load_volume
-    from .inference import Sam3DPredictor
-    from .processing_sam3d import save_mask_nifti, validate_points
-    from .visualization import save_overlay
-
-    # What the arguments alone decide, before anything is read or loaded.
+    # What the arguments alone decide, before anything is imported, read or loaded.
     if not 0 < args.threshold < 1:
         raise ValueError(f"--threshold is a foreground probability strictly between 0 and 1, got {args.threshold}")
     if not args.output.endswith((".nii", ".nii.gz")):
@@ -198,7 +192,15 @@ def _segment(args: argparse.Namespace) -> int:
         if target.is_dir():
             raise ValueError(f"{option} {str(target)!r} is a folder; give a file name")
 
-    _progress(f"reading {args.image}")
+    _progress(f"reading {args.image} (torch and transformers are imported first: a few seconds)")
+    import nibabel as nib
+    import numpy as np
+
+    from .image_processing_sam3d import load_volume
+    from .inference import Sam3DPredictor
+    from .processing_sam3d import save_mask_nifti, validate_points
+    from .visualization import save_overlay
+
     volume = load_volume(args.image)  # reports a missing/unreadable scan before the model is loaded
     points = [*args.point, *args.negative]
     labels = [1] * len(args.point) + [0] * len(args.negative)
@@ -257,7 +259,7 @@ def _train(argv: list[str]) -> int:
         if not Path(launch_options[1]).is_file():
             raise ValueError(f"--accelerate_config {launch_options[1]!r}: no such file")
     _parse_module_args(training, argv, "train")  # argument mistakes: one line, before launching
-    result = subprocess.run(training.launch_command(argv, launch_options))
+    result = subprocess.run(training.launch_command(argv, launch_options), env=training.launch_environment())
     if result.returncode:
         raise SystemExit(f"sam3d train: error: training failed (exit status {result.returncode}; see above)")
     return 0
@@ -298,7 +300,9 @@ def _push(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(args.output_dir, quick=args.quick, overwrite=args.overwrite, seed=args.seed)
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads is a number of torch threads >= 1, got {args.threads}")
+    run_demo(args.output_dir, quick=args.quick, overwrite=args.overwrite, seed=args.seed, threads=args.threads)
     return 0
 
 
@@ -326,6 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true", help="a 1-2 minute run: fewer cases and steps, no Dice target")
     demo.add_argument("--overwrite", action="store_true", help="replace an existing --output-dir")
     demo.add_argument("--seed", type=int, default=0, help="data, training and click seed")
+    demo.add_argument(
+        "--threads", type=int, help="torch threads (default: one per core other processes leave idle, per stage)"
+    )
     demo.set_defaults(func=_demo)
 
     segment = commands.add_parser(
@@ -459,7 +466,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"sam3d {command}: error: {' '.join(str(error).split())}", file=sys.stderr)
             return 1
     args = build_parser().parse_args(argv)
-    _quiet_transformers()
+    if args.command != "segment":  # segment quiets it when it loads the model, after its first progress line
+        _quiet_transformers()
     try:
         return args.func(args)
     # The library's messages say what was expected and how to fix it; OSError covers what the system refuses

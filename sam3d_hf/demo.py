@@ -52,6 +52,41 @@ TRAIN_ARGS = [
 ]  # fmt: skip
 
 
+def idle_cores(window: float = 0.5, stat: str = "/proc/stat") -> float:
+    """How many of the machine's cores other processes leave idle now: the idle share of all CPU time over `window`
+    seconds (Linux `/proc/stat`), else the cores minus the 1-minute load average (macOS, or no /proc)."""
+    cores = os.cpu_count() or 1
+
+    def totals() -> tuple[int, int]:
+        fields = [int(value) for value in Path(stat).read_text().splitlines()[0].split()[1:]]
+        # user nice system idle iowait irq softirq steal (guest time is inside user)
+        return fields[3] + fields[4], sum(fields[:8])
+
+    try:
+        idle_before, total_before = totals()
+        time.sleep(window)
+        idle_after, total_after = totals()
+    except (OSError, ValueError, IndexError):
+        return max(0.0, cores - os.getloadavg()[0])
+    return cores * (idle_after - idle_before) / max(total_after - total_before, 1)
+
+
+def choose_threads(requested: int | None = None, idle: float | None = None) -> tuple[int, str]:
+    """torch threads for a stage of the demo and why: `requested` if given, else one per idle core (at least one).
+
+    Why: the demo's tiny model works on small tensors, where OpenMP threads that find their core taken spin against
+    the other process. On the 2-core machine one training step took 0.178 s with 2 threads and 0.259 s with 1 when
+    quiet, but 0.730 s with 2 and 0.271 s with 1 beside one CPU-bound process (`benchmarks/benchmark_threads.py`):
+    2 threads when both cores are free, 1 when one is taken keeps a busy run within 1.5x of a quiet one.
+    """
+    if requested is not None:
+        return requested, "as --threads asked"
+    cores = os.cpu_count() or 1
+    idle = idle_cores() if idle is None else idle
+    threads = max(1, min(cores, round(idle)))
+    return threads, f"{idle:.1f} of {cores} cores idle"
+
+
 def _step(number: int, text: str) -> None:
     print(f"[{number}/5] {text}", flush=True)
 
@@ -60,14 +95,23 @@ def _has_tumour(label_path: Path, target: int) -> bool:
     return bool((np.asarray(nib.load(label_path).dataobj) == target).any())
 
 
-def run_demo(output_dir: str | os.PathLike = "sam3d-demo", quick: bool = False, overwrite: bool = False, seed: int = 0):
-    """Run the demo and write its folder; returns the path of `output_dir`.
+def run_demo(
+    output_dir: str | os.PathLike = "sam3d-demo",
+    quick: bool = False,
+    overwrite: bool = False,
+    seed: int = 0,
+    threads: int | None = None,
+):
+    """Run the demo and write its folder; returns the path of `output_dir`. `threads`: torch threads of training and
+    evaluation (default: one per core that other processes leave idle when the stage starts, see [`choose_threads`]).
 
     Layout of `output_dir`: `data/` (generated MSD-style scans), `model/` (model, processor, `adapter/`, README.md =
     model card), `training/` (split, logs),
     `evaluation/` (cases.csv, lesions.csv, summary.json, table.md, overlays), `predictions/<case>.nii.gz` (1-click masks
     of the held-out cases in their scans' geometry).
     """
+    import torch
+
     from . import evaluation, training
     from .files import make_staging_folder, replace_folder, write_json
     from .hub import render_model_card
@@ -102,7 +146,12 @@ def run_demo(output_dir: str | os.PathLike = "sam3d-demo", quick: bool = False, 
         processor_dir = work / "training" / "processor"
         Sam3DProcessor(image_processor, patch_size=PATCH_SIZE, cluster_margin=4).save_pretrained(processor_dir)
 
-        _step(2, f"fine-tuning the tiny model for {settings['steps']} steps (accelerate launch -m sam3d_hf.training)")
+        stage_threads, why = choose_threads(threads)
+        _step(
+            2,
+            f"fine-tuning the tiny model for {settings['steps']} steps (accelerate launch -m sam3d_hf.training; "
+            f"{stage_threads} thread{'s' if stage_threads > 1 else ''}: {why})",
+        )
         train_argv = [
             "--data_dir", str(data_dir), "--output_dir", str(work / "training"), "--processor", str(processor_dir),
             "--split_file", str(work / "training" / "split.json"), "--cache_dir", str(work / "cache"),
@@ -110,23 +159,35 @@ def run_demo(output_dir: str | os.PathLike = "sam3d-demo", quick: bool = False, 
             "--checkpointing_steps", str(settings["steps"]), "--checkpoints_total_limit", "1", "--seed", str(seed),
             *TRAIN_ARGS,
         ]  # fmt: skip
-        environment = {**os.environ, "HF_HUB_OFFLINE": "1"}
-        command = training.launch_command(train_argv, training.CPU_LAUNCH_OPTIONS)
+        environment = training.launch_environment({**os.environ, "HF_HUB_OFFLINE": "1"})
+        environment["OMP_NUM_THREADS"] = str(stage_threads)
+        options = (*training.CPU_LAUNCH_OPTIONS, "--num_cpu_threads_per_process", str(stage_threads))
+        command = training.launch_command(train_argv, options)
         if subprocess.run(command, env=environment).returncode:
             raise SystemExit("sam3d demo: error: training failed (see its output above); nothing was kept")
         shutil.move(work / "training" / "final_model", work / "model")
         shutil.rmtree(work / "training" / "checkpoints", ignore_errors=True)
         shutil.rmtree(work / "cache", ignore_errors=True)
 
-        _step(3, f"evaluating {len(test)} held-out case(s): clicks {settings['protocols']} (sam3d_hf.evaluation)")
+        stage_threads, why = choose_threads(threads)
+        _step(
+            3,
+            f"evaluating {len(test)} held-out case(s): clicks {settings['protocols']} (sam3d_hf.evaluation; "
+            f"{stage_threads} thread{'s' if stage_threads > 1 else ''}: {why})",
+        )
         evaluation_dir = work / "evaluation"
-        evaluation.main([
-            "--model", str(work / "model"), "--data_dir", str(data_dir), "--split_file",
-            str(work / "training" / "split.json"), "--split", "test", "--protocols", settings["protocols"],
-            "--rounds", str(settings["rounds"]), "--dataset_name", "synthetic", "--seed", str(seed),
-            "--click_placement", "official,per_lesion",
-            "--output_dir", str(evaluation_dir), "--save_masks",
-        ])  # fmt: skip
+        previous_threads = torch.get_num_threads()
+        torch.set_num_threads(stage_threads)
+        try:
+            evaluation.main([
+                "--model", str(work / "model"), "--data_dir", str(data_dir), "--split_file",
+                str(work / "training" / "split.json"), "--split", "test", "--protocols", settings["protocols"],
+                "--rounds", str(settings["rounds"]), "--dataset_name", "synthetic", "--seed", str(seed),
+                "--click_placement", "official,per_lesion",
+                "--output_dir", str(evaluation_dir), "--save_masks",
+            ])  # fmt: skip
+        finally:
+            torch.set_num_threads(previous_threads)
 
         _step(4, "keeping the scored 1-click masks of the held-out cases as predictions/ (NIfTI)")
         os.replace(evaluation_dir / "masks" / "1-per_lesion", work / "predictions")  # the masks its table scored

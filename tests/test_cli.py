@@ -428,15 +428,27 @@ def test_evaluate_runs_the_example_and_reports_errors(segment_setup, tmp_path, c
 
 def test_train_launches_accelerate_and_reports_errors(tmp_path, capsys, monkeypatch):
 
-    commands = []
-    monkeypatch.setattr(
-        "subprocess.run", lambda command, **kw: commands.append(command) or subprocess.CompletedProcess(command, 0)
-    )
+    commands, environments = [], []
+
+    def run(command, env=None, **kw):
+        commands.append(command)
+        environments.append(env)
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr("subprocess.run", run)
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    monkeypatch.setenv("SAM3D_TEST_VARIABLE", "kept")
     config = REPOSITORY / "examples" / "accelerate_configs" / "cpu.yaml"
     argv = ["--data_dir", str(tmp_path), "--output_dir", str(tmp_path / "run"), "--model_config", "tiny"]
     assert main(["train", "--accelerate_config", str(config), *argv]) == 0
     assert commands == [[sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
                          "-m", "sam3d_hf.training", *argv]]  # fmt: skip
+    # Training runs with glibc's fixed 1 MB mmap threshold (large freed activations go back to the system), in the
+    # user's environment otherwise; a threshold the user set is kept.
+    assert environments[0]["MALLOC_MMAP_THRESHOLD_"] == "1048576" and environments[0]["SAM3D_TEST_VARIABLE"] == "kept"
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    assert main(["train", *argv]) == 0
+    assert environments[1]["MALLOC_MMAP_THRESHOLD_"] == "65536"
     line = one_line_error(["train", *argv[:-1], "vit_z"], capsys)
     assert "--model_config must be one of" in line and "'vit_z'" in line
     assert "no such file" in one_line_error(["train", "--accelerate_config", str(tmp_path / "x.yaml"), *argv], capsys)

@@ -101,3 +101,76 @@ def test_failed_training_leaves_nothing_and_keeps_the_old_folder(tmp_path, capsy
     with pytest.raises(SystemExit):
         main(["demo", "--quick", "--overwrite", "--output-dir", str(tmp_path / "old")])
     assert [p.name for p in tmp_path.iterdir()] == ["old"] and (tmp_path / "old" / "table.md").read_text() == "old run"
+
+
+def test_idle_cores_reads_the_idle_share_of_cpu_time(tmp_path, monkeypatch):
+    from sam3d_hf import demo
+
+    stat = tmp_path / "stat"
+    # user nice system idle iowait irq softirq steal guest guest_nice: over the window 300 of 850 ticks are idle or
+    # waiting on I/O (250 + 50); the other 550 are work (user 300, nice 50, system 100, steal 100); guest time (70) is
+    # already inside user and must not count twice.
+    snapshots = iter(["cpu 1000 0 500 4000 100 0 0 0 0 0", "cpu 1300 50 600 4250 150 0 0 100 70 0"])
+    stat.write_text(next(snapshots) + "\ncpu0 1 2 3 4\n")
+    monkeypatch.setattr(demo.time, "sleep", lambda seconds: stat.write_text(next(snapshots) + "\n"))
+    monkeypatch.setattr(demo.os, "cpu_count", lambda: 2)
+    assert demo.idle_cores(stat=str(stat)) == pytest.approx(2 * 300 / 850)
+    # Without /proc/stat (macOS): the cores minus the 1-minute load average, never below 0.
+    monkeypatch.setattr(demo.os, "getloadavg", lambda: (1.25, 0.0, 0.0))
+    assert demo.idle_cores(stat=str(tmp_path / "missing")) == pytest.approx(0.75)
+    monkeypatch.setattr(demo.os, "getloadavg", lambda: (3.5, 0.0, 0.0))
+    assert demo.idle_cores(stat=str(tmp_path / "missing")) == 0.0
+
+
+def test_threads_are_one_per_idle_core_at_least_one(monkeypatch):
+    from sam3d_hf import demo
+
+    monkeypatch.setattr(demo.os, "cpu_count", lambda: 2)
+    assert [demo.choose_threads(idle=idle)[0] for idle in (1.95, 1.6, 1.0, 0.3, 0.0)] == [2, 2, 1, 1, 1]
+    monkeypatch.setattr(demo.os, "cpu_count", lambda: 8)
+    assert demo.choose_threads(idle=6.7)[0] == 7
+    assert demo.choose_threads(requested=3, idle=0.0) == (3, "as --threads asked")
+
+
+def test_the_demo_trains_and_evaluates_with_the_threads_it_chose(tmp_path, monkeypatch, capsys):
+    """One core taken by another process: training is launched with one thread (accelerate's option and
+    OMP_NUM_THREADS), evaluation runs with one torch thread, and the process's own setting is restored."""
+    import torch
+
+    from sam3d_hf import demo, evaluation
+
+    monkeypatch.setattr(demo, "idle_cores", lambda: 1.0)
+    monkeypatch.setattr(demo.os, "cpu_count", lambda: 2)
+    launched = {}
+
+    def fake_run(command, env):
+        launched.update(command=command, env=env)
+        output = Path(command[command.index("--output_dir") + 1])
+        (output / "final_model").mkdir(parents=True)
+        return subprocess.CompletedProcess(command, 0)
+
+    seen = []
+
+    def fake_evaluation(argv):
+        seen.append(torch.get_num_threads())
+        raise RuntimeError("stop after the evaluation's start")
+
+    monkeypatch.setattr(demo.subprocess, "run", fake_run)
+    monkeypatch.setattr(evaluation, "main", fake_evaluation)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # the process's own setting, different from the one the demo chooses
+    try:
+        with pytest.raises(RuntimeError, match="stop after"):
+            demo.run_demo(tmp_path / "demo", quick=True)
+        after = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+    command = launched["command"]
+    assert command[command.index("--num_cpu_threads_per_process") + 1] == "1"
+    assert command.index("--num_cpu_threads_per_process") < command.index("sam3d_hf.training")  # accelerate's option
+    assert launched["env"]["OMP_NUM_THREADS"] == "1"
+    assert launched["env"]["MALLOC_MMAP_THRESHOLD_"] == os.environ.get("MALLOC_MMAP_THRESHOLD_", "1048576")
+    assert seen == [1] and after == 2
+    printed = capsys.readouterr().out
+    assert "1 thread: 1.0 of 2 cores idle" in printed
+    assert not (tmp_path / "demo").exists()
