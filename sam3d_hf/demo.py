@@ -72,7 +72,8 @@ def idle_cores(window: float = 0.5, stat: str = "/proc/stat") -> float:
 
 
 def choose_threads(requested: int | None = None, idle: float | None = None) -> tuple[int, str]:
-    """torch threads for a stage of the demo and why: `requested` if given, else one per idle core (at least one).
+    """torch threads for a stage of the demo and a line saying why (e.g. "2 threads: 2.0 of 2 cores idle"):
+    `requested` if given, else one per idle core (at least one).
 
     Why: the demo's tiny model works on small tensors, where OpenMP threads that find their core taken spin against
     the other process. On the 2-core machine one training step took 0.178 s with 2 threads and 0.259 s with 1 when
@@ -80,11 +81,12 @@ def choose_threads(requested: int | None = None, idle: float | None = None) -> t
     2 threads when both cores are free, 1 when one is taken keeps a busy run within 1.5x of a quiet one.
     """
     if requested is not None:
-        return requested, "as --threads asked"
-    cores = os.cpu_count() or 1
-    idle = idle_cores() if idle is None else idle
-    threads = max(1, min(cores, round(idle)))
-    return threads, f"{idle:.1f} of {cores} cores idle"
+        threads, why = requested, "as --threads asked"
+    else:
+        cores = os.cpu_count() or 1
+        idle = idle_cores() if idle is None else idle
+        threads, why = max(1, min(cores, round(idle))), f"{idle:.1f} of {cores} cores idle"
+    return threads, f"{threads} thread{'s' if threads > 1 else ''}: {why}"
 
 
 def _step(number: int, text: str) -> None:
@@ -146,11 +148,11 @@ def run_demo(
         processor_dir = work / "training" / "processor"
         Sam3DProcessor(image_processor, patch_size=PATCH_SIZE, cluster_margin=4).save_pretrained(processor_dir)
 
-        stage_threads, why = choose_threads(threads)
+        stage_threads, threads_line = choose_threads(threads)
         _step(
             2,
             f"fine-tuning the tiny model for {settings['steps']} steps (accelerate launch -m sam3d_hf.training; "
-            f"{stage_threads} thread{'s' if stage_threads > 1 else ''}: {why})",
+            f"{threads_line})",
         )
         train_argv = [
             "--data_dir", str(data_dir), "--output_dir", str(work / "training"), "--processor", str(processor_dir),
@@ -169,11 +171,11 @@ def run_demo(
         shutil.rmtree(work / "training" / "checkpoints", ignore_errors=True)
         shutil.rmtree(work / "cache", ignore_errors=True)
 
-        stage_threads, why = choose_threads(threads)
+        stage_threads, threads_line = choose_threads(threads)
         _step(
             3,
             f"evaluating {len(test)} held-out case(s): clicks {settings['protocols']} (sam3d_hf.evaluation; "
-            f"{stage_threads} thread{'s' if stage_threads > 1 else ''}: {why})",
+            f"{threads_line})",
         )
         evaluation_dir = work / "evaluation"
         previous_threads = torch.get_num_threads()

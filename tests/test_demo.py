@@ -129,7 +129,8 @@ def test_threads_are_one_per_idle_core_at_least_one(monkeypatch):
     assert [demo.choose_threads(idle=idle)[0] for idle in (1.95, 1.6, 1.0, 0.3, 0.0)] == [2, 2, 1, 1, 1]
     monkeypatch.setattr(demo.os, "cpu_count", lambda: 8)
     assert demo.choose_threads(idle=6.7)[0] == 7
-    assert demo.choose_threads(requested=3, idle=0.0) == (3, "as --threads asked")
+    assert demo.choose_threads(requested=3, idle=0.0) == (3, "3 threads: as --threads asked")
+    assert demo.choose_threads(idle=1.0)[1] == "1 thread: 1.0 of 8 cores idle"
 
 
 def test_the_demo_trains_and_evaluates_with_the_threads_it_chose(tmp_path, monkeypatch, capsys):
